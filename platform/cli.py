@@ -1,0 +1,67 @@
+"""What every command shares: one-line errors for bad input, runs that never stay RUNNING."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+from platform import tracking
+from platform.config import ConfigError
+from platform.data.shards import DataError
+from platform.registry import UnknownTaskError
+
+USER_ERRORS = (ConfigError, DataError, UnknownTaskError)
+
+
+def run(main, argv: list[str]) -> int:
+    """Run a command; bad input is one line on stderr and exit status 2, before any cluster work."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return 0
+    # A SIGTERM (a cluster stopping the job, a spot node going away) unwinds like Ctrl-C,
+    # so open MLflow runs are closed as KILLED rather than left RUNNING.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return main(argv)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def ends_run(client, run_id: str):
+    """FINISHED on success, KILLED on interrupt, FAILED on any error: never left RUNNING."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        tracking.end_run(client, run_id, "KILLED")
+        raise
+    except BaseException:
+        tracking.end_run(client, run_id, "FAILED")
+        raise
+    tracking.end_run(client, run_id, "FINISHED")
+
+
+def ui_hint(uri: str) -> str:
+    if uri.startswith("sqlite:"):
+        return f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1   then open http://127.0.0.1:5000"
+    return f"MLflow UI:  {uri}"
+
+
+def usage() -> str:
+    from platform import registry
+
+    return (
+        "usage: python -m platform.{train,tune,data} task=NAME [section.key=value ...]\n"
+        f"tasks: {', '.join(registry.names())}\n"
+        "examples: task=mae train.epochs=5 scaling.num_workers=4 scaling.use_gpu=true tune.num_samples=50\n"
+        "see README.md for every key"
+    )

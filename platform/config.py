@@ -1,0 +1,245 @@
+"""Structured configuration: dataclasses, ``key=value`` overrides, strict validation.
+
+Layers, last wins: the core defaults below, the task's config dataclass and its
+``defaults``, the fixed values of the search space (sweeps only), then ``key=value``
+arguments. OmegaConf does the typed merging; this module adds the checks OmegaConf
+lacks (choices and ranges, kept as field metadata) and turns every failure into one
+line that names the key, what was given and what would be right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from platform import registry
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message is one line, fit for the user."""
+
+
+def choice(default, options, **kw):
+    return field(default=default, metadata={"choices": tuple(options)}, **kw)
+
+
+def bounded(default, low=None, high=None, *, low_open=False, high_open=False):
+    return field(
+        default=default,
+        metadata={"range": (low, high, low_open, high_open)},
+    )
+
+
+@dataclass
+class DataConfig:
+    source: str = choice("sim", ["sim", "folder"])
+    path: Optional[str] = None  # a DeepLense folder (data.source=folder) or Parquet shards
+    preset: str = "model_ii"  # simulator preset, see platform/data/simulate.py
+    num_train: int = bounded(1024, 3)
+    num_val: int = bounded(256, 3)
+    seed: int = 0
+    cache_dir: str = ""  # default: $DEEPLENSE_CACHE or ~/.cache/deeplense
+    classes: list = field(default_factory=lambda: ["no", "sphere", "vort"])
+    shard_size: int = bounded(2048, 1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = bounded(3, 1)
+    batch_size: int = bounded(64, 1)
+    lr: float = bounded(1e-3, 0.0, None, low_open=True)
+    weight_decay: float = bounded(0.05, 0.0)
+    optimizer: str = choice("adamw", ["adamw", "sgd"])
+    schedule: str = choice("cosine", ["cosine", "constant"])
+    warmup_epochs: int = bounded(0, 0)
+    grad_clip: float = bounded(1.0, 0.0)  # 0 disables clipping
+    precision: str = choice("auto", ["auto", "fp32", "bf16", "fp16"])
+    seed: int = 0
+    max_failures: int = bounded(0, -1)  # -1: retry forever
+    checkpoints_to_keep: int = bounded(2, 1)
+    name: str = ""  # `platform.train` run name; default: <task>-<date>-<time>
+    storage_path: str = ""  # Ray checkpoints and results; default: ./ray_results
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = bounded(1, 1)
+    use_gpu: bool = False
+    cpus_per_worker: float = bounded(1.0, 0.0, None, low_open=True)
+    gpus_per_worker: float = bounded(1.0, 0.0, None, low_open=True)
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = bounded(4, 1)
+    scheduler: str = choice("asha", ["asha", "none"])
+    search: str = choice("tpe", ["tpe", "random"])
+    max_concurrent: int = bounded(0, 0)  # 0: derived from the cluster's resources
+    grace_period: int = bounded(1, 1)
+    reduction_factor: int = bounded(2, 2)
+    name: str = ""  # default: <task>-<date>-<time>
+    space: str = ""  # default: search_spaces/<task>.yaml
+    seed: int = 0
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
+    experiment: str = ""  # default: deeplense-<task>
+    register_model: bool = True
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # default: $RAY_ADDRESS, a running local Ray, or a new local Ray
+
+
+CORE_SECTIONS = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "scaling": ScalingConfig,
+    "tune": TuneConfig,
+    "mlflow": MlflowConfig,
+    "ray": RayConfig,
+}
+
+_SCHEMAS: dict[str, type] = {}
+
+
+def schema_for(task: registry.Task) -> type:
+    """The config dataclass of one task: ``task``, the core sections and the task's own."""
+    if task.name not in _SCHEMAS:
+        fields = [("task", str, field(default=task.name))]
+        fields += [(n, t, field(default_factory=t)) for n, t in CORE_SECTIONS.items()]
+        for f in dataclasses.fields(task.config):
+            if f.name in CORE_SECTIONS or f.name == "task":
+                raise ValueError(f"task {task.name!r}: config field {f.name!r} clashes with a core section")
+            fields.append((f.name, f.type, f))
+        _SCHEMAS[task.name] = dataclasses.make_dataclass(f"{task.name.title()}RunConfig", fields)
+    return _SCHEMAS[task.name]
+
+
+def _known_keys(schema: type, prefix: str = "") -> dict[str, dataclasses.Field]:
+    keys = {}
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        keys[key] = f
+        sub = _field_type(f)
+        if dataclasses.is_dataclass(sub):
+            keys.update(_known_keys(sub, key + "."))
+    return keys
+
+
+def _field_type(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+        return f.default_factory
+    return f.type if isinstance(f.type, type) else None
+
+
+def check_key(schema: type, key: str) -> None:
+    keys = _known_keys(schema)
+    if key in keys and not dataclasses.is_dataclass(_field_type(keys[key])):
+        return
+    if key in keys:
+        raise ConfigError(f"{key} is a section, not a value; set one of its keys, e.g. {key}.{dataclasses.fields(_field_type(keys[key]))[0].name}=...")
+    leaves = [k for k, f in keys.items() if not dataclasses.is_dataclass(_field_type(f))]
+    close = difflib.get_close_matches(key, leaves, n=1, cutoff=0.6)
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = [k for k in leaves if section and k.startswith(section + ".")]
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    known = f"known keys under {section}: {', '.join(siblings)}" if siblings else "run with --help to list the keys"
+    raise ConfigError(f"unknown config key {key!r}; {hint}{known}")
+
+
+def _validate(obj: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate(value, key + ".")
+            continue
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            options = "|".join(str(o) for o in f.metadata["choices"])
+            raise ConfigError(f"{key}={value} is not allowed; expected one of {options}")
+        if "range" in f.metadata and value is not None:
+            low, high, low_open, high_open = f.metadata["range"]
+            too_low = low is not None and (value <= low if low_open else value < low)
+            too_high = high is not None and (value >= high if high_open else value > high)
+            if too_low or too_high:
+                left = "" if low is None else f"{low} {'<' if low_open else '<='} "
+                right = "" if high is None else f" {'<' if high_open else '<='} {high}"
+                raise ConfigError(f"{key}={value} is out of range; expected {left}{key}{right}")
+
+
+def _one_line(error: OmegaConfBaseException, key: str, value: Any) -> ConfigError:
+    reason = str(error).splitlines()[0].strip()
+    return ConfigError(f"{key}={value}: {reason}")
+
+
+def build(task_name: str, layers: list[dict[str, Any]]) -> Any:
+    """A validated config object for ``task_name`` with ``layers`` of dotted overrides applied in order."""
+    task = registry.get(task_name)
+    schema = schema_for(task)
+    conf = OmegaConf.structured(schema)
+    for layer in [task.defaults, *layers]:
+        for key, value in layer.items():
+            if key == "task":
+                if value != task_name:
+                    raise ConfigError(f"task={value} conflicts with task={task_name}")
+                continue
+            check_key(schema, key)
+            try:
+                OmegaConf.update(conf, key, value, merge=True)
+            except OmegaConfBaseException as error:
+                raise _one_line(error, key, value) from None
+    try:
+        obj = OmegaConf.to_object(conf)
+    except OmegaConfBaseException as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+    _validate(obj)
+    return obj
+
+
+def parse_cli(argv: list[str]) -> tuple[str, dict[str, Any]]:
+    """``["task=mae", "train.epochs=5"]`` -> ("mae", {"train.epochs": 5}); values typed as YAML."""
+    overrides: dict[str, Any] = {}
+    for arg in argv:
+        if "=" not in arg or arg.startswith("="):
+            raise ConfigError(f"expected key=value, got {arg!r} (e.g. task=mae train.epochs=5)")
+        key, raw = arg.split("=", 1)
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]
+        overrides[key.strip()] = parsed
+    task_name = overrides.pop("task", "classification")
+    return str(task_name), overrides
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Any:
+    """Rebuild (and re-validate) a config sent to a Ray worker as a plain dict."""
+    return build(data["task"], [flatten(data)])
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def cache_dir(cfg: Any) -> str:
+    return cfg.data.cache_dir or os.environ.get("DEEPLENSE_CACHE") or os.path.expanduser("~/.cache/deeplense")

@@ -1,0 +1,79 @@
+"""Datasets: simulated or real DeepLense images, always materialised as Parquet shards.
+
+``substructure(cfg)`` is what a task's ``build_data`` calls: it returns the train and
+val splits as ``Shards``, simulating them on first use from ``(preset, size, seed)`` or
+converting a real DeepLense folder, and reusing earlier shards whose manifest matches.
+It runs on the driver before any Ray work, so a missing path or a corrupt file is
+reported before a cluster is touched. Training workers then stream the shards through
+Ray Data, from local disk or object storage alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from platform import config as config_lib
+from platform.data import folders
+from platform.data.shards import DataError, Shards, decode_images, open_shards, reuse, write
+
+__all__ = ["DataError", "Shards", "decode_images", "substructure", "simulated", "from_folder"]
+
+SPLITS = ("train", "val")
+
+
+def _split_seed(seed: int, split: str) -> int:
+    # Independent streams per split: val images are never a prefix of train images.
+    return int(np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(1)[0])
+
+
+def simulated(preset: str, num_rows: int, seed: int, root: str, shard_size: int) -> Shards:
+    from platform.data import simulate
+
+    if preset not in simulate.PRESETS:
+        raise DataError(f"data.preset={preset} is not a simulator preset; expected one of {', '.join(simulate.PRESETS)}")
+    expected = {"source": "sim", "preset": preset, "seed": seed, "num_rows": num_rows,
+                "simulator_version": simulate.SIMULATOR_VERSION}
+    path = os.path.join(root, "sim", f"{preset}-n{num_rows}-seed{seed}")
+    shards = reuse(path, expected)
+    if shards is None:
+        images, truth = simulate.simulate(preset, num_rows, seed)
+        counts = np.bincount(truth["label"], minlength=len(simulate.CLASS_NAMES)).tolist()
+        manifest = {**expected, "classes": list(simulate.CLASS_NAMES), "counts": counts}
+        shards = write(path, images, truth, manifest, shard_size)
+    return shards
+
+
+def from_folder(path: str, classes: list[str], root: str, shard_size: int) -> dict[str, Shards]:
+    """The splits of a real DeepLense folder (converted once), or of a folder of platform shards."""
+    if all(os.path.exists(os.path.join(path, split, "manifest.json")) for split in SPLITS):
+        return {split: open_shards(os.path.join(path, split)) for split in SPLITS}
+    split_dirs = folders.split_dirs(path)
+    key = hashlib.sha256(json.dumps([folders.fingerprint(path), classes]).encode()).hexdigest()
+    out = {}
+    for split, split_dir in split_dirs.items():
+        expected = {"source": "folder", "origin": os.path.abspath(split_dir), "fingerprint": key}
+        target = os.path.join(root, "folders", f"{os.path.basename(os.path.abspath(path))}-{key[:12]}", split)
+        shards = reuse(target, expected)
+        if shards is None:
+            images, labels, _ = folders.read_split(split_dir, classes)
+            counts = np.bincount(labels, minlength=len(classes)).tolist()
+            manifest = {**expected, "classes": list(classes), "counts": counts}
+            shards = write(target, images, {"label": labels}, manifest, shard_size)
+        out[split] = shards
+    return out
+
+
+def substructure(cfg) -> dict[str, Shards]:
+    """Train and val splits for the three-class substructure tasks (no / sphere / vort)."""
+    data, root = cfg.data, config_lib.cache_dir(cfg)
+    if data.source == "folder":
+        if not data.path:
+            raise DataError("data.source=folder needs data.path=/path/to/deeplense/folder")
+        return from_folder(os.path.expanduser(data.path), list(data.classes), root, data.shard_size)
+    sizes = {"train": data.num_train, "val": data.num_val}
+    return {split: simulated(data.preset, sizes[split], _split_seed(data.seed, split), root, data.shard_size)
+            for split in SPLITS}

@@ -1,0 +1,133 @@
+"""Parquet shards with a manifest: the one on-disk form every dataset takes.
+
+A dataset split is a directory of ``part-00000.parquet``, ... and ``manifest.json``.
+Images are stored as raw float32 bytes with their (C, H, W) beside them, so Ray Data
+reads them as plain columns and ``decode_images`` turns a batch back into one array
+without a copy per image. A directory is written under a temporary name and renamed
+into place, so an interrupted write never leaves a half dataset that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class DataError(ValueError):
+    """Bad or missing data: the message is one line naming the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Shards:
+    path: str  # directory holding part-*.parquet and manifest.json
+    manifest: dict
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest["num_rows"]
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.manifest["image_shape"])
+
+    @property
+    def files(self) -> list[str]:
+        return [os.path.join(self.path, f["name"]) for f in self.manifest["files"]]
+
+
+def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifest: dict, shard_size: int) -> Shards:
+    """Write ``images`` (N, C, H, W) and per-image ``columns`` as Parquet shards at ``path``."""
+    images = np.ascontiguousarray(images, dtype=np.float32)  # (N, C, H, W)
+    n, c, h, w = images.shape
+    digest = hashlib.sha256()
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".writing-", dir=parent)
+    files = []
+    for index, start in enumerate(range(0, n, shard_size)):
+        stop = min(start + shard_size, n)
+        chunk = images[start:stop]
+        table = {
+            "image": pa.array([img.tobytes() for img in chunk], type=pa.binary()),
+            "channels": pa.array(np.full(stop - start, c, np.int32)),
+            "height": pa.array(np.full(stop - start, h, np.int32)),
+            "width": pa.array(np.full(stop - start, w, np.int32)),
+        }
+        for name, values in columns.items():
+            table[name] = pa.array(np.asarray(values)[start:stop])
+        name = f"part-{index:05d}.parquet"
+        pq.write_table(pa.table(table), os.path.join(staging, name))
+        digest.update(chunk.tobytes())
+        for key in sorted(columns):
+            digest.update(np.ascontiguousarray(np.asarray(columns[key])[start:stop]).tobytes())
+        files.append({"name": name, "rows": stop - start, "bytes": os.path.getsize(os.path.join(staging, name))})
+    manifest = {
+        **manifest,
+        "format_version": FORMAT_VERSION,
+        "num_rows": n,
+        "image_shape": [c, h, w],
+        "columns": sorted(columns),
+        "files": files,
+        "content_hash": digest.hexdigest(),
+    }
+    with open(os.path.join(staging, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(staging, path)
+    return Shards(path, manifest)
+
+
+def open_shards(path: str) -> Shards:
+    manifest_path = os.path.join(path, MANIFEST)
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no {MANIFEST}; not a dataset written by the platform") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{manifest_path}: unreadable manifest ({error})") from None
+    return Shards(path, manifest)
+
+
+def reuse(path: str, expected: dict) -> Shards | None:
+    """The shards at ``path`` if their manifest records ``expected`` and every file is intact in size."""
+    try:
+        shards = open_shards(path)
+    except DataError:
+        return None
+    manifest = shards.manifest
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return None
+    if any(manifest.get(k) != v for k, v in expected.items()):
+        return None
+    for f in manifest["files"]:
+        file_path = os.path.join(path, f["name"])
+        if not os.path.exists(file_path) or os.path.getsize(file_path) != f["bytes"]:
+            return None
+    return shards
+
+
+def read(shards: Shards) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """All rows of a split in memory: (N, C, H, W) images and the other columns (for previews and tests)."""
+    table = pa.concat_tables([pq.read_table(f) for f in shards.files])
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    return decode_images(batch), {k: v for k, v in batch.items() if k not in ("image", "channels", "height", "width")}
+
+
+def decode_images(batch: dict) -> np.ndarray:
+    """The ``image`` column of a numpy batch as one float32 array (B, C, H, W)."""
+    images = batch["image"]
+    c, h, w = int(batch["channels"][0]), int(batch["height"][0]), int(batch["width"][0])
+    return np.frombuffer(b"".join(images), dtype=np.float32).reshape(len(images), c, h, w)

@@ -1,0 +1,218 @@
+"""The one per-worker training loop, for every task, one CPU worker or many GPUs.
+
+It owns what a task should not care about: devices, DDP, mixed precision, clipping,
+the learning-rate schedule, checkpoint and resume, gathering evaluation outputs over
+workers, reporting to Ray and logging to MLflow (rank 0 only). The task supplies
+``build_model``, ``collate``, ``train_step``, ``eval_step``, ``evaluate`` and ``plots``.
+
+Host syncs are kept to one per epoch: the running loss is summed on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from platform import config as config_lib
+from platform import registry, tracking
+
+STATE_FILE = "state.pt"
+BEST_FILE = "best_model.pt"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def build_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm scales, as usual for AdamW on CNNs and ViTs.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=train.lr)
+
+
+def lr_factor(step: int, steps_per_epoch: int, train) -> float:
+    warmup = train.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if train.schedule == "constant":
+        return 1.0
+    total = max(1, train.epochs * steps_per_epoch - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / total)))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "auto" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def is_better(value: float, best: float | None, mode: str) -> bool:
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def gather_outputs(chunks: list[dict], world_size: int) -> dict[str, np.ndarray]:
+    """Concatenate per-batch eval outputs, then over workers (every worker gets everything)."""
+    local = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+    if world_size == 1:
+        return local
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, local)
+    keys = next(d for d in everyone if d).keys()
+    return {k: np.concatenate([d[k] for d in everyone if d]) for k in keys}
+
+
+def evaluate(model, task, cfg, device, dtype, world_size) -> tuple[dict[str, np.ndarray], dict]:
+    """Gathered eval outputs of the whole val split, and this worker's first collated val batch."""
+    model.eval()
+    chunks, first_batch = [], None
+    shard = ray.train.get_dataset_shard("val")
+    with torch.no_grad(), _autocast(device, dtype):
+        for numpy_batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
+            batch = task.collate(numpy_batch, cfg, False)
+            first_batch = first_batch or batch
+            out = task.eval_step(model, to_device(batch, device), cfg)
+            chunks.append({k: v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
+                           for k, v in out.items()})
+    return gather_outputs(chunks, world_size), first_batch
+
+
+def _autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = config_lib.from_dict(loop_config["cfg"])
+    task = registry.get(cfg.task)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    run_id, client = loop_config.get("mlflow_run_id"), None
+    if rank == 0 and run_id:
+        client = tracking.MlflowClient(loop_config["tracking_uri"])
+
+    torch.manual_seed(cfg.train.seed)  # same init everywhere; DDP broadcasts rank 0's anyway
+    np.random.seed(cfg.train.seed + rank)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(task.build_model(cfg))
+    optimizer = build_optimizer(model, cfg.train)
+    dtype = autocast_dtype(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / world_size / cfg.train.batch_size))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.train))
+    metric_key = f"val/{task.metric}"
+
+    start_epoch, best, best_epoch, best_state = 0, None, 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_FILE), map_location=device, weights_only=True)
+            best_state = torch.load(os.path.join(folder, BEST_FILE), map_location="cpu", weights_only=True)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
+        if rank == 0:
+            print(f"[{cfg.task}] resuming from epoch {start_epoch} (best {metric_key}={best:.4f})", flush=True)
+
+    best_outputs, plot_batch = None, None
+    train_shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, cfg.train.epochs):
+        model.train()
+        started, loss_sum, samples, steps = time.perf_counter(), torch.zeros((), device=device), 0, 0
+        for numpy_batch in train_shard.iter_batches(
+            batch_size=cfg.train.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=min(loop_config["train_rows"], 4 * cfg.train.batch_size),
+            local_shuffle_seed=cfg.train.seed * 1000 + epoch * 10 + rank,
+        ):
+            batch = to_device(task.collate(numpy_batch, cfg, True), device)
+            with _autocast(device, dtype):
+                loss = task.train_step(model, batch, cfg)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.train.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.detach().float()
+            samples += len(numpy_batch["image"])
+            steps += 1
+        epoch_time = time.perf_counter() - started
+
+        totals = torch.stack([loss_sum, torch.tensor(float(steps), device=device), torch.tensor(float(samples), device=device)])
+        if world_size > 1:
+            dist.all_reduce(totals)
+        train_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"train/loss became {train_loss} in epoch {epoch + 1}; lower train.lr or enable train.grad_clip")
+
+        outputs, plot_batch = evaluate(model, task, cfg, device, dtype, world_size)
+        metrics = {f"val/{k}": float(v) for k, v in task.evaluate(outputs, cfg).items()}
+        metrics.update({
+            "train/loss": train_loss,
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/samples_per_s": totals[2].item() / epoch_time,
+            "epoch": epoch + 1,
+        })
+        improved = is_better(metrics[metric_key], best, task.mode)
+        if improved:
+            best, best_epoch = metrics[metric_key], epoch + 1
+            best_state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+            best_outputs = outputs
+        metrics[f"best/{task.metric}"] = best
+
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "epoch": epoch + 1, "best": best, "best_epoch": best_epoch}
+                torch.save(state, os.path.join(folder, STATE_FILE))
+                torch.save(best_state, os.path.join(folder, BEST_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+                if client:
+                    tracking.log_metrics(client, run_id, metrics, step=epoch + 1)
+                print(f"[{cfg.task}] epoch {epoch + 1}/{cfg.train.epochs} train/loss={train_loss:.4f} "
+                      f"{metric_key}={metrics[metric_key]:.4f} {metrics['train/samples_per_s']:.0f} samples/s "
+                      f"{epoch_time:.1f}s", flush=True)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+
+    if rank == 0 and client:
+        tracking.set_tags(client, run_id, {"platform.best_epoch": best_epoch})
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, BEST_FILE)
+            torch.save(best_state, path)
+            tracking.log_file(client, run_id, path, "checkpoints")
+        # Plots show the best epoch; after a resume its outputs may predate this process,
+        # and then the last epoch's are what we have.
+        if task.plots and plot_batch is not None:
+            best_model = unwrap(model)
+            best_model.load_state_dict(best_state)
+            best_model.eval()
+            figures = task.plots(best_model, to_device(plot_batch, device), best_outputs or outputs, cfg)
+            tracking.log_figures(client, run_id, figures)

@@ -1,0 +1,52 @@
+"""Figures that runs log to MLflow. Agg backend: workers have no display."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
+
+
+def roc_figure(probs: np.ndarray, labels: np.ndarray, classes: list[str]):
+    figure, ax = plt.subplots(figsize=(4.5, 4.5))
+    for k, name in enumerate(classes):
+        positives = labels == k
+        if 0 < positives.sum() < len(labels):
+            fpr, tpr, _ = roc_curve(positives, probs[:, k])
+            ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (one vs rest)")
+    ax.legend(loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def confusion_matrix_figure(predicted: np.ndarray, labels: np.ndarray, classes: list[str]):
+    matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
+    figure, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title="confusion matrix")
+    figure.tight_layout()
+    return figure
+
+
+def image_rows_figure(rows: dict[str, np.ndarray], title: str = ""):
+    """One row per entry (name -> (N, H, W) images), N columns: e.g. original / masked / reconstructed."""
+    n = min(len(v) for v in rows.values())
+    figure, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.6 * len(rows)), squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for c in range(n):
+            axes[r, c].imshow(images[c], cmap="magma")
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(name)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure

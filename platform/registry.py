@@ -1,0 +1,102 @@
+"""Tasks: a name-to-record map, filled by importing task modules.
+
+A task file in ``tasks/`` ends with ``register(Task(...))``; importing it is registering
+it. A package outside this repository adds tasks through the ``deeplense_platform.tasks``
+entry-point group: each entry point names a module (or a callable) that registers its
+tasks when loaded, exactly like a file in ``tasks/``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+ENTRY_POINT_GROUP = "deeplense_platform.tasks"
+
+
+class UnknownTaskError(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything the core needs to train, evaluate and tune one lensing task.
+
+    name          the value of ``task=`` on the command line
+    config        a dataclass whose fields become top-level config sections (``model``, ...)
+    build_model   cfg -> nn.Module
+    build_data    cfg -> {"train": Shards, "val": Shards}; runs on the driver before Ray
+    collate       (numpy batch of Parquet columns, cfg, training) -> dict of tensors
+    train_step    (model, batch, cfg) -> {"loss": tensor, ...}; the loop does backward
+    eval_step     (model, batch, cfg) -> dict of per-sample tensors, gathered over the split
+    evaluate      (gathered numpy outputs, cfg) -> {"metric name": float}
+    metric, mode  what the sweep optimises, logged as ``val/<metric>``; "max" or "min"
+    plots         (best model, one collated val batch on its device, gathered outputs of the best
+                  epoch, cfg) -> {"file.png": matplotlib Figure}; called once, by rank 0, at the end
+    defaults      overrides of core keys for this task, e.g. {"train.lr": 3e-4}
+    input_example collated val batch -> the numpy input the logged MLflow model is called with
+    """
+
+    name: str
+    config: type
+    build_model: Callable[..., Any]
+    build_data: Callable[..., Any]
+    collate: Callable[..., Any]
+    train_step: Callable[..., Any]
+    eval_step: Callable[..., Any]
+    evaluate: Callable[..., Any]
+    metric: str
+    mode: str
+    input_example: Callable[..., Any] = lambda batch: batch["image"][:2].numpy()
+    plots: Optional[Callable[..., Any]] = None
+    defaults: dict = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self):
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"task {self.name!r}: mode must be 'min' or 'max', got {self.mode!r}")
+
+
+_TASKS: dict[str, Task] = {}
+_discovered = False
+
+
+def register(task: Task) -> Task:
+    _TASKS[task.name] = task
+    return task
+
+
+def _discover() -> None:
+    """Import every module in ``tasks/`` and every entry point, once."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    import tasks  # the repository's own task files
+
+    for module in pkgutil.iter_modules(tasks.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"tasks.{module.name}")
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        loaded = entry_point.load()
+        if callable(loaded):
+            loaded()
+
+
+def get(name: str) -> Task:
+    _discover()
+    if name in _TASKS:
+        return _TASKS[name]
+    known = sorted(_TASKS)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise UnknownTaskError(f"unknown task {name!r}; {hint}known tasks: {', '.join(known)}")
+
+
+def names() -> list[str]:
+    _discover()
+    return sorted(_TASKS)

@@ -1,0 +1,124 @@
+"""Search spaces: ``search_spaces/<task>.yaml`` maps dotted config keys to distributions.
+
+    # python -m platform.tune task=mae
+    fixed:                       # every trial of the sweep; before key=value arguments
+      train.epochs: 4
+    search:
+      model.mask_ratio: {uniform: [0.5, 0.9]}
+      train.lr: {loguniform: [1.0e-4, 3.0e-3]}
+      model.decoder_depth: {int: [1, 3]}
+      model.decoder_dim: {choice: [32, 64, 128]}
+
+Every key and every bound is checked against the task's config before Ray starts: a
+trial must never be the first to find out that a value is out of range.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import yaml
+
+from platform import PROJECT_ROOT
+from platform import config as config_lib
+from platform.config import ConfigError
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    path: str
+    fixed: dict
+    params: dict  # dotted key -> (distribution, arguments)
+
+
+def default_path(task_name: str) -> str:
+    return os.path.join(PROJECT_ROOT, "search_spaces", f"{task_name}.yaml")
+
+
+def _number(value, where: str):
+    # PyYAML reads 1e-4 (no dot) as a string; accept it as the number it obviously is.
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not a number") from None
+
+
+def _parse_param(key: str, spec, where: str) -> tuple[str, list]:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{where}: {key} must be one distribution, e.g. {{uniform: [0.5, 0.9]}}; got {spec!r}")
+    (kind, args), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: {key}: unknown distribution {kind!r}; expected one of {', '.join(DISTRIBUTIONS)}")
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: {key}: choice needs a non-empty list of values")
+        return kind, args
+    if not isinstance(args, list) or len(args) != 2:
+        raise ConfigError(f"{where}: {key}: {kind} needs [low, high]; got {args!r}")
+    low, high = (_number(a, f"{where}: {key}") for a in args)
+    if kind == "int":
+        if int(low) != low or int(high) != high:
+            raise ConfigError(f"{where}: {key}: int bounds must be integers; got [{low}, {high}]")
+        low, high = int(low), int(high)
+    if not low < high:
+        raise ConfigError(f"{where}: {key}: {kind} needs low < high; got [{low}, {high}]")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}: {key}: loguniform needs low > 0; got {low}")
+    return kind, [low, high]
+
+
+def load(path: str, task_name: str) -> SearchSpace:
+    """Read and check a search-space file for ``task_name``."""
+    if not os.path.exists(path):
+        raise ConfigError(f"tune.space={path}: no such file (each task's default is search_spaces/<task>.yaml)")
+    with open(path) as f:
+        try:
+            content = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    unknown = set(content) - {"fixed", "search"}
+    if not isinstance(content, dict) or unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(map(str, unknown)))}; expected fixed: and search:")
+    fixed = dict(content.get("fixed") or {})
+    params = {key: _parse_param(key, spec, path) for key, spec in (content.get("search") or {}).items()}
+    space = SearchSpace(path, fixed, params)
+    _check_against_config(space, task_name)
+    return space
+
+
+def _check_against_config(space: SearchSpace, task_name: str) -> None:
+    """Build the config at every bound and choice: unknown keys, wrong types, out-of-range values."""
+    try:
+        config_lib.build(task_name, [space.fixed])
+        for key, (kind, args) in space.params.items():
+            for value in args:
+                config_lib.build(task_name, [space.fixed, {key: value}])
+    except ConfigError as error:
+        raise ConfigError(f"{space.path}: {error}") from None
+
+
+def define_by_run(space: SearchSpace):
+    """An Optuna define-by-run function sampling every searched key (dotted names kept)."""
+
+    def sample(trial) -> None:
+        for key, (kind, args) in space.params.items():
+            if kind == "uniform":
+                trial.suggest_float(key, args[0], args[1])
+            elif kind == "loguniform":
+                trial.suggest_float(key, args[0], args[1], log=True)
+            elif kind == "int":
+                trial.suggest_int(key, args[0], args[1])
+            else:
+                trial.suggest_categorical(key, args)
+
+    return sample
+
+
+def describe(space: SearchSpace) -> str:
+    lines = [f"search space {space.path}:"]
+    lines += [f"  {key}: {kind}{args}" for key, (kind, args) in space.params.items()]
+    lines += [f"  {key} = {value} (fixed)" for key, value in space.fixed.items()]
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""MLflow: one run per training run, a parent run per sweep, trials nested under it.
+
+Everything goes through ``MlflowClient`` with explicit run ids, never MLflow's global
+"active run": runs are created by the driver (or the Tune trial function) and written
+by rank 0 of the Train workers, in other processes and on other machines.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+TRIAL_TAG = "platform.trial_id"
+SWEEP_TAG = "platform.sweep"
+TASK_TAG = "platform.task"
+_SECRET = re.compile(r"(password|token|secret|key)$", re.IGNORECASE)
+_MAX_PARAM_VALUE = 6000
+
+
+def tracking_uri(configured: str) -> str:
+    """Absolute tracking URI: Ray workers run in other directories than the driver."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    elif "://" not in uri:
+        raise ValueError(f"mlflow.tracking_uri={uri}: expected sqlite:///path/mlflow.db or http://host:port")
+    return uri
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another process created it between our two calls
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def start_run(client: MlflowClient, experiment: str, name: str, tags: dict[str, str], parent: str | None = None) -> str:
+    tags = {**tags, RUN_NAME_TAG: name}
+    if parent:
+        tags[PARENT_TAG] = parent
+    return client.create_run(experiment, run_name=name, tags=tags).info.run_id
+
+
+def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str | None:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment], filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def public_params(flat: dict[str, Any]) -> dict[str, str]:
+    """Config values as MLflow params, without anything whose key looks like a secret."""
+    return {k: str(v)[:_MAX_PARAM_VALUE] for k, v in flat.items() if not _SECRET.search(k.rsplit(".", 1)[-1])}
+
+
+def log_params(client: MlflowClient, run_id: str, flat: dict[str, Any]) -> None:
+    params = [Param(k, v) for k, v in public_params(flat).items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[start:start + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_figures(client: MlflowClient, run_id: str, figures: dict, folder: str = "plots") -> None:
+    import matplotlib.pyplot as plt
+
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, f"{folder}/{name}")
+        plt.close(figure)
+
+
+def log_file(client: MlflowClient, run_id: str, path: str, folder: str) -> None:
+    client.log_artifact(run_id, path, folder)
+
+
+def end_run(client: MlflowClient, run_id: str, status: str) -> None:
+    client.set_terminated(run_id, status)
+
+
+def log_model(client: MlflowClient, run_id: str, model, input_example, register_as: str | None) -> str | None:
+    """Log a torch model as an MLflow PyTorch model on ``run_id``; register it if asked. Returns the version."""
+    import mlflow
+    import mlflow.pytorch
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id, nested=True):
+            info = mlflow.pytorch.log_model(
+                model.cpu().eval(),
+                name="model",
+                input_example=input_example,
+                # Inferring requirements imports and inspects the whole environment: slow, and known here.
+                pip_requirements=["torch", "timm", "numpy"],
+            )
+        if not register_as:
+            return None
+        version = mlflow.register_model(info.model_uri, register_as)
+        return version.version
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def log_text(client: MlflowClient, run_id: str, text: str, name: str) -> None:
+    client.log_text(run_id, text, name)
+
+
+def download(client: MlflowClient, run_id: str, path: str) -> str:
+    return client.download_artifacts(run_id, path, tempfile.mkdtemp(prefix="deeplense-"))

@@ -1,0 +1,98 @@
+"""``python -m platform.train task=classification train.epochs=5``: one Ray Train run, one MLflow run.
+
+The same path a sweep takes for each of its trials, without Tune.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from platform import cli, cluster, registry, tracking
+from platform import config as config_lib
+from platform.loop import train_loop_per_worker
+
+
+def default_name(cfg) -> str:
+    return f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def storage_path(cfg) -> str:
+    path = cfg.train.storage_path or "ray_results"
+    return path if "://" in path else os.path.abspath(path)
+
+
+def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tracking_uri: str, callbacks=()):
+    """A TorchTrainer for one run of ``cfg``: the one code path for a laptop and a GPU cluster."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    scaling = cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    loop_config = {
+        "cfg": config_lib.to_dict(cfg),
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": tracking_uri,
+        "train_rows": shards["train"].num_rows,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            callbacks=list(callbacks),
+        ),
+        datasets={split: ray.data.read_parquet(s.files) for split, s in shards.items()},
+    )
+
+
+def log_best_model(client, run_id: str, cfg, task, register: bool) -> str | None:
+    """Load the run's best weights and log them as an MLflow PyTorch model (registered under the task's name)."""
+    import torch
+
+    path = tracking.download(client, run_id, "checkpoints/best_model.pt")
+    model = task.build_model(cfg)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return tracking.log_model(client, run_id, model, task.input_example(cfg), task.name if register else None)
+
+
+def main(argv: list[str]) -> int:
+    task_name, overrides = config_lib.parse_cli(argv)
+    cfg = config_lib.build(task_name, [overrides])
+    task = registry.get(cfg.task)
+    print(config_lib.to_yaml(cfg), flush=True)
+    shards = task.build_data(cfg)
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+
+    cluster.connect(cfg.ray.address)
+    client = tracking.MlflowClient(uri)
+    experiment = tracking.experiment_id(client, cfg.mlflow.experiment or f"deeplense-{cfg.task}")
+    name = cfg.train.name or default_name(cfg)
+    run_id = tracking.start_run(client, experiment, name, {tracking.TASK_TAG: cfg.task})
+    status = "FAILED"
+    with cli.ends_run(client, run_id):
+        tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
+        tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
+        result = make_trainer(cfg, shards, name=name, mlflow_run_id=run_id, tracking_uri=uri).fit()
+        if result.error:
+            raise result.error
+        version = log_best_model(client, run_id, cfg, task, cfg.mlflow.register_model)
+        status = "FINISHED"
+        metric = result.metrics.get(f"best/{task.metric}")
+        print(f"\nbest val/{task.metric} = {metric:.4f}   MLflow run {run_id}"
+              + (f"   registered model {task.name} version {version}" if version else ""))
+        print(cli.ui_hint(uri))
+    return 0 if status == "FINISHED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, sys.argv[1:]))

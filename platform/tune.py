@@ -1,0 +1,133 @@
+"""``python -m platform.tune task=mae``: a hyperparameter sweep, one MLflow parent run.
+
+Each Tune trial is a small function that builds and fits one Ray Train ``TorchTrainer``
+(Train V2: ``Tuner(TorchTrainer)`` is gone) and reports its epochs back to Tune through
+``TuneReportCallback``. Optuna's TPE proposes the values, ASHA stops the poor trials.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from platform import cli, cluster, registry, space as space_lib, tracking
+from platform import config as config_lib
+from platform.train import default_name, log_best_model, make_trainer, storage_path
+
+
+def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: str, parent: str, sweep: str) -> None:
+    """One Tune trial: validate the sampled values, open its nested MLflow run, fit one TorchTrainer."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = config_lib.build(base["task"], [config_lib.flatten(base), sampled])
+    client = tracking.MlflowClient(uri)
+    tags = {tracking.SWEEP_TAG: sweep, tracking.TRIAL_TAG: trial_id}
+    # A restarted trial finds its run again: one MLflow run per trial, whatever happens.
+    run_id = tracking.find_run(client, experiment, tags) or tracking.start_run(
+        client, experiment, f"{sweep}-{trial_id}", {**tags, tracking.TASK_TAG: cfg.task}, parent=parent)
+    with cli.ends_run(client, run_id):
+        tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
+        trainer = make_trainer(cfg, shards, name=f"{sweep}-{trial_id}", mlflow_run_id=run_id, tracking_uri=uri,
+                               callbacks=[TuneReportCallback()])
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+
+
+def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: str, sweep: str):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    task = registry.get(cfg.task)
+    metric = f"val/{task.metric}"
+    local_dir = os.path.join(os.path.abspath("ray_results"), sweep)
+    os.makedirs(local_dir, exist_ok=True)
+    sampler = (optuna.samplers.TPESampler(seed=cfg.tune.seed) if cfg.tune.search == "tpe"
+               else optuna.samplers.RandomSampler(seed=cfg.tune.seed))
+    search = OptunaSearch(
+        space=space_lib.define_by_run(space),
+        sampler=sampler,
+        study_name=sweep,
+        storage=optuna.storages.RDBStorage(f"sqlite:///{os.path.join(local_dir, 'optuna.db')}"),
+    )
+    scheduler = None
+    if cfg.tune.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                                  grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+                                  reduction_factor=cfg.tune.reduction_factor)
+    s = cfg.scaling
+    concurrent = cfg.tune.max_concurrent or cluster.max_concurrent_trials(
+        s.num_workers, s.cpus_per_worker, s.use_gpu, s.gpus_per_worker)
+    trainable = tune.with_parameters(run_trial, base=config_lib.to_dict(cfg), shards=shards, uri=uri,
+                                     experiment=experiment, parent=parent, sweep=sweep)
+    return tune.Tuner(
+        tune.with_resources(trainable, cluster.trial_resources()),
+        tune_config=tune.TuneConfig(metric=metric, mode=task.mode, search_alg=search, scheduler=scheduler,
+                                    num_samples=cfg.tune.num_samples,
+                                    max_concurrent_trials=min(concurrent, cfg.tune.num_samples)),
+        run_config=tune.RunConfig(name=sweep, storage_path=storage_path(cfg)),
+    )
+
+
+def finish_trial_runs(client, experiment: str, sweep: str, results) -> None:
+    """Close what Tune ended from outside the trial: ASHA's early stops are FINISHED (and tagged), lost trials FAILED."""
+    errors = {r.metrics.get("trial_id"): r.error for r in results if r.metrics}
+    query = f"tags.`{tracking.SWEEP_TAG}` = '{sweep}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment], filter_string=query):
+        trial_id = run.data.tags.get(tracking.TRIAL_TAG)
+        if trial_id is None:
+            continue  # the parent
+        if trial_id in errors and errors[trial_id] is None:
+            tracking.set_tags(client, run.info.run_id, {"platform.stopped_early": "true"})
+            tracking.end_run(client, run.info.run_id, "FINISHED")
+        else:
+            tracking.end_run(client, run.info.run_id, "FAILED")
+
+
+def main(argv: list[str]) -> int:
+    task_name, overrides = config_lib.parse_cli(argv)
+    task = registry.get(task_name)
+    space = space_lib.load(overrides.get("tune.space") or space_lib.default_path(task.name), task.name)
+    cfg = config_lib.build(task.name, [space.fixed, overrides])
+    print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
+    shards = task.build_data(cfg)
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+
+    cluster.connect(cfg.ray.address)
+    client = tracking.MlflowClient(uri)
+    experiment = tracking.experiment_id(client, cfg.mlflow.experiment or f"deeplense-{cfg.task}")
+    sweep = cfg.tune.name or default_name(cfg)
+    parent = tracking.start_run(client, experiment, sweep, {tracking.TASK_TAG: cfg.task, tracking.SWEEP_TAG: sweep,
+                                                            "platform.kind": "sweep"})
+    metric = f"val/{task.metric}"
+    with cli.ends_run(client, parent):
+        tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))
+        tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
+        results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep).fit()
+        finish_trial_runs(client, experiment, sweep, results)
+        best = results.get_best_result(metric=f"best/{task.metric}", mode=task.mode, scope="last",
+                                       filter_nan_and_inf=True)
+        best_trial = best.metrics["trial_id"]
+        best_run = tracking.find_run(client, experiment, {tracking.SWEEP_TAG: sweep, tracking.TRIAL_TAG: best_trial})
+        value = best.metrics[f"best/{task.metric}"]
+        best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), best.config])
+        version = log_best_model(client, best_run, best_cfg, task, cfg.mlflow.register_model)
+        tracking.log_metrics(client, parent, {f"best/{task.metric}": value}, step=0)
+        tracking.set_tags(client, parent, {"platform.best_run_id": best_run, "platform.best_trial": best_trial,
+                                            "platform.registered_version": version or ""})
+        errors = sum(1 for r in results if r.error)
+        print(f"\n{len(results)} trials ({errors} failed). Best trial {best_trial}: {metric} = {value:.4f}")
+        for key, v in sorted(best.config.items()):
+            print(f"  {key} = {v}")
+        print(f"MLflow parent run {parent}, best run {best_run}"
+              + (f", registered model {task.name} version {version}" if version else ""))
+        print(cli.ui_hint(uri))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, sys.argv[1:]))
