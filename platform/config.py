@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -117,10 +118,11 @@ def schema_for(task: registry.Task) -> type:
     if task.name not in _SCHEMAS:
         fields = [("task", str, field(default=task.name))]
         fields += [(n, t, field(default_factory=t)) for n, t in CORE_SECTIONS.items()]
+        hints = typing.get_type_hints(task.config)  # real types, also under `from __future__ import annotations`
         for f in dataclasses.fields(task.config):
             if f.name in CORE_SECTIONS or f.name == "task":
                 raise ValueError(f"task {task.name!r}: config field {f.name!r} clashes with a core section")
-            fields.append((f.name, f.type, f))
+            fields.append((f.name, hints[f.name], f))
         _SCHEMAS[task.name] = dataclasses.make_dataclass(f"{task.name.title()}RunConfig", fields)
     return _SCHEMAS[task.name]
 

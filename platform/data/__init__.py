@@ -70,7 +70,7 @@ def from_folder(path: str, classes: list[str], root: str, shard_size: int) -> di
 def substructure(cfg) -> dict[str, Shards]:
     """Train and val splits for the three-class substructure tasks (no / sphere / vort)."""
     data, root = cfg.data, config_lib.cache_dir(cfg)
-    if data.source == "folder":
+    if data.source == "folder" or data.path:  # a path means real data, whatever the source says
         if not data.path:
             raise DataError("data.source=folder needs data.path=/path/to/deeplense/folder")
         return from_folder(os.path.expanduser(data.path), list(data.classes), root, data.shard_size)

@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine with only Python 3.10+:
+#   make run    install into .venv, then run the embedded default sweep (python -m platform.tune task=mae)
+#   make test   install into .venv (with the test tools), then run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TASK   ?= mae
+ARGS   ?=
+
+.PHONY: run test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['test']))" > $(VENV)/requirements.txt
+	$(PY) -m pip install --quiet -r $(VENV)/requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) -m platform.tune task=$(TASK) $(ARGS)
+
+test: install
+	$(PY) -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) ray_results mlflow.db

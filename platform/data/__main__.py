@@ -1,0 +1,41 @@
+"""``python -m platform.data task=classification [data.* ...]``: build a task's dataset, summarise it, preview it.
+
+    python -m platform.data data.preset=model_i data.num_train=5000          # simulate
+    python -m platform.data data.source=folder data.path=/data/dataset       # convert a DeepLense folder
+
+Writes the Parquet shards where training will look for them (the data cache), prints
+each split's size, classes and location, and saves a PNG grid of examples per class.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from platform import cli, registry
+from platform import config as config_lib
+from platform.data import shards as shards_lib
+
+
+def main(argv: list[str]) -> int:
+    task_name, overrides = config_lib.parse_cli(argv)
+    cfg = config_lib.build(task_name, [overrides])
+    splits = registry.get(cfg.task).build_data(cfg)
+    for split, shards in splits.items():
+        m = shards.manifest
+        counts = ", ".join(f"{name}={n}" for name, n in zip(m.get("classes", []), m.get("counts", [])))
+        print(f"{split:>5}: {shards.num_rows} images {tuple(shards.image_shape)}  {counts}  "
+              f"sha256 {m['content_hash'][:12]}  {shards.path}")
+    images, columns = shards_lib.read(splits["train"])
+    from platform.data.simulate import preview_grid
+
+    preview = f"{splits['train'].path}/preview.png"
+    labels = columns.get("label", np.zeros(len(images), np.int64))
+    preview_grid(images, labels, preview, class_names=tuple(splits["train"].manifest.get("classes", ("all",))))
+    print(f"preview: {preview}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, sys.argv[1:]))

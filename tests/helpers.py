@@ -1,0 +1,24 @@
+"""What the tests share: running the platform's CLIs the way a user does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(module: str, *args: str, cwd: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m <module> args...`` from ``cwd``, with the project root on PYTHONPATH as a user's shell would have it."""
+    environment = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# Tiny sizes: a real run of the real path, in seconds.
+def tiny(cache: str, db: str, *extra: str) -> list[str]:
+    return [
+        f"data.cache_dir={cache}", "data.num_train=48", "data.num_val=30", "train.batch_size=16",
+        f"mlflow.tracking_uri=sqlite:///{db}", *extra,
+    ]

@@ -1,0 +1,91 @@
+"""Configuration: layering, strict validation, one-line errors before any cluster work."""
+
+import os
+
+import pytest
+
+from platform import config, registry, space
+from platform.config import ConfigError
+from tests.helpers import run_cli
+
+
+def test_layers_task_defaults_then_space_then_cli(tmp_path):
+    spec = tmp_path / "space.yaml"
+    spec.write_text("fixed:\n  train.epochs: 7\n  train.lr: 0.01\nsearch:\n  model.mask_ratio: {uniform: [0.5, 0.9]}\n")
+    s = space.load(str(spec), "mae")
+    cfg = config.build("mae", [s.fixed, {"train.epochs": 2}])
+    assert cfg.train.epochs == 2  # key=value beats the space's fixed value
+    assert cfg.train.lr == 0.01  # the space's fixed value beats the task default
+    assert cfg.train.batch_size == 64 and cfg.model.mask_ratio == 0.75  # task and core defaults
+
+
+def test_cli_values_are_typed():
+    task, overrides = config.parse_cli(["task=mae", "train.lr=1e-4", "scaling.use_gpu=true", "data.classes=[a,b,c]"])
+    assert task == "mae"
+    cfg = config.build(task, [overrides])
+    assert cfg.train.lr == pytest.approx(1e-4) and cfg.scaling.use_gpu is True
+    assert list(cfg.data.classes) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"train.epoch": 3}, "unknown config key 'train.epoch'; did you mean 'train.epochs'?"),
+    ({"train.epochs": "abc"}, "train.epochs=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    ({"model.mask_ratio": 1.5}, "model.mask_ratio=1.5 is out of range; expected 0.0 <= model.mask_ratio < 1.0"),
+    ({"tune.scheduler": "hyperband"}, "tune.scheduler=hyperband is not allowed; expected one of asha|none"),
+    ({"scaling.num_workers": 0}, "scaling.num_workers=0 is out of range; expected 1 <= scaling.num_workers"),
+])
+def test_bad_values_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as error:
+        config.build("mae", [override])
+    assert str(error.value).startswith(message)
+
+
+def test_unknown_task_names_the_closest_and_the_known():
+    with pytest.raises(registry.UnknownTaskError, match=r"unknown task 'clasification'; did you mean 'classification'\? known tasks: .*mae"):
+        registry.get("clasification")
+
+
+def test_config_round_trips_through_a_plain_dict():
+    cfg = config.build("classification", [{"train.lr": 0.02, "augment.strength": 0.1}])
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("content, message", [
+    ("search:\n  train.lr: {logunif: [1.0e-4, 1.0e-2]}\n", "unknown distribution 'logunif'; expected one of uniform, loguniform, int, choice"),
+    ("search:\n  model.mask_ratio: {uniform: [0.5, 1.5]}\n", "model.mask_ratio=1.5 is out of range"),
+    ("search:\n  model.mask: {uniform: [0.5, 0.9]}\n", "unknown config key 'model.mask'"),
+    ("search:\n  train.lr: {loguniform: [0.0, 0.1]}\n", "loguniform needs low > 0"),
+    ("serch:\n  train.lr: {uniform: [0.1, 0.2]}\n", "unknown section(s) serch"),
+])
+def test_bad_search_spaces(tmp_path, content, message):
+    spec = tmp_path / "space.yaml"
+    spec.write_text(content)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        space.load(str(spec), "mae")
+
+
+def test_shipped_search_spaces_are_valid():
+    for name in registry.names():
+        s = space.load(space.default_path(name), name)
+        assert s.params, name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["task=maee"], "error: unknown task 'maee'; did you mean 'mae'?"),
+    (["task=mae", "train.epoch=3"], "error: unknown config key 'train.epoch'"),
+    (["task=mae", "train.epochs=three"], "error: train.epochs=three: Value 'three'"),
+    (["task=mae", "model.mask_ratio=1.5"], "error: model.mask_ratio=1.5 is out of range"),
+    (["task=mae", "data.source=folder", "data.path=/no/such/folder"], "error: data.path=/no/such/folder does not exist"),
+    (["task=mae", "tune.space=bad.yaml"], "error: bad.yaml: train.lr: unknown distribution 'gaussian'"),
+    (["task=mae", "epochs"], "error: expected key=value, got 'epochs'"),
+])
+def test_bad_input_exits_before_any_cluster_work(tmp_path, args, message):
+    (tmp_path / "bad.yaml").write_text("search:\n  train.lr: {gaussian: [0.1, 0.2]}\n")
+    result = run_cli("platform.tune", *args, f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path),
+                     env={"RAY_ADDRESS": ""})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    # Nothing was started or written: no MLflow store, no Ray results, no Ray session.
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
