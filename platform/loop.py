@@ -17,6 +17,7 @@ import tempfile
 import time
 
 import numpy as np
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -104,6 +105,7 @@ def _autocast(device, dtype):
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = config_lib.from_dict(loop_config["cfg"])
     task = registry.get(cfg.task)
     context = ray.train.get_context()

@@ -111,6 +111,9 @@ def log_model(client: MlflowClient, run_id: str, model, input_example, register_
                 input_example=input_example,
                 # Inferring requirements imports and inspects the whole environment: slow, and known here.
                 pip_requirements=["torch", "timm", "numpy"],
+                # Pickled with a reference to the task's module: loads wherever the project
+                # is importable (the platform itself, `init_from=models:/...`).
+                serialization_format="pickle",
             )
         if not register_as:
             return None

@@ -11,6 +11,7 @@ import time
 
 from platform import cli, cluster, registry, tracking
 from platform import config as config_lib
+from platform.data import shards as shards_lib
 from platform.loop import train_loop_per_worker
 
 
@@ -26,8 +27,11 @@ def storage_path(cfg) -> str:
 def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tracking_uri: str, callbacks=()):
     """A TorchTrainer for one run of ``cfg``: the one code path for a laptop and a GPU cluster."""
     import ray.data
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker}
@@ -55,14 +59,15 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
     )
 
 
-def log_best_model(client, run_id: str, cfg, task, register: bool) -> str | None:
+def log_best_model(client, run_id: str, cfg, task, val_shards, register: bool) -> str | None:
     """Load the run's best weights and log them as an MLflow PyTorch model (registered under the task's name)."""
     import torch
 
     path = tracking.download(client, run_id, "checkpoints/best_model.pt")
     model = task.build_model(cfg)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return tracking.log_model(client, run_id, model, task.input_example(cfg), task.name if register else None)
+    example = task.input_example(task.collate(shards_lib.head(val_shards, 2), cfg, False))
+    return tracking.log_model(client, run_id, model, example, task.name if register else None)
 
 
 def main(argv: list[str]) -> int:
@@ -85,7 +90,7 @@ def main(argv: list[str]) -> int:
         result = make_trainer(cfg, shards, name=name, mlflow_run_id=run_id, tracking_uri=uri).fit()
         if result.error:
             raise result.error
-        version = log_best_model(client, run_id, cfg, task, cfg.mlflow.register_model)
+        version = log_best_model(client, run_id, cfg, task, shards["val"], cfg.mlflow.register_model)
         status = "FINISHED"
         metric = result.metrics.get(f"best/{task.metric}")
         print(f"\nbest val/{task.metric} = {metric:.4f}   MLflow run {run_id}"

@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
         best_run = tracking.find_run(client, experiment, {tracking.SWEEP_TAG: sweep, tracking.TRIAL_TAG: best_trial})
         value = best.metrics[f"best/{task.metric}"]
         best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), best.config])
-        version = log_best_model(client, best_run, best_cfg, task, cfg.mlflow.register_model)
+        version = log_best_model(client, best_run, best_cfg, task, shards["val"], cfg.mlflow.register_model)
         tracking.log_metrics(client, parent, {f"best/{task.metric}": value}, step=0)
         tracking.set_tags(client, parent, {"platform.best_run_id": best_run, "platform.best_trial": best_trial,
                                             "platform.registered_version": version or ""})

@@ -121,9 +121,19 @@ def reuse(path: str, expected: dict) -> Shards | None:
 
 def read(shards: Shards) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """All rows of a split in memory: (N, C, H, W) images and the other columns (for previews and tests)."""
-    table = pa.concat_tables([pq.read_table(f) for f in shards.files])
-    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    batch = head(shards, shards.num_rows) if len(shards.files) == 1 else _all_rows(shards)
     return decode_images(batch), {k: v for k, v in batch.items() if k not in ("image", "channels", "height", "width")}
+
+
+def _all_rows(shards: Shards) -> dict[str, np.ndarray]:
+    table = pa.concat_tables([pq.read_table(f) for f in shards.files])
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def head(shards: Shards, rows: int) -> dict[str, np.ndarray]:
+    """The first ``rows`` rows as a numpy batch, in the form Ray Data hands to ``collate``."""
+    table = pq.read_table(shards.files[0]).slice(0, rows)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
 def decode_images(batch: dict) -> np.ndarray:
