@@ -18,6 +18,7 @@ from platform import PROJECT_ROOT
 # nodes that advertise it: the head node here and in cluster.yaml, never a spot worker.
 TRIAL_DRIVER_RESOURCE = "trial_driver"
 TRIAL_DRIVER_SLOTS = 1000
+DATA_CPUS = 1
 
 
 def _existing_address(address: str) -> str | None:
@@ -82,7 +83,10 @@ def max_concurrent_trials(num_workers: int, cpus_per_worker: float, use_gpu: boo
 
     total = ray.cluster_resources()
     driver_cpu = 0.0 if total.get(TRIAL_DRIVER_RESOURCE, 0) > 0 else 0.01
-    fits = math.floor(total.get("CPU", 0) / (num_workers * cpus_per_worker + driver_cpu))
+    # Keep CPUs free for Ray Data's read tasks: Train workers holding every CPU starve the
+    # pipeline that feeds them, and the whole sweep hangs.
+    spare = DATA_CPUS if total.get("CPU", 0) > num_workers * cpus_per_worker else 0
+    fits = math.floor((total.get("CPU", 0) - spare) / (num_workers * cpus_per_worker + driver_cpu))
     if use_gpu:
         fits = min(fits, math.floor(total.get("GPU", 0) / (num_workers * gpus_per_worker)))
     return max(1, fits)

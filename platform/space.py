@@ -15,6 +15,7 @@ trial must never be the first to find out that a value is out of range.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -100,21 +101,22 @@ def _check_against_config(space: SearchSpace, task_name: str) -> None:
         raise ConfigError(f"{space.path}: {error}") from None
 
 
+def sample(trial, params: dict) -> None:
+    """Optuna define-by-run: suggest every searched key (dotted names kept)."""
+    for key, (kind, args) in params.items():
+        if kind == "uniform":
+            trial.suggest_float(key, args[0], args[1])
+        elif kind == "loguniform":
+            trial.suggest_float(key, args[0], args[1], log=True)
+        elif kind == "int":
+            trial.suggest_int(key, args[0], args[1])
+        else:
+            trial.suggest_categorical(key, args)
+
+
 def define_by_run(space: SearchSpace):
-    """An Optuna define-by-run function sampling every searched key (dotted names kept)."""
-
-    def sample(trial) -> None:
-        for key, (kind, args) in space.params.items():
-            if kind == "uniform":
-                trial.suggest_float(key, args[0], args[1])
-            elif kind == "loguniform":
-                trial.suggest_float(key, args[0], args[1], log=True)
-            elif kind == "int":
-                trial.suggest_int(key, args[0], args[1])
-            else:
-                trial.suggest_categorical(key, args)
-
-    return sample
+    # A partial of a module-level function: Tune pickles the searcher into its experiment state.
+    return functools.partial(sample, params=space.params)
 
 
 def describe(space: SearchSpace) -> str:

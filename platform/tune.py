@@ -50,13 +50,15 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
                else optuna.samplers.RandomSampler(seed=cfg.tune.seed))
     search = OptunaSearch(
         space=space_lib.define_by_run(space),
+        metric=metric,
+        mode=task.mode,
         sampler=sampler,
         study_name=sweep,
         storage=optuna.storages.RDBStorage(f"sqlite:///{os.path.join(local_dir, 'optuna.db')}"),
     )
     scheduler = None
     if cfg.tune.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+        scheduler = ASHAScheduler(metric=metric, mode=task.mode, time_attr="training_iteration", max_t=cfg.train.epochs,
                                   grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
                                   reduction_factor=cfg.tune.reduction_factor)
     s = cfg.scaling
@@ -66,7 +68,7 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
                                      experiment=experiment, parent=parent, sweep=sweep)
     return tune.Tuner(
         tune.with_resources(trainable, cluster.trial_resources()),
-        tune_config=tune.TuneConfig(metric=metric, mode=task.mode, search_alg=search, scheduler=scheduler,
+        tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
                                     num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=min(concurrent, cfg.tune.num_samples)),
         run_config=tune.RunConfig(name=sweep, storage_path=storage_path(cfg)),
