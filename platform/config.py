@@ -244,4 +244,6 @@ def to_yaml(cfg: Any) -> str:
 
 
 def cache_dir(cfg: Any) -> str:
-    return cfg.data.cache_dir or os.environ.get("DEEPLENSE_CACHE") or os.path.expanduser("~/.cache/deeplense")
+    # Absolute: Ray workers read the shards from their own working directories.
+    return os.path.abspath(os.path.expanduser(
+        cfg.data.cache_dir or os.environ.get("DEEPLENSE_CACHE") or "~/.cache/deeplense"))

@@ -95,6 +95,8 @@ def main(argv: list[str]) -> int:
     task = registry.get(task_name)
     space = space_lib.load(overrides.get("tune.space") or space_lib.default_path(task.name), task.name)
     cfg = config_lib.build(task.name, [space.fixed, overrides])
+    # Trials run in their own working directories: every path they get must be absolute.
+    cfg.train.storage_path = storage_path(cfg)
     print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
     shards = task.build_data(cfg)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
