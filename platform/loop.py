@@ -139,7 +139,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             print(f"[{cfg.task}] resuming from epoch {start_epoch} (best {metric_key}={best:.4f})", flush=True)
 
-    best_outputs, plot_batch = None, None
     train_shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
@@ -185,7 +184,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if improved:
             best, best_epoch = metrics[metric_key], epoch + 1
             best_state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
-            best_outputs = outputs
         metrics[f"best/{task.metric}"] = best
 
         with tempfile.TemporaryDirectory() as folder:
@@ -198,23 +196,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 torch.save(best_state, os.path.join(folder, BEST_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
                 if client:
+                    # Before the report: a scheduler may stop the trial as soon as it has reported.
                     tracking.log_metrics(client, run_id, metrics, step=epoch + 1)
+                    if improved:
+                        log_best(client, run_id, task, cfg, model, plot_batch, outputs, device, best_epoch, folder)
                 print(f"[{cfg.task}] epoch {epoch + 1}/{cfg.train.epochs} train/loss={train_loss:.4f} "
                       f"{metric_key}={metrics[metric_key]:.4f} {metrics['train/samples_per_s']:.0f} samples/s "
                       f"{epoch_time:.1f}s", flush=True)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 
-    if rank == 0 and client:
-        tracking.set_tags(client, run_id, {"platform.best_epoch": best_epoch})
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, BEST_FILE)
-            torch.save(best_state, path)
-            tracking.log_file(client, run_id, path, "checkpoints")
-        # Plots show the best epoch; after a resume its outputs may predate this process,
-        # and then the last epoch's are what we have.
-        if task.plots and plot_batch is not None:
-            best_model = unwrap(model)
-            best_model.load_state_dict(best_state)
-            best_model.eval()
-            figures = task.plots(best_model, to_device(plot_batch, device), best_outputs or outputs, cfg)
-            tracking.log_figures(client, run_id, figures)
+
+def log_best(client, run_id, task, cfg, model, batch, outputs, device, best_epoch, folder) -> None:
+    """The best epoch so far on the MLflow run: its weights and the task's plots."""
+    tracking.log_file(client, run_id, os.path.join(folder, BEST_FILE), "checkpoints")
+    tracking.set_tags(client, run_id, {"platform.best_epoch": best_epoch})
+    if task.plots and batch is not None:
+        model = unwrap(model)
+        model.eval()
+        tracking.log_figures(client, run_id, task.plots(model, to_device(batch, device), outputs, cfg))

@@ -58,7 +58,10 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     )
     scheduler = None
     if cfg.tune.scheduler == "asha":
-        scheduler = ASHAScheduler(metric=metric, mode=task.mode, time_attr="training_iteration", max_t=cfg.train.epochs,
+        # max_t one past the last epoch: a trial that reaches the end finishes by itself
+        # rather than being stopped (killed) by ASHA right after its last report.
+        scheduler = ASHAScheduler(metric=metric, mode=task.mode, time_attr="training_iteration",
+                                  max_t=cfg.train.epochs + 1,
                                   grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
                                   reduction_factor=cfg.tune.reduction_factor)
     s = cfg.scaling
@@ -75,18 +78,23 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     )
 
 
-def finish_trial_runs(client, experiment: str, sweep: str, results) -> None:
-    """Close what Tune ended from outside the trial: ASHA's early stops are FINISHED (and tagged), lost trials FAILED."""
+def finish_trial_runs(client, experiment: str, sweep: str, results, epochs: int) -> None:
+    """Make each trial's MLflow status agree with Tune's verdict.
+
+    A trial ASHA stops is ended from outside, mid-``fit``: its run may still be RUNNING, or
+    marked FAILED by the interruption. Tune knows whether it really failed.
+    """
     errors = {r.metrics.get("trial_id"): r.error for r in results if r.metrics}
-    query = f"tags.`{tracking.SWEEP_TAG}` = '{sweep}' and attributes.status = 'RUNNING'"
-    for run in client.search_runs([experiment], filter_string=query):
+    for run in client.search_runs([experiment], filter_string=f"tags.`{tracking.SWEEP_TAG}` = '{sweep}'"):
         trial_id = run.data.tags.get(tracking.TRIAL_TAG)
         if trial_id is None:
             continue  # the parent
         if trial_id in errors and errors[trial_id] is None:
-            tracking.set_tags(client, run.info.run_id, {"platform.stopped_early": "true"})
-            tracking.end_run(client, run.info.run_id, "FINISHED")
-        else:
+            if run.data.metrics.get("epoch", 0) < epochs:
+                tracking.set_tags(client, run.info.run_id, {"platform.stopped_early": "true"})
+            if run.info.status != "FINISHED":
+                tracking.end_run(client, run.info.run_id, "FINISHED")
+        elif run.info.status == "RUNNING":
             tracking.end_run(client, run.info.run_id, "FAILED")
 
 
@@ -112,7 +120,7 @@ def main(argv: list[str]) -> int:
         tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))
         tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
         results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep).fit()
-        finish_trial_runs(client, experiment, sweep, results)
+        finish_trial_runs(client, experiment, sweep, results, cfg.train.epochs)
         best = results.get_best_result(metric=f"best/{task.metric}", mode=task.mode, scope="last",
                                        filter_nan_and_inf=True)
         best_trial = best.metrics["trial_id"]
