@@ -1,0 +1,88 @@
+"""Against a Ray cluster: workers import the project's `platform`; `ray job submit` runs a sweep."""
+
+import json
+import os
+import subprocess
+import sys
+import secrets
+import tempfile
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import ROOT, tiny
+
+pytestmark = pytest.mark.slow
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def test_train_workers_import_the_platform_package(tmp_path):
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from platform import cluster
+
+    def report_where_platform_comes_from(config):
+        import platform
+        import platform.lensing  # noqa: F401  (a platform.* module, in a Ray Train worker)
+
+        rank = ray.train.get_context().get_world_rank()
+        with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
+            json.dump({"file": platform.__file__, "system": platform.system(),
+                       "pythonpath": os.environ.get("PYTHONPATH", "")}, f)
+
+    cluster.connect()
+    try:
+        result = TorchTrainer(report_where_platform_comes_from, train_loop_config={"out": str(tmp_path)},
+                              scaling_config=ray.train.ScalingConfig(num_workers=2)).fit()
+    finally:
+        ray.shutdown()
+    assert result.error is None, result.error
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["file"] == os.path.join(ROOT, "platform", "__init__.py")
+        assert seen["system"] == "Linux" and seen["pythonpath"].split(os.pathsep)[0] == ROOT
+
+
+def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path):
+    # Ray 2.60 authenticates every request with a token: the cluster and the job client
+    # share one, as a user's head node and laptop would (README: "Submitting jobs").
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           # An activated virtualenv, as the user's shell has it: the job's `python` is this one.
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("RAY_ADDRESS", None)
+    short_temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    start = subprocess.run([RAY, "start", "--head", "--port=6391", "--dashboard-host=127.0.0.1",
+                            "--dashboard-port=8291", "--num-cpus=2", f"--temp-dir={short_temp}"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr
+    try:
+        db = tmp_path / "mlflow.db"
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", "http://127.0.0.1:8291", "--working-dir", ".", "--no-wait", "--",
+             "python", "-m", "platform.tune", "task=mae", "tune.num_samples=1", "train.epochs=1", "tune.name=job-sweep",
+             "model.depth=1", "model.embed_dim=32", "model.num_heads=2", f"train.storage_path={tmp_path}/results",
+             *tiny(tmp_path / "cache", db)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
+        deadline, status = time.time() + 300, ""
+        while time.time() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            time.sleep(5)
+            out = subprocess.run([RAY, "job", "status", "--address", "http://127.0.0.1:8291", job_id],
+                                 env=env, capture_output=True, text=True, timeout=60).stdout
+            status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING") if s in out.upper()), "")
+        logs = subprocess.run([RAY, "job", "logs", "--address", "http://127.0.0.1:8291", job_id],
+                              env=env, capture_output=True, text=True, timeout=60).stdout
+        assert status == "SUCCEEDED", logs[-4000:]
+        assert "1 trials (0 failed)" in logs
+        client = MlflowClient(f"sqlite:///{db}")
+        runs = client.search_runs([client.get_experiment_by_name("deeplense-mae").experiment_id])
+        parent = [r for r in runs if r.data.tags.get("platform.kind") == "sweep"]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+        assert len(parent) == 1 and len(children) == 1 and parent[0].info.status == "FINISHED"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
