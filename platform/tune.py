@@ -121,6 +121,8 @@ def main(argv: list[str]) -> int:
         tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
         results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep).fit()
         finish_trial_runs(client, experiment, sweep, results, cfg.train.epochs)
+        if not any(f"best/{task.metric}" in r.metrics for r in results):
+            raise RuntimeError(f"no trial of sweep {sweep} reported {metric}; see the trial errors above")
         best = results.get_best_result(metric=f"best/{task.metric}", mode=task.mode, scope="last",
                                        filter_nan_and_inf=True)
         best_trial = best.metrics["trial_id"]
