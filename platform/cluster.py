@@ -19,6 +19,7 @@ from platform import PROJECT_ROOT
 TRIAL_DRIVER_RESOURCE = "trial_driver"
 TRIAL_DRIVER_SLOTS = 1000
 DATA_CPUS = 1
+TRIAL_DRIVER_MEMORY = 128 * 1024**2  # bytes; Ray needs some resource in a bundle
 
 
 def _existing_address(address: str) -> str | None:
@@ -69,12 +70,17 @@ def _stay_on_loopback() -> None:
 
 
 def trial_resources() -> dict:
-    """What one Tune trial function (a Ray Train driver) asks for: almost nothing, on a safe node."""
+    """What one Tune trial function (a Ray Train driver) asks for: no CPU, on a safe node.
+
+    Where no node advertises ``trial_driver``, a memory-only bundle: even 0.01 CPU would
+    leave the last CPU fractional, and Ray Data's read tasks (a whole CPU each) would
+    never be scheduled.
+    """
     import ray
 
     if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) > 0:
         return {TRIAL_DRIVER_RESOURCE: 1}
-    return {"CPU": 0.01}
+    return {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
 
 
 def max_concurrent_trials(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float) -> int:
@@ -82,11 +88,10 @@ def max_concurrent_trials(num_workers: int, cpus_per_worker: float, use_gpu: boo
     import ray
 
     total = ray.cluster_resources()
-    driver_cpu = 0.0 if total.get(TRIAL_DRIVER_RESOURCE, 0) > 0 else 0.01
     # Keep CPUs free for Ray Data's read tasks: Train workers holding every CPU starve the
     # pipeline that feeds them, and the whole sweep hangs.
     spare = DATA_CPUS if total.get("CPU", 0) > num_workers * cpus_per_worker else 0
-    fits = math.floor((total.get("CPU", 0) - spare) / (num_workers * cpus_per_worker + driver_cpu))
+    fits = math.floor((total.get("CPU", 0) - spare) / (num_workers * cpus_per_worker))
     if use_gpu:
         fits = min(fits, math.floor(total.get("GPU", 0) / (num_workers * gpus_per_worker)))
     return max(1, fits)

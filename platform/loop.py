@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -28,6 +29,13 @@ from platform import registry, tracking
 
 STATE_FILE = "state.pt"
 BEST_FILE = "best_model.pt"
+
+
+def say(line: str) -> None:
+    # Not print(): Ray Train patches it to log and also echo to a wrapped stdout, so each
+    # line would reach the driver twice.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -137,7 +145,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scaler.load_state_dict(state["scaler"])
         start_epoch, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
         if rank == 0:
-            print(f"[{cfg.task}] resuming from epoch {start_epoch} (best {metric_key}={best:.4f})", flush=True)
+            say(f"[{cfg.task}] resuming from epoch {start_epoch} (best {metric_key}={best:.4f})")
 
     train_shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -200,9 +208,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     tracking.log_metrics(client, run_id, metrics, step=epoch + 1)
                     if improved:
                         log_best(client, run_id, task, cfg, model, plot_batch, outputs, device, best_epoch, folder)
-                print(f"[{cfg.task}] epoch {epoch + 1}/{cfg.train.epochs} train/loss={train_loss:.4f} "
-                      f"{metric_key}={metrics[metric_key]:.4f} {metrics['train/samples_per_s']:.0f} samples/s "
-                      f"{epoch_time:.1f}s", flush=True)
+                say(f"[{cfg.task}] epoch {epoch + 1}/{cfg.train.epochs} train/loss={train_loss:.4f} "
+                      f"{metric_key}={metrics[metric_key]:.4f} {int(totals[2].item())} samples on {world_size} "
+                      f"worker(s) in {epoch_time:.1f}s ({metrics['train/samples_per_s']:.0f}/s)")
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 
 

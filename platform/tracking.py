@@ -96,19 +96,45 @@ def end_run(client: MlflowClient, run_id: str, status: str) -> None:
     client.set_terminated(run_id, status)
 
 
+def model_signature(model, input_example):
+    """Inputs typed from the example; outputs too when the model returns one tensor.
+
+    MLflow would otherwise infer the signature by calling the model, fail on a model that
+    returns a tuple (the MAE's loss, reconstruction and mask), and replay the example as
+    float64 JSON against float32 weights.
+    """
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    example = np.asarray(input_example)
+    inputs = Schema([TensorSpec(example.dtype, (-1, *example.shape[1:]))])  # any batch size
+    with torch.no_grad():
+        output = model(torch.as_tensor(example))
+    if not isinstance(output, torch.Tensor):
+        return ModelSignature(inputs), False
+    output = output.numpy()
+    return ModelSignature(inputs, Schema([TensorSpec(output.dtype, (-1, *output.shape[1:]))])), True
+
+
 def log_model(client: MlflowClient, run_id: str, model, input_example, register_as: str | None) -> str | None:
     """Log a torch model as an MLflow PyTorch model on ``run_id``; register it if asked. Returns the version."""
     import mlflow
     import mlflow.pytorch
 
+    model = model.cpu().eval()
+    signature, servable = model_signature(model, input_example)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
     try:
         with mlflow.start_run(run_id=run_id, nested=True):
             info = mlflow.pytorch.log_model(
-                model.cpu().eval(),
+                model,
                 name="model",
-                input_example=input_example,
+                signature=signature,
+                # MLflow checks the example by serving it: only for a model that returns one tensor.
+                input_example=input_example if servable else None,
                 # Inferring requirements imports and inspects the whole environment: slow, and known here.
                 pip_requirements=["torch", "timm", "numpy"],
                 # Pickled with a reference to the task's module: loads wherever the project

@@ -70,20 +70,28 @@ def log_best_model(client, run_id: str, cfg, task, val_shards, register: bool) -
     return tracking.log_model(client, run_id, model, example, task.name if register else None)
 
 
+def open_run(cfg, name: str, tags: dict):
+    """What train and tune do first once the config is valid: Ray connected, the MLflow run opened.
+
+    Returns (client, tracking uri, experiment id, run id).
+    """
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    cluster.connect(cfg.ray.address)
+    client = tracking.MlflowClient(uri)
+    experiment = tracking.experiment_id(client, cfg.mlflow.experiment or f"deeplense-{cfg.task}")
+    run_id = tracking.start_run(client, experiment, name, {tracking.TASK_TAG: cfg.task, **tags})
+    return client, uri, experiment, run_id
+
+
 def main(argv: list[str]) -> int:
     task_name, overrides = config_lib.parse_cli(argv)
     cfg = config_lib.build(task_name, [overrides])
     task = registry.get(cfg.task)
     print(config_lib.to_yaml(cfg), flush=True)
     shards = task.build_data(cfg)
-    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
 
-    cluster.connect(cfg.ray.address)
-    client = tracking.MlflowClient(uri)
-    experiment = tracking.experiment_id(client, cfg.mlflow.experiment or f"deeplense-{cfg.task}")
     name = cfg.train.name or default_name(cfg)
-    run_id = tracking.start_run(client, experiment, name, {tracking.TASK_TAG: cfg.task})
-    status = "FAILED"
+    client, uri, _, run_id = open_run(cfg, name, {})
     with cli.ends_run(client, run_id):
         tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
         tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
@@ -91,12 +99,11 @@ def main(argv: list[str]) -> int:
         if result.error:
             raise result.error
         version = log_best_model(client, run_id, cfg, task, shards["val"], cfg.mlflow.register_model)
-        status = "FINISHED"
         metric = result.metrics.get(f"best/{task.metric}")
         print(f"\nbest val/{task.metric} = {metric:.4f}   MLflow run {run_id}"
               + (f"   registered model {task.name} version {version}" if version else ""))
         print(cli.ui_hint(uri))
-    return 0 if status == "FINISHED" else 1
+    return 0
 
 
 if __name__ == "__main__":

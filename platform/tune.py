@@ -12,7 +12,7 @@ import sys
 
 from platform import cli, cluster, registry, space as space_lib, tracking
 from platform import config as config_lib
-from platform.train import default_name, log_best_model, make_trainer, storage_path
+from platform.train import default_name, log_best_model, make_trainer, open_run, storage_path
 
 
 def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: str, parent: str, sweep: str) -> None:
@@ -107,14 +107,9 @@ def main(argv: list[str]) -> int:
     cfg.train.storage_path = storage_path(cfg)
     print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
     shards = task.build_data(cfg)
-    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
 
-    cluster.connect(cfg.ray.address)
-    client = tracking.MlflowClient(uri)
-    experiment = tracking.experiment_id(client, cfg.mlflow.experiment or f"deeplense-{cfg.task}")
     sweep = cfg.tune.name or default_name(cfg)
-    parent = tracking.start_run(client, experiment, sweep, {tracking.TASK_TAG: cfg.task, tracking.SWEEP_TAG: sweep,
-                                                            "platform.kind": "sweep"})
+    client, uri, experiment, parent = open_run(cfg, sweep, {tracking.SWEEP_TAG: sweep, "platform.kind": "sweep"})
     metric = f"val/{task.metric}"
     with cli.ends_run(client, parent):
         tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from platform import data
 from platform.config import bounded
-from platform.data.augment import AugmentConfig, dihedral
+from platform.data.augment import AugmentConfig, batch_images
 from platform.metrics import classification_metrics
 from platform.plots import confusion_matrix_figure, roc_figure
 from platform.registry import Task, register
@@ -51,10 +51,8 @@ def build_model(cfg) -> torch.nn.Module:
 
 
 def collate(batch: dict, cfg, training: bool) -> dict:
-    images = data.decode_images(batch)  # (B, 1, H, W)
-    if training and cfg.augment.strength > 0:
-        images = dihedral(images, cfg.augment.strength, np.random.default_rng())
-    return {"image": torch.from_numpy(np.array(images)), "label": torch.from_numpy(batch["label"].astype(np.int64))}
+    images = batch_images(batch, cfg.augment, training)  # (B, 1, H, W)
+    return {"image": images, "label": torch.from_numpy(batch["label"].astype(np.int64))}
 
 
 def train_step(model, batch: dict, cfg) -> dict:

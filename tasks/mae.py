@@ -22,7 +22,7 @@ from timm.models.vision_transformer import Block
 
 from platform import data
 from platform.config import ConfigError, bounded
-from platform.data.augment import AugmentConfig, dihedral
+from platform.data.augment import AugmentConfig, batch_images
 from platform.plots import image_rows_figure
 from platform.registry import Task, register
 
@@ -314,10 +314,7 @@ def build_model(cfg) -> MaskedAutoencoder:
 
 
 def collate(batch: dict, cfg, training: bool) -> dict:
-    images = data.decode_images(batch)  # (B, 1, H, W)
-    if training and cfg.augment.strength > 0:
-        images = dihedral(images, cfg.augment.strength, np.random.default_rng())
-    images = torch.from_numpy(np.array(images))
+    images = batch_images(batch, cfg.augment, training)  # (B, 1, H, W)
     size = cfg.model.img_size
     if images.shape[-1] != size or images.shape[-2] != size:
         images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

@@ -44,6 +44,61 @@ def test_train_classification(tmp_path):
     (version,) = client.search_model_versions("name='classification'")
     assert version.run_id == run.info.run_id
 
+    # The registered model serves: typed float32 input of any batch size, three class scores out.
+    import mlflow.pyfunc
+    import numpy as np
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    served = mlflow.pyfunc.load_model(f"models:/classification/{version.version}")
+    assert [s.type for s in served.metadata.get_input_schema().inputs] == [np.dtype("float32")]
+    scores = served.predict(np.zeros((5, 1, 64, 64), dtype=np.float32))
+    assert np.asarray(scores).shape == (5, 3)
+
+
+def test_train_on_two_ddp_workers_is_one_run(tmp_path):
+    db = tmp_path / "mlflow.db"
+    # Half a CPU each, so Ray Data keeps a CPU for reading on this 2-core machine.
+    result = run_cli("platform.train", "task=mae", "train.epochs=2", "scaling.num_workers=2",
+                     "scaling.cpus_per_worker=0.5", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+                     *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert "world_size=2" in out
+    # Each worker reads its own half of the 48 training images; the epoch covers all of them.
+    assert "epoch 2/2" in out and "48 samples on 2 worker(s)" in out
+
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = runs_of(client, "deeplense-mae")  # rank 0 logs; never one run per worker
+    assert run.info.status == "FINISHED" and run.data.params["scaling.num_workers"] == "2"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+    assert steps == [1, 2], steps
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(tmp_path, precision):
+    # Autocast runs on CPU too; fp16 also goes through the GradScaler (unscale before clipping).
+    db = tmp_path / "mlflow.db"
+    result = run_cli("platform.train", "task=mae", "train.epochs=1", f"train.precision={precision}",
+                     "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+                     *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    (run,) = runs_of(MlflowClient(f"sqlite:///{db}"), "deeplense-mae")
+    assert run.data.params["train.precision"] == precision
+    assert 0 < run.data.metrics["train/loss"] < 10 and 0 < run.data.metrics["val/loss"] < 10
+
+
+def test_a_run_that_fails_ends_failed(tmp_path):
+    db = tmp_path / "mlflow.db"
+    # An absurd learning rate without clipping: the loss overflows in the first epoch.
+    result = run_cli("platform.train", "task=mae", "train.epochs=2", "train.lr=1e30", "train.grad_clip=0",
+                     "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+                     *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    assert "train/loss became" in out and "lower train.lr or enable train.grad_clip" in out
+    (run,) = runs_of(MlflowClient(f"sqlite:///{db}"), "deeplense-mae")
+    assert run.info.status == "FAILED"
+
 
 def test_tune_mae_sweep(tmp_path):
     db = tmp_path / "mlflow.db"
@@ -72,4 +127,6 @@ def test_tune_mae_sweep(tmp_path):
     assert parent.data.metrics["best/loss"] == pytest.approx(best_child.data.metrics["best/loss"])
     (version,) = client.search_model_versions("name='mae'")
     assert version.run_id == best_run
+    # Logged with an explicit float32 signature: MLflow does not replay the example as float64.
+    assert "Failed to validate serving input example" not in result.stdout + result.stderr
     assert os.path.exists(tmp_path / "ray_results" / "sweep-a" / "optuna.db")

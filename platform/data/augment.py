@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from platform.config import bounded
+from platform.data.shards import decode_images
 
 
 @dataclass
@@ -29,3 +30,13 @@ def dihedral(images: np.ndarray, strength: float, rng: np.random.Generator) -> n
 
 def gaussian_noise(images: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     return images + rng.normal(0.0, sigma, size=images.shape).astype(images.dtype)
+
+
+def batch_images(batch: dict, augment: AugmentConfig, training: bool):
+    """A Parquet batch's images as a float32 tensor (B, C, H, W), with dihedral augmentation when training."""
+    import torch
+
+    images = decode_images(batch)  # (B, C, H, W), read-only view of the Parquet bytes
+    if training and augment.strength > 0:
+        images = dihedral(images, augment.strength, np.random.default_rng())
+    return torch.from_numpy(np.array(images))
