@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 
 from platform import PROJECT_ROOT
 
@@ -22,13 +23,39 @@ DATA_CPUS = 1
 TRIAL_DRIVER_MEMORY = 128 * 1024**2  # bytes; Ray needs some resource in a bundle
 
 
-def _existing_address(address: str) -> str | None:
+def target_address(address: str = "") -> str | None:
+    """Where this command's Ray is: ``address`` or $RAY_ADDRESS, else a running local Ray, else None (start one).
+
+    A bad explicit address is a one-line error, never a silent local Ray instead.
+    """
     from ray._private import services
 
+    from platform.config import ConfigError
+
+    explicit = address or os.environ.get("RAY_ADDRESS", "")
+    setting = "ray.address" if address else "RAY_ADDRESS"
+    if explicit.startswith(("http://", "https://")):
+        raise ConfigError(f"{setting}={explicit} is a dashboard (job submission) address; give the head's "
+                          f"host:6379, or submit the command with `ray job submit --address {explicit}`")
+    if explicit.startswith("ray://"):
+        return explicit  # Ray Client
+    if explicit.startswith(("127.0.0.1:", "localhost:")):
+        _stay_on_loopback()  # else Ray swaps 127.0.0.1 for this machine's network address
     try:
-        return services.canonicalize_bootstrap_address(address or None)
-    except (ConnectionError, ValueError):
+        found = services.canonicalize_bootstrap_address(explicit or None)
+    except (ConnectionError, ValueError) as error:
+        if explicit and explicit != "auto":
+            raise ConfigError(f"{setting}={explicit}: {' '.join(str(error).split())}; expected host:port of a "
+                              f"running Ray head, or leave it unset for a local Ray") from None
         return None
+    if found and explicit and explicit != "auto":
+        host, port = found.rsplit(":", 1)
+        try:  # ray.init would wait minutes for a head that is not there
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as error:
+            raise ConfigError(f"{setting}={explicit}: no Ray head answers at {found} ({error}); start one with "
+                              f"`ray start --head`, or leave it unset for a local Ray") from None
+    return found
 
 
 def runtime_env() -> dict:
@@ -42,9 +69,11 @@ def connect(address: str = "") -> None:
     """``ray.init`` once: the given address, $RAY_ADDRESS or a running local Ray, else a new local one."""
     import ray
 
+    from platform.config import ConfigError
+
     if ray.is_initialized():
         return
-    existing = _existing_address(address)
+    existing = target_address(address)
     if existing is None:
         _stay_on_loopback()
         os.environ["PYTHONPATH"] = runtime_env()["env_vars"]["PYTHONPATH"]
@@ -57,7 +86,41 @@ def connect(address: str = "") -> None:
             configure_logging=False,
         )
     else:
-        ray.init(address=existing, runtime_env=runtime_env() or None, configure_logging=False)
+        try:
+            ray.init(address=existing, runtime_env=runtime_env() or None, configure_logging=False)
+        except ConnectionError as error:
+            raise ConfigError(f"no Ray cluster answers at {existing} ({' '.join(str(error).split())[:200]}); "
+                              f"start one with `ray start --head`, or leave ray.address unset for a local Ray") from None
+
+
+def check_fits(scaling, address: str = "") -> None:
+    """Refuse, before any work, a run that the local Ray this command would start can never place.
+
+    A running cluster is trusted instead: its autoscaler may add the nodes a trial waits for.
+    """
+    from platform.config import ConfigError
+
+    if target_address(address) is not None:
+        return
+    from ray._private.utils import get_num_cpus
+
+    cpus = get_num_cpus()
+    need = scaling.num_workers * scaling.cpus_per_worker
+    if need + DATA_CPUS > cpus:
+        fix = (f"lower them (e.g. scaling.cpus_per_worker={(cpus - DATA_CPUS) / scaling.num_workers:g})"
+               if cpus > DATA_CPUS else "use a machine with more CPUs")
+        raise ConfigError(
+            f"scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker={scaling.cpus_per_worker:g} "
+            f"needs {need:g} CPUs plus {DATA_CPUS} for reading data, but the local Ray has {cpus}; {fix} "
+            f"or set ray.address")
+    if scaling.use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if scaling.num_workers * scaling.gpus_per_worker > gpus:
+            raise ConfigError(
+                f"scaling.use_gpu=true needs {scaling.num_workers * scaling.gpus_per_worker:g} GPUs but this machine "
+                f"has {gpus}; set scaling.use_gpu=false or ray.address of a cluster with GPUs")
 
 
 def _stay_on_loopback() -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -24,6 +26,33 @@ from platform import registry
 
 class ConfigError(ValueError):
     """A bad configuration value: the message is one line, fit for the user."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 scalars for settings: ``no``, ``yes``, ``on``, ``off`` stay strings (``no`` is
+    a DeepLense class name: ``data.classes=[no,sphere,vort]``), and ``1e-3`` is a float."""
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag not in (_BOOL, _FLOAT, "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
+     [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text) -> Any:
+    """Settings and search-space files: YAML with 1.2's booleans and floats."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"not valid YAML ({' '.join(str(error).split())})") from None
 
 
 def choice(default, options, **kw):
@@ -214,8 +243,10 @@ def parse_cli(argv: list[str]) -> tuple[str, dict[str, Any]]:
         if "=" not in arg or arg.startswith("="):
             raise ConfigError(f"expected key=value, got {arg!r} (e.g. task=mae train.epochs=5)")
         key, raw = arg.split("=", 1)
-        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]
-        overrides[key.strip()] = parsed
+        try:
+            overrides[key.strip()] = load_yaml(raw) if raw.strip() else ""
+        except ConfigError as error:
+            raise ConfigError(f"{arg}: {error}") from None
     task_name = overrides.pop("task", "classification")
     return str(task_name), overrides
 

@@ -19,11 +19,9 @@ import functools
 import os
 from dataclasses import dataclass
 
-import yaml
-
 from platform import PROJECT_ROOT
 from platform import config as config_lib
-from platform.config import ConfigError
+from platform.config import ConfigError, load_yaml
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 
@@ -77,9 +75,9 @@ def load(path: str, task_name: str) -> SearchSpace:
         raise ConfigError(f"tune.space={path}: no such file (each task's default is search_spaces/<task>.yaml)")
     with open(path) as f:
         try:
-            content = yaml.safe_load(f) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+            content = load_yaml(f) or {}
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
     unknown = set(content) - {"fixed", "search"}
     if not isinstance(content, dict) or unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(map(str, unknown)))}; expected fixed: and search:")

@@ -25,13 +25,22 @@ _SECRET = re.compile(r"(password|token|secret|key)$", re.IGNORECASE)
 _MAX_PARAM_VALUE = 6000
 
 
+# The stores MLflow's client can write to (a `+driver` suffix is allowed: postgresql+psycopg2).
+STORE_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+
+
 def tracking_uri(configured: str) -> str:
     """Absolute tracking URI: Ray workers run in other directories than the driver."""
+    from platform.config import ConfigError
+
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    source = "mlflow.tracking_uri" if configured else "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else ""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme not in STORE_SCHEMES:
+        raise ConfigError(f"{source or 'mlflow.tracking_uri'}={uri} is not an MLflow store; expected "
+                          f"sqlite:///path/mlflow.db, http://host:port or another of {', '.join(STORE_SCHEMES)}")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    elif "://" not in uri:
-        raise ValueError(f"mlflow.tracking_uri={uri}: expected sqlite:///path/mlflow.db or http://host:port")
     return uri
 
 

@@ -70,28 +70,29 @@ def log_best_model(client, run_id: str, cfg, task, val_shards, register: bool) -
     return tracking.log_model(client, run_id, model, example, task.name if register else None)
 
 
-def open_run(cfg, name: str, tags: dict):
-    """What train and tune do first once the config is valid: Ray connected, the MLflow run opened.
+def open_run(cfg, uri: str, name: str, tags: dict):
+    """What train and tune do once the config and data are checked: Ray connected, the MLflow run opened.
 
-    Returns (client, tracking uri, experiment id, run id).
+    Returns (client, experiment id, run id).
     """
-    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     cluster.connect(cfg.ray.address)
     client = tracking.MlflowClient(uri)
     experiment = tracking.experiment_id(client, cfg.mlflow.experiment or f"deeplense-{cfg.task}")
     run_id = tracking.start_run(client, experiment, name, {tracking.TASK_TAG: cfg.task, **tags})
-    return client, uri, experiment, run_id
+    return client, experiment, run_id
 
 
 def main(argv: list[str]) -> int:
     task_name, overrides = config_lib.parse_cli(argv)
     cfg = config_lib.build(task_name, [overrides])
     task = registry.get(cfg.task)
+    cluster.check_fits(cfg.scaling, cfg.ray.address)
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     print(config_lib.to_yaml(cfg), flush=True)
     shards = task.build_data(cfg)
 
     name = cfg.train.name or default_name(cfg)
-    client, uri, _, run_id = open_run(cfg, name, {})
+    client, _, run_id = open_run(cfg, uri, name, {})
     with cli.ends_run(client, run_id):
         tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
         tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")

@@ -105,11 +105,13 @@ def main(argv: list[str]) -> int:
     cfg = config_lib.build(task.name, [space.fixed, overrides])
     # Trials run in their own working directories: every path they get must be absolute.
     cfg.train.storage_path = storage_path(cfg)
+    cluster.check_fits(cfg.scaling, cfg.ray.address)
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
     shards = task.build_data(cfg)
 
     sweep = cfg.tune.name or default_name(cfg)
-    client, uri, experiment, parent = open_run(cfg, sweep, {tracking.SWEEP_TAG: sweep, "platform.kind": "sweep"})
+    client, experiment, parent = open_run(cfg, uri, sweep, {tracking.SWEEP_TAG: sweep, "platform.kind": "sweep"})
     metric = f"val/{task.metric}"
     with cli.ends_run(client, parent):
         tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))

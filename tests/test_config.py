@@ -25,6 +25,10 @@ def test_cli_values_are_typed():
     cfg = config.build(task, [overrides])
     assert cfg.train.lr == pytest.approx(1e-4) and cfg.scaling.use_gpu is True
     assert list(cfg.data.classes) == ["a", "b", "c"]
+    # YAML 1.2 scalars: DeepLense's class `no` is a string; `yes` still sets a boolean key.
+    _, overrides = config.parse_cli(["data.classes=[no,sphere,vort]", "scaling.use_gpu=yes", "train.lr=3e-4"])
+    assert overrides == {"data.classes": ["no", "sphere", "vort"], "scaling.use_gpu": "yes", "train.lr": 3e-4}
+    assert config.build("mae", [overrides]).scaling.use_gpu is True
 
 
 @pytest.mark.parametrize("override, message", [
@@ -78,6 +82,15 @@ def test_shipped_search_spaces_are_valid():
     (["task=mae", "data.source=folder", "data.path=/no/such/folder"], "error: data.path=/no/such/folder does not exist"),
     (["task=mae", "tune.space=bad.yaml"], "error: bad.yaml: train.lr: unknown distribution 'gaussian'"),
     (["task=mae", "epochs"], "error: expected key=value, got 'epochs'"),
+    (["task=mae", "scaling.num_workers=1000"], "error: scaling.num_workers=1000 x scaling.cpus_per_worker=1 needs 1000 CPUs"),
+    (["task=mae", "scaling.use_gpu=true", "scaling.gpus_per_worker=64"], "error: scaling.use_gpu=true needs 64 GPUs"),
+    (["task=mae", "mlflow.tracking_uri=ftp://host/x"], "error: mlflow.tracking_uri=ftp://host/x is not an MLflow store"),
+    (["task=mae", "ray.address=http://127.0.0.1:8265"], "error: ray.address=http://127.0.0.1:8265 is a dashboard"),
+    (["task=mae", "ray.address=127.0.0.1:1"], "error: ray.address=127.0.0.1:1: no Ray head answers"),
+    # `no` stays the class name, not YAML 1.1's false; the simulator makes three classes.
+    (["task=classification", "data.classes=[no,sphere]", "data.num_train=8", "data.num_val=4"],
+     "error: data.classes=[no,sphere] but the train data at"),
+    (["task=mae", "data.classes=[no,"], "error: data.classes=[no,: not valid YAML"),
 ])
 def test_bad_input_exits_before_any_cluster_work(tmp_path, args, message):
     (tmp_path / "bad.yaml").write_text("search:\n  train.lr: {gaussian: [0.1, 0.2]}\n")

@@ -73,7 +73,19 @@ def substructure(cfg) -> dict[str, Shards]:
     if data.source == "folder" or data.path:  # a path means real data, whatever the source says
         if not data.path:
             raise DataError("data.source=folder needs data.path=/path/to/deeplense/folder")
-        return from_folder(os.path.expanduser(data.path), list(data.classes), root, data.shard_size)
-    sizes = {"train": data.num_train, "val": data.num_val}
-    return {split: simulated(data.preset, sizes[split], _split_seed(data.seed, split), root, data.shard_size)
-            for split in SPLITS}
+        splits = from_folder(os.path.expanduser(data.path), list(data.classes), root, data.shard_size)
+    else:
+        sizes = {"train": data.num_train, "val": data.num_val}
+        splits = {split: simulated(data.preset, sizes[split], _split_seed(data.seed, split), root, data.shard_size)
+                  for split in SPLITS}
+    _check_classes(splits, list(data.classes))
+    return splits
+
+
+def _check_classes(splits: dict[str, Shards], classes: list[str]) -> None:
+    # The model's outputs and the metric names follow data.classes; labels must agree with them.
+    for split, shards in splits.items():
+        found = shards.manifest.get("classes")
+        if found is not None and list(found) != classes:
+            raise DataError(f"data.classes=[{','.join(classes)}] but the {split} data at {shards.path} has classes "
+                            f"[{','.join(found)}]; set data.classes=[{','.join(found)}]")
