@@ -46,15 +46,23 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     metric = f"val/{task.metric}"
     local_dir = os.path.join(os.path.abspath("ray_results"), sweep)
     os.makedirs(local_dir, exist_ok=True)
-    sampler = (optuna.samplers.TPESampler(seed=cfg.tune.seed) if cfg.tune.search == "tpe"
-               else optuna.samplers.RandomSampler(seed=cfg.tune.seed))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(local_dir, 'optuna.db')}")
+    try:
+        earlier = len(storage.get_all_trials(storage.get_study_id_from_name(sweep)))
+    except KeyError:
+        earlier = 0
+    # A continued study (same tune.name) goes on from its trials; a fresh seed keeps it from
+    # drawing the same first points again.
+    seed = cfg.tune.seed + earlier
+    sampler = (optuna.samplers.TPESampler(seed=seed) if cfg.tune.search == "tpe"
+               else optuna.samplers.RandomSampler(seed=seed))
     search = OptunaSearch(
         space=space_lib.define_by_run(space),
         metric=metric,
         mode=task.mode,
         sampler=sampler,
         study_name=sweep,
-        storage=optuna.storages.RDBStorage(f"sqlite:///{os.path.join(local_dir, 'optuna.db')}"),
+        storage=storage,
     )
     scheduler = None
     if cfg.tune.scheduler == "asha":

@@ -130,3 +130,17 @@ def test_tune_mae_sweep(tmp_path):
     # Logged with an explicit float32 signature: MLflow does not replay the example as float64.
     assert "Failed to validate serving input example" not in result.stdout + result.stderr
     assert os.path.exists(tmp_path / "ray_results" / "sweep-a" / "optuna.db")
+
+    # The same tune.name again continues the Optuna study: its TPE sees the earlier trials,
+    # and the new trial is not a replay of an earlier point.
+    again = run_cli("platform.tune", "task=mae", "tune.num_samples=1", "train.epochs=2", "tune.name=sweep-a",
+                    "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+                    *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name="sweep-a",
+                              storage=f"sqlite:///{tmp_path / 'ray_results' / 'sweep-a' / 'optuna.db'}")
+    assert len(study.trials) == 3
+    points = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(points)) == 3, points
