@@ -3,8 +3,9 @@
 Ray workers import ray, and with it ``platform``, before any driver directory reaches
 ``sys.path``; the standard module would win and ``platform.*`` imports would fail. So
 every Ray job the platform starts carries the project root on PYTHONPATH from
-interpreter start: as ``env_vars`` for a cluster on this machine, or through the job's
-``working_dir`` (which Ray prepends to PYTHONPATH itself) under ``ray job submit``.
+interpreter start: as ``env_vars`` for a cluster on this machine, as a shipped
+``working_dir`` (which Ray prepends to PYTHONPATH itself) for a cluster elsewhere, and
+through the job's own ``working_dir`` under ``ray job submit``.
 """
 
 from __future__ import annotations
@@ -58,11 +59,31 @@ def target_address(address: str = "") -> str | None:
     return found
 
 
-def runtime_env() -> dict:
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+# Left behind when the project is shipped to another machine's workers.
+SHIP_EXCLUDES = [".venv", ".git", "ray_results", "mlruns", "mlflow.db", "__pycache__"]
+
+
+def runtime_env(same_machine: bool = True) -> dict:
+    from platform.config import under_ray_job
+
+    if under_ray_job():
         return {}  # under `ray job submit`: the job's working_dir already leads PYTHONPATH
+    if not same_machine:
+        # This checkout's path means nothing on other nodes: ship the project; Ray unpacks it
+        # on every node and puts it first on the workers' PYTHONPATH.
+        return {"working_dir": PROJECT_ROOT, "excludes": SHIP_EXCLUDES}
     pythonpath = os.pathsep.join(p for p in [PROJECT_ROOT, os.environ.get("PYTHONPATH", "")] if p)
     return {"env_vars": {"PYTHONPATH": pythonpath}}
+
+
+def _on_this_machine(address: str) -> bool:
+    host = address.rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost"):
+        return True
+    try:
+        return host in socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        return False
 
 
 def connect(address: str = "") -> None:
@@ -87,7 +108,8 @@ def connect(address: str = "") -> None:
         )
     else:
         try:
-            ray.init(address=existing, runtime_env=runtime_env() or None, configure_logging=False)
+            env = runtime_env(same_machine=not existing.startswith("ray://") and _on_this_machine(existing))
+            ray.init(address=existing, runtime_env=env or None, configure_logging=False)
         except ConnectionError as error:
             raise ConfigError(f"no Ray cluster answers at {existing} ({' '.join(str(error).split())[:200]}); "
                               f"start one with `ray start --head`, or leave ray.address unset for a local Ray") from None

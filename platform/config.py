@@ -94,7 +94,7 @@ class TrainConfig:
     max_failures: int = bounded(0, -1)  # -1: retry forever
     checkpoints_to_keep: int = bounded(2, 1)
     name: str = ""  # `platform.train` run name; default: <task>-<date>-<time>
-    storage_path: str = ""  # Ray checkpoints and results; default: ./ray_results
+    storage_path: str = ""  # Ray checkpoints and results; default: ./ray_results (see output_dir)
 
 
 @dataclass
@@ -272,6 +272,22 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def under_ray_job() -> bool:
+    """True in the driver of a `ray job submit` (and its workers)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
+def output_dir() -> str:
+    """Where the default MLflow store and Ray results go: the directory the command runs from.
+
+    Under `ray job submit` that directory is Ray's temporary copy of the working dir, deleted
+    with the job's files; there it is $DEEPLENSE_HOME, or ~/deeplense on the head node.
+    """
+    if under_ray_job():
+        return os.path.abspath(os.path.expanduser(os.environ.get("DEEPLENSE_HOME") or "~/deeplense"))
+    return os.getcwd()
 
 
 def cache_dir(cfg: Any) -> str:

@@ -26,14 +26,15 @@ _MAX_PARAM_VALUE = 6000
 
 
 # The stores MLflow's client can write to (a `+driver` suffix is allowed: postgresql+psycopg2).
-STORE_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+# No file: MLflow 3's file store refuses to start unless opted in.
+STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 
 
 def tracking_uri(configured: str) -> str:
     """Absolute tracking URI: Ray workers run in other directories than the driver."""
-    from platform.config import ConfigError
+    from platform.config import ConfigError, output_dir
 
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(output_dir(), 'mlflow.db')}"
     source = "mlflow.tracking_uri" if configured else "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else ""
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
     if scheme not in STORE_SCHEMES:

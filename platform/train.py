@@ -20,8 +20,8 @@ def default_name(cfg) -> str:
 
 
 def storage_path(cfg) -> str:
-    path = cfg.train.storage_path or "ray_results"
-    return path if "://" in path else os.path.abspath(path)
+    path = cfg.train.storage_path or os.path.join(config_lib.output_dir(), "ray_results")
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tracking_uri: str, callbacks=()):

@@ -44,7 +44,10 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
 
     task = registry.get(cfg.task)
     metric = f"val/{task.metric}"
-    local_dir = os.path.join(os.path.abspath("ray_results"), sweep)
+    # The study lives beside the sweep's Ray results (a local file: Optuna's RDB storage is
+    # SQL), so the same tune.name continues it.
+    results = storage_path(cfg)
+    local_dir = os.path.join(results if "://" not in results else os.path.join(config_lib.output_dir(), "optuna"), sweep)
     os.makedirs(local_dir, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(local_dir, 'optuna.db')}")
     try:

@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import ROOT, tiny
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -46,13 +46,45 @@ def test_train_workers_import_the_platform_package(tmp_path):
         assert seen["system"] == "Linux" and seen["pythonpath"].split(os.pathsep)[0] == ROOT
 
 
+def test_workers_on_another_machine_get_the_project_shipped(tmp_path):
+    # A cluster elsewhere cannot use this checkout's path: the project travels as the
+    # runtime env's working_dir. Shown on a loopback Ray, as if it were remote.
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from platform import cluster
+
+    def where_platform_comes_from(config):
+        import platform
+        import platform.lensing  # noqa: F401
+
+        with open(os.path.join(config["out"], "seen.json"), "w") as f:
+            json.dump({"file": platform.__file__, "system": platform.system()}, f)
+
+    cluster._stay_on_loopback()
+    ray.init(runtime_env=cluster.runtime_env(same_machine=False))
+    try:
+        result = TorchTrainer(where_platform_comes_from, train_loop_config={"out": str(tmp_path)},
+                              scaling_config=ray.train.ScalingConfig(num_workers=1)).fit()
+    finally:
+        ray.shutdown()
+    assert result.error is None, result.error
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen["system"] == "Linux" and not seen["file"].startswith(ROOT)
+    assert seen["file"].endswith(os.path.join("platform", "__init__.py"))
+
+
 def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path):
     # Ray 2.60 authenticates every request with a token: the cluster and the job client
     # share one, as a user's head node and laptop would (README: "Submitting jobs").
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32),
            # An activated virtualenv, as the user's shell has it: the job's `python` is this one.
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+           # Where a job's default MLflow store and results go on the head (else ~/deeplense).
+           "DEEPLENSE_HOME": str(tmp_path / "home")}
+    env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     short_temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     # A plain head, no `trial_driver` resource: trial functions then take a memory-only
@@ -62,12 +94,13 @@ def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path):
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr
     try:
-        db = tmp_path / "mlflow.db"
+        # No tracking URI or storage path: the defaults must outlive the job's temporary working dir.
+        db = tmp_path / "home" / "mlflow.db"
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", "http://127.0.0.1:8291", "--working-dir", ".", "--no-wait", "--",
              "python", "-m", "platform.tune", "task=mae", "tune.num_samples=1", "train.epochs=1", "tune.name=job-sweep",
-             "model.depth=1", "model.embed_dim=32", "model.num_heads=2", f"train.storage_path={tmp_path}/results",
-             *tiny(tmp_path / "cache", db)],
+             "model.depth=1", "model.embed_dim=32", "model.num_heads=2", f"data.cache_dir={tmp_path}/cache",
+             "data.num_train=48", "data.num_val=30", "train.batch_size=16"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
@@ -80,7 +113,8 @@ def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path):
         logs = subprocess.run([RAY, "job", "logs", "--address", "http://127.0.0.1:8291", job_id],
                               env=env, capture_output=True, text=True, timeout=60).stdout
         assert status == "SUCCEEDED", logs[-4000:]
-        assert "1 trials (0 failed)" in logs
+        assert "1 trials (0 failed)" in logs and f"sqlite:///{db}" in logs
+        assert (tmp_path / "home" / "ray_results" / "job-sweep" / "optuna.db").exists()
         client = MlflowClient(f"sqlite:///{db}")
         runs = client.search_runs([client.get_experiment_by_name("deeplense-mae").experiment_id])
         parent = [r for r in runs if r.data.tags.get("platform.kind") == "sweep"]
