@@ -102,6 +102,38 @@ def test_data_cli_converts_a_real_folder_and_previews_it(tmp_path):
     assert os.path.getsize(preview) > 1000
 
 
+def make_lens_finding_folder(root, per_class=(2, 5)):
+    # Test II's layout: <split>_<class>/ side by side, (3, 64, 64) float32, few lenses.
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for name, count in zip(("lenses", "nonlenses"), per_class):
+            folder = root / f"{split}_{name}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                np.save(folder / f"{name}_{i}.npy", rng.random((3, 64, 64)).astype(np.float32))
+    return root
+
+
+def test_data_cli_converts_a_lens_finding_folder(tmp_path):
+    root = make_lens_finding_folder(tmp_path / "lenses")
+    result = run_cli("platform.data", "task=classification", f"data.path={root}", "data.classes=[nonlenses,lenses]",
+                     f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "train: 7 images (3, 64, 64)  nonlenses=5, lenses=2" in result.stdout
+    assert "val: 7 images (3, 64, 64)  nonlenses=5, lenses=2" in result.stdout  # test_* is the validation split
+    images, columns = shards_lib.read(data.from_folder(str(root), ["nonlenses", "lenses"], str(tmp_path / "cache"), 4)["train"])
+    first_lens = np.load(root / "train_lenses" / "lenses_0.npy")
+    assert any(np.array_equal(image, first_lens) for image, label in zip(images, columns["label"]) if label == 1)
+
+
+def test_npz_under_an_npy_name_is_refused(tmp_path):
+    root = make_deeplense_folder(tmp_path / "real")
+    with open(root / "train" / "no" / "0.npy", "wb") as f:
+        np.savez(f, image=np.zeros((1, 32, 32)))
+    with pytest.raises(DataError, match=r"train/no/0\.npy: an \.npz archive, not a \.npy array"):
+        data.from_folder(str(root), ["no", "sphere", "vort"], str(tmp_path / "cache"), shard_size=4)
+
+
 def test_data_cli_simulates(tmp_path):
     result = run_cli("platform.data", "task=classification", "data.preset=model_i", "data.num_train=6",
                      "data.num_val=3", f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path))

@@ -51,15 +51,15 @@ def from_folder(path: str, classes: list[str], root: str, shard_size: int) -> di
     """The splits of a real DeepLense folder (converted once), or of a folder of platform shards."""
     if all(os.path.exists(os.path.join(path, split, "manifest.json")) for split in SPLITS):
         return {split: open_shards(os.path.join(path, split)) for split in SPLITS}
-    split_dirs = folders.split_dirs(path)
+    splits = folders.class_dirs(path, classes)
     key = hashlib.sha256(json.dumps([folders.fingerprint(path), classes]).encode()).hexdigest()
     out = {}
-    for split, split_dir in split_dirs.items():
-        expected = {"source": "folder", "origin": os.path.abspath(split_dir), "fingerprint": key}
+    for split, class_dirs in splits.items():
+        expected = {"source": "folder", "origin": os.path.abspath(path), "split": split, "fingerprint": key}
         target = os.path.join(root, "folders", f"{os.path.basename(os.path.abspath(path))}-{key[:12]}", split)
         shards = reuse(target, expected)
         if shards is None:
-            images, labels, _ = folders.read_split(split_dir, classes)
+            images, labels, _ = folders.read_split(class_dirs)
             counts = np.bincount(labels, minlength=len(classes)).tolist()
             manifest = {**expected, "classes": list(classes), "counts": counts}
             shards = write(target, images, {"label": labels}, manifest, shard_size)

@@ -1,12 +1,18 @@
 """Readers for the real DeepLense folder layouts.
 
-Substructure classification (Common Test I, Models I-III)::
+Substructure classification (Common Test I, Models I-III), a folder per split holding a
+folder per class::
 
     <root>/{train,val}/{no,sphere,vort}/*.npy     (1, 150, 150) or (150, 150), float64 in [0, 1]
 
-Class folders go by several names across the DeepLense releases; ``CLASS_ALIASES`` maps
-each class to the names it is known by. Every file is opened with
-``np.load(allow_pickle=False)``: a data file must never be able to run code.
+Lens finding (Test II), a folder per split and class side by side::
+
+    <root>/{train,test}_{lenses,nonlenses}/*.npy   (3, 64, 64) float32
+
+``data.classes`` names the class folders in label order (``[nonlenses, lenses]`` for lens
+finding, so a lens is label 1). Class folders go by several names across the DeepLense
+releases; ``CLASS_ALIASES`` maps each class to the names it is known by. Every file is
+opened with ``np.load(allow_pickle=False)``: a data file must never be able to run code.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ CLASS_ALIASES = {
     "no": ("no", "no_sub", "no_substructure", "nosub"),
     "sphere": ("sphere", "subhalo", "subhalos", "cdm", "sph"),
     "vort": ("vort", "vortex", "axion", "vortices"),
+    "lenses": ("lenses", "lens", "lensed"),
+    "nonlenses": ("nonlenses", "nonlens", "non_lenses", "unlensed"),
 }
 SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "validation", "test")}
 
@@ -46,42 +54,41 @@ def _find_dir(root: str, names: tuple[str, ...], what: str) -> str:
 
 def load_npy(path: str) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{path}: not a readable .npy array ({reason})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
+        array.close()
+        raise DataError(f"{path}: an .npz archive, not a .npy array")
+    return array
 
 
-def _as_chw(array: np.ndarray, path: str, channels: int) -> np.ndarray:
-    if array.ndim == 2 and channels == 1:
+def _as_chw(array: np.ndarray, path: str, channels: int | None) -> np.ndarray:
+    if array.ndim == 2:
         array = array[None]
-    if array.ndim != 3 or array.shape[0] != channels or array.dtype.kind not in "fiu":
-        raise DataError(
-            f"{path}: found shape {array.shape} dtype {array.dtype}; expected ({channels}, H, W)"
-            + (" or (H, W)" if channels == 1 else "")
-            + " numbers"
-        )
+    if array.ndim != 3 or (channels is not None and array.shape[0] != channels) or array.dtype.kind not in "fiu":
+        expected = f"({channels}, H, W)" + (" or (H, W)" if channels == 1 else "") if channels else "(C, H, W) or (H, W)"
+        raise DataError(f"{path}: found shape {array.shape} dtype {array.dtype}; expected {expected} numbers")
     return array.astype(np.float32)
 
 
-def list_class_files(split_dir: str, classes: list[str]) -> list[tuple[int, list[str]]]:
-    """[(label, sorted .npy paths)] for each class folder of one split."""
-    found = []
-    for label, name in enumerate(classes):
-        folder = _find_dir(split_dir, _aliases(name), f"class {name!r}")
-        files = sorted(glob.glob(os.path.join(folder, "*.npy")))
-        if not files:
-            raise DataError(f"{folder}: empty class folder (no .npy files)")
-        found.append((label, files))
-    return found
+def _npy_files(folder: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(folder, "*.npy")))
+    if not files:
+        raise DataError(f"{folder}: empty class folder (no .npy files)")
+    return files
 
 
-def read_split(split_dir: str, classes: list[str], channels: int = 1) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images (N, C, H, W) float32, labels (N,) int64 and source paths of one split folder."""
+def read_split(class_dirs: list[tuple[int, str]], channels: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images (N, C, H, W) float32, labels (N,) int64 and source paths of one split's class folders.
+
+    ``channels=None`` takes the first file's; every file must then match it.
+    """
     images, labels, paths = [], [], []
     shape = None
-    for label, files in list_class_files(split_dir, classes):
-        for path in files:
+    for label, folder in class_dirs:
+        for path in _npy_files(folder):
             image = _as_chw(load_npy(path), path, channels)  # (C, H, W)
             if shape is None:
                 shape = image.shape
@@ -93,10 +100,24 @@ def read_split(split_dir: str, classes: list[str], channels: int = 1) -> tuple[n
     return np.stack(images), np.asarray(labels, dtype=np.int64), paths
 
 
-def split_dirs(root: str) -> dict[str, str]:
+def class_dirs(root: str, classes: list[str]) -> dict[str, list[tuple[int, str]]]:
+    """{split: [(label, class folder)]} for either layout: <split>/<class>/ or <split>_<class>/."""
     if not os.path.isdir(root):
         raise DataError(f"data.path={root} does not exist or is not a folder")
-    return {split: _find_dir(root, names, f"{split} split") for split, names in SPLIT_ALIASES.items()}
+    present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    out = {}
+    for split, split_names in SPLIT_ALIASES.items():
+        nested = next((os.path.join(root, n) for n in split_names if n in present), None)
+        found = []
+        for label, name in enumerate(classes):
+            if nested:
+                folder = _find_dir(nested, _aliases(name), f"class {name!r}")
+            else:
+                flat = [f"{s}_{c}" for s in split_names for c in _aliases(name)]
+                folder = _find_dir(root, tuple(flat), f"{split} split (or {split} class {name!r})")
+            found.append((label, folder))
+        out[split] = found
+    return out
 
 
 def fingerprint(root: str) -> list:
