@@ -497,22 +497,23 @@ def _per_image_like(p, images: torch.Tensor) -> torch.Tensor:
 def add_noise(images: torch.Tensor, generator: torch.Generator, poisson_scale=None, gaussian_sigma=0.0) -> torch.Tensor:
     """Photon noise and read noise, drawn from an explicit generator.
 
-    poisson_scale is counts per unit of image value (float or (B,)); the photon noise is
-    the Gaussian limit of Poisson: mean image, variance image / poisson_scale. None turns
-    it off. gaussian_sigma (float or (B,)) adds read noise in image units. Draws happen on
-    the generator's device, so a CPU generator gives the same noise for images anywhere.
+    poisson_scale is counts per unit of image value (float or (B,)): each pixel becomes
+    Poisson(image * scale) / scale. None turns it off. gaussian_sigma (float or (B,)) adds
+    read noise in image units. Draws happen on the generator's device, so a CPU generator
+    gives the same noise for images anywhere. The gradient passes straight through to the
+    noiseless image (counts are not differentiable; their mean is).
     """
-
-    # Both noises are Gaussian and independent, so one draw with the summed variance is
-    # the same distribution at half the cost of drawing them apart.
-    var = torch.zeros((), dtype=images.dtype, device=images.device)
+    out = images
     if poisson_scale is not None:
-        var = images.clamp(min=0) / _per_image_like(poisson_scale, images)
+        scale = _per_image_like(poisson_scale, images)
+        expected = images.detach().clamp(min=0)
+        rate = (expected * scale).to(generator.device)
+        counts = torch.poisson(rate, generator=generator).to(images.device, images.dtype)
+        out = out + (counts / scale - expected)
     if torch.is_tensor(gaussian_sigma) or gaussian_sigma:
-        var = var + _per_image_like(gaussian_sigma, images) ** 2
-    z = torch.randn(images.shape, generator=generator, device=generator.device, dtype=images.dtype)
-    # The tiny floor keeps d sqrt / d image finite on empty pixels.
-    return images + torch.sqrt(var + 1e-12) * z.to(images.device)
+        z = torch.randn(images.shape, generator=generator, device=generator.device, dtype=images.dtype)
+        out = out + _per_image_like(gaussian_sigma, images) * z.to(images.device)
+    return out
 
 
 def sample_source_plane(source_image: torch.Tensor, beta_x, beta_y, source_pixel_scale: float, mode: str = "bilinear"):

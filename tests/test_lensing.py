@@ -301,6 +301,11 @@ def test_noise_mean_variance_and_determinism():
     torch.testing.assert_close(res.var(dim=(1, 2)), t64(0.5 / 100 + 1e-4, 0.5 / 25 + 1e-4), rtol=0.03, atol=0)
     again = L.add_noise(img, torch.Generator().manual_seed(3), poisson_scale=t64(100.0, 25.0), gaussian_sigma=0.01)
     assert torch.equal(out, again)
+    # Photon noise is Poisson, not its Gaussian limit: whole counts, never below zero.
+    counts = L.add_noise(torch.full((1, 100, 100), 0.02, dtype=f64), torch.Generator().manual_seed(4),
+                         poisson_scale=100.0) * 100.0
+    torch.testing.assert_close(counts, counts.round())
+    assert counts.min() == 0 and abs(counts.mean().item() - 2.0) < 0.05
 
 
 def test_einstein_radius_of_a_galaxy():
