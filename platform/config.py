@@ -194,6 +194,8 @@ def _validate(obj: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             _validate(value, key + ".")
             continue
+        if isinstance(value, float) and value != value:
+            raise ConfigError(f"{key}={value} is not a number")
         if "choices" in f.metadata and value not in f.metadata["choices"]:
             options = "|".join(str(o) for o in f.metadata["choices"])
             raise ConfigError(f"{key}={value} is not allowed; expected one of {options}")

@@ -39,6 +39,8 @@ class Task:
                   epoch, cfg) -> {"file.png": matplotlib Figure}; called once, by rank 0, at the end
     defaults      overrides of core keys for this task, e.g. {"train.lr": 3e-4}
     input_example collated val batch -> the numpy input the logged MLflow model is called with
+    search_space  path of the default search-space YAML (a plugin ships its own); None means
+                  search_spaces/<name>.yaml in this repository
     """
 
     name: str
@@ -54,6 +56,7 @@ class Task:
     input_example: Callable[..., Any] = lambda batch: batch["image"][:2].numpy()
     plots: Optional[Callable[..., Any]] = None
     defaults: dict = field(default_factory=dict)
+    search_space: Optional[str] = None  # path of the default search space; None: search_spaces/<name>.yaml
     description: str = ""
 
     def __post_init__(self):

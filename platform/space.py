@@ -33,12 +33,13 @@ class SearchSpace:
     params: dict  # dotted key -> (distribution, arguments)
 
 
-def default_path(task_name: str) -> str:
-    return os.path.join(PROJECT_ROOT, "search_spaces", f"{task_name}.yaml")
+def default_path(task) -> str:
+    """The task's own search space (a plugin ships it), else search_spaces/<task>.yaml here."""
+    return task.search_space or os.path.join(PROJECT_ROOT, "search_spaces", f"{task.name}.yaml")
 
 
 def _number(value, where: str):
-    # PyYAML reads 1e-4 (no dot) as a string; accept it as the number it obviously is.
+    # A quoted "1e-4" is still the number it obviously is.
     try:
         return float(value) if isinstance(value, str) else value
     except ValueError:
@@ -69,32 +70,38 @@ def _parse_param(key: str, spec, where: str) -> tuple[str, list]:
     return kind, [low, high]
 
 
-def load(path: str, task_name: str) -> SearchSpace:
-    """Read and check a search-space file for ``task_name``."""
-    if not os.path.exists(path):
+def load(path: str, task_name: str, overrides: dict | None = None) -> SearchSpace:
+    """Read and check a search-space file for ``task_name`` (with the command line's ``overrides``)."""
+    if not os.path.isfile(path):
         raise ConfigError(f"tune.space={path}: no such file (each task's default is search_spaces/<task>.yaml)")
     with open(path) as f:
         try:
             content = load_yaml(f) or {}
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from None
-    unknown = set(content) - {"fixed", "search"}
-    if not isinstance(content, dict) or unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(map(str, unknown)))}; expected fixed: and search:")
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a mapping with fixed: and search:, got a {type(content).__name__}")
+    unknown = set(map(str, content)) - {"fixed", "search"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; expected fixed: and search:")
+    for section in ("fixed", "search"):
+        if not isinstance(content.get(section) or {}, dict):
+            raise ConfigError(f"{path}: {section}: must map dotted config keys to values, e.g. train.lr: ...")
     fixed = dict(content.get("fixed") or {})
     params = {key: _parse_param(key, spec, path) for key, spec in (content.get("search") or {}).items()}
     space = SearchSpace(path, fixed, params)
-    _check_against_config(space, task_name)
+    _check_against_config(space, task_name, overrides or {})
     return space
 
 
-def _check_against_config(space: SearchSpace, task_name: str) -> None:
-    """Build the config at every bound and choice: unknown keys, wrong types, out-of-range values."""
+def _check_against_config(space: SearchSpace, task_name: str, overrides: dict) -> None:
+    """Build the config at every bound and choice, as trials will: unknown keys, wrong types, out-of-range values."""
+    config_lib.build(task_name, [overrides])  # the command line's own mistakes are its own
     try:
-        config_lib.build(task_name, [space.fixed])
+        config_lib.build(task_name, [space.fixed, overrides])
         for key, (kind, args) in space.params.items():
             for value in args:
-                config_lib.build(task_name, [space.fixed, {key: value}])
+                config_lib.build(task_name, [space.fixed, overrides, {key: value}])
     except ConfigError as error:
         raise ConfigError(f"{space.path}: {error}") from None
 

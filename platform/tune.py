@@ -112,7 +112,7 @@ def finish_trial_runs(client, experiment: str, sweep: str, results, epochs: int)
 def main(argv: list[str]) -> int:
     task_name, overrides = config_lib.parse_cli(argv)
     task = registry.get(task_name)
-    space = space_lib.load(overrides.get("tune.space") or space_lib.default_path(task.name), task.name)
+    space = space_lib.load(overrides.get("tune.space") or space_lib.default_path(task), task.name, overrides)
     cfg = config_lib.build(task.name, [space.fixed, overrides])
     # Trials run in their own working directories: every path they get must be absolute.
     cfg.train.storage_path = storage_path(cfg)

@@ -6,7 +6,7 @@ import pytest
 
 from platform import config, registry, space
 from platform.config import ConfigError
-from tests.helpers import run_cli
+from tests.helpers import ROOT, run_cli
 
 
 def test_layers_task_defaults_then_space_then_cli(tmp_path):
@@ -70,7 +70,7 @@ def test_bad_search_spaces(tmp_path, content, message):
 
 def test_shipped_search_spaces_are_valid():
     for name in registry.names():
-        s = space.load(space.default_path(name), name)
+        s = space.load(space.default_path(registry.get(name)), name)
         assert s.params, name
 
 
@@ -91,9 +91,16 @@ def test_shipped_search_spaces_are_valid():
     (["task=classification", "data.classes=[no,sphere]", "data.num_train=8", "data.num_val=4"],
      "error: data.classes=[no,sphere] but the train data at"),
     (["task=mae", "data.classes=[no,"], "error: data.classes=[no,: not valid YAML"),
+    # The space is checked with the command line's values: decoder_dim 32 cannot hold 64 heads.
+    (["task=mae", "model.decoder_heads=64"],
+     f"error: {ROOT}/search_spaces/mae.yaml: model.decoder_dim=32 must be a multiple of 4 and of model.decoder_heads=64"),
+    (["task=mae", "tune.space=."], "error: tune.space=.: no such file"),
+    (["task=mae", "tune.space=list.yaml"], "error: list.yaml: expected a mapping with fixed: and search:"),
+    (["task=mae", "train.lr=.nan"], "error: train.lr=nan is not a number"),
 ])
 def test_bad_input_exits_before_any_cluster_work(tmp_path, args, message):
     (tmp_path / "bad.yaml").write_text("search:\n  train.lr: {gaussian: [0.1, 0.2]}\n")
+    (tmp_path / "list.yaml").write_text("- train.lr\n")
     result = run_cli("platform.tune", *args, f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path),
                      env={"RAY_ADDRESS": ""})
     assert result.returncode == 2, result.stderr

@@ -58,6 +58,7 @@ def test_a_task_from_another_package_through_an_entry_point(tmp_path):
     package = site / "lensing_extra"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(textwrap.dedent("""
+        import os
         from dataclasses import dataclass
         from platform.registry import Task, register
         import tasks.classification as base
@@ -69,8 +70,11 @@ def test_a_task_from_another_package_through_an_entry_point(tmp_path):
         def register_tasks():
             register(Task(name="tiny_extra", config=ExtraConfig, build_model=base.build_model,
                           build_data=base.data.substructure, collate=base.collate, train_step=base.train_step,
-                          eval_step=base.eval_step, evaluate=base.evaluate, metric="accuracy", mode="max"))
+                          eval_step=base.eval_step, evaluate=base.evaluate, metric="accuracy", mode="max",
+                          search_space=os.path.join(os.path.dirname(__file__), "space.yaml")))
     """))
+    # The plugin ships its own search space (with a bound out of range, to see that tune reads it).
+    (package / "space.yaml").write_text("search:\n  train.epochs: {int: [0, 3]}\n")
     dist = site / "lensing_extra-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lensing-extra\nVersion: 0.1\n")
@@ -82,3 +86,6 @@ def test_a_task_from_another_package_through_an_entry_point(tmp_path):
     result = run_cli("platform.train", "task=tiny_extra", "train.epochz=1", cwd=str(tmp_path),
                      env={"PYTHONPATH": f"{ROOT}{os.pathsep}{site}"})
     assert result.returncode == 2 and "did you mean 'train.epochs'" in result.stderr
+    result = run_cli("platform.tune", "task=tiny_extra", cwd=str(tmp_path), env={"PYTHONPATH": f"{ROOT}{os.pathsep}{site}"})
+    assert result.returncode == 2, result.stderr
+    assert "lensing_extra/space.yaml: train.epochs=0 is out of range" in result.stderr
