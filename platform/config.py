@@ -293,6 +293,7 @@ def output_dir() -> str:
 
 
 def cache_dir(cfg: Any) -> str:
-    # Absolute: Ray workers read the shards from their own working directories.
-    return os.path.abspath(os.path.expanduser(
-        cfg.data.cache_dir or os.environ.get("DEEPLENSE_CACHE") or "~/.cache/deeplense"))
+    # Absolute: Ray workers read the shards from their own working directories. A URI
+    # (s3://bucket/deeplense) is object storage every node can read.
+    path = cfg.data.cache_dir or os.environ.get("DEEPLENSE_CACHE") or "~/.cache/deeplense"
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))

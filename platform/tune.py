@@ -29,6 +29,7 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: 
         client, experiment, f"{sweep}-{trial_id}", {**tags, tracking.TASK_TAG: cfg.task}, parent=parent)
     with cli.ends_run(client, run_id):
         tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
+        tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
         trainer = make_trainer(cfg, shards, name=f"{sweep}-{trial_id}", mlflow_run_id=run_id, tracking_uri=uri,
                                callbacks=[TuneReportCallback()])
         result = trainer.fit()
@@ -109,6 +110,21 @@ def finish_trial_runs(client, experiment: str, sweep: str, results, epochs: int)
             tracking.end_run(client, run.info.run_id, "FAILED")
 
 
+def best_trial_run(client, experiment: str, sweep: str, trial_ids: set, metric: str,
+                   mode: str) -> tuple[str | None, float | None]:
+    """(run id, value) of the finished trial run (among ``trial_ids``) with the best ``metric``."""
+    import math
+
+    runs = client.search_runs([experiment], filter_string=f"tags.`{tracking.SWEEP_TAG}` = '{sweep}' "
+                                                          f"and attributes.status = 'FINISHED'")
+    scored = [(r.data.metrics[metric], r.info.run_id) for r in runs
+              if r.data.tags.get(tracking.TRIAL_TAG) in trial_ids and math.isfinite(r.data.metrics.get(metric, math.nan))]
+    if not scored:
+        return None, None
+    value, run_id = (max if mode == "max" else min)(scored)
+    return run_id, value
+
+
 def main(argv: list[str]) -> int:
     task_name, overrides = config_lib.parse_cli(argv)
     task = registry.get(task_name)
@@ -129,13 +145,14 @@ def main(argv: list[str]) -> int:
         tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
         results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep).fit()
         finish_trial_runs(client, experiment, sweep, results, cfg.train.epochs)
-        if not any(f"best/{task.metric}" in r.metrics for r in results):
-            raise RuntimeError(f"no trial of sweep {sweep} reported {metric}; see the trial errors above")
-        best = results.get_best_result(metric=f"best/{task.metric}", mode=task.mode, scope="last",
-                                       filter_nan_and_inf=True)
-        best_trial = best.metrics["trial_id"]
-        best_run = tracking.find_run(client, experiment, {tracking.SWEEP_TAG: sweep, tracking.TRIAL_TAG: best_trial})
-        value = best.metrics[f"best/{task.metric}"]
+        # The best trial as MLflow records it: the UI, the registered weights and the parent
+        # agree even when a stopped trial logged one more epoch than Tune saw.
+        this_time = {r.metrics["trial_id"] for r in results if r.metrics}  # not an earlier run of the same study
+        best_run, value = best_trial_run(client, experiment, sweep, this_time, f"best/{task.metric}", task.mode)
+        if best_run is None:
+            raise RuntimeError(f"no trial of sweep {sweep} finished with {metric}; see the trial errors above")
+        best_trial = client.get_run(best_run).data.tags[tracking.TRIAL_TAG]
+        best = next(r for r in results if r.metrics and r.metrics.get("trial_id") == best_trial)
         best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), best.config])
         version = log_best_model(client, best_run, best_cfg, task, shards["val"], cfg.mlflow.register_model)
         tracking.log_metrics(client, parent, {f"best/{task.metric}": value}, step=0)

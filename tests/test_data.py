@@ -153,3 +153,21 @@ def test_unknown_preset_is_a_clear_error(tmp_path):
     cfg = config.build("classification", [{"data.preset": "model_iv", "data.cache_dir": str(tmp_path)}])
     with pytest.raises(DataError, match="data.preset=model_iv is not a simulator preset; expected one of model_i, model_ii"):
         data.substructure(cfg)
+
+
+def test_shards_on_a_storage_uri_are_written_reused_and_read(tmp_path):
+    uri = f"file://{tmp_path}/bucket/split"
+    images = np.random.default_rng(0).random((10, 1, 8, 8)).astype(np.float32)
+    written = shards_lib.write(uri, images, {"label": np.arange(10)}, {"seed": 1}, shard_size=4)
+    assert written.files[0] == f"{uri}/part-00000.parquet" and len(written.files) == 3
+    assert shards_lib.reuse(uri, {"seed": 1}) == written and shards_lib.reuse(uri, {"seed": 2}) is None
+    (tmp_path / "bucket" / "split" / "part-00001.parquet").write_bytes(b"cut")
+    assert shards_lib.reuse(uri, {"seed": 1}) is None  # a damaged part is not reused
+    back, columns = shards_lib.read(shards_lib.write(uri, images, {"label": np.arange(10)}, {"seed": 1}, 4))
+    np.testing.assert_array_equal(back, images)
+    np.testing.assert_array_equal(columns["label"], np.arange(10))
+
+
+def test_a_storage_uri_without_shards_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"data.path=file://.*/nothing: no platform shards there"):
+        data.from_folder(f"file://{tmp_path}/nothing", ["no", "sphere", "vort"], str(tmp_path / "cache"), 4)

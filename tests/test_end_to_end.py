@@ -57,10 +57,11 @@ def test_train_classification(tmp_path):
 
 def test_train_on_two_ddp_workers_is_one_run(tmp_path):
     db = tmp_path / "mlflow.db"
-    # Half a CPU each, so Ray Data keeps a CPU for reading on this 2-core machine.
+    # Half a CPU each, so Ray Data keeps a CPU for reading on this 2-core machine. The data
+    # cache is a URI, as object storage would be (file:// here, s3:// on a cloud).
     result = run_cli("platform.train", "task=mae", "train.epochs=2", "scaling.num_workers=2",
                      "scaling.cpus_per_worker=0.5", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
-                     *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+                     *tiny(f"file://{tmp_path}/bucket", db), cwd=str(tmp_path))
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     assert "world_size=2" in out
@@ -72,6 +73,8 @@ def test_train_on_two_ddp_workers_is_one_run(tmp_path):
     assert run.info.status == "FINISHED" and run.data.params["scaling.num_workers"] == "2"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
     assert steps == [1, 2], steps
+    manifests = list((tmp_path / "bucket" / "sim").glob("*/manifest.json"))
+    assert len(manifests) == 2  # train and val, uploaded with their manifests last
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -18,6 +18,7 @@ import numpy as np
 
 from platform import config as config_lib
 from platform.data import folders
+from platform.data import shards as shards_lib
 from platform.data.shards import DataError, Shards, decode_images, open_shards, reuse, write
 
 __all__ = ["DataError", "Shards", "decode_images", "substructure", "simulated", "from_folder"]
@@ -49,8 +50,11 @@ def simulated(preset: str, num_rows: int, seed: int, root: str, shard_size: int)
 
 def from_folder(path: str, classes: list[str], root: str, shard_size: int) -> dict[str, Shards]:
     """The splits of a real DeepLense folder (converted once), or of a folder of platform shards."""
-    if all(os.path.exists(os.path.join(path, split, "manifest.json")) for split in SPLITS):
-        return {split: open_shards(os.path.join(path, split)) for split in SPLITS}
+    if all(shards_lib.exists(shards_lib.join(path, split, shards_lib.MANIFEST)) for split in SPLITS):
+        return {split: open_shards(shards_lib.join(path, split)) for split in SPLITS}
+    if shards_lib.is_uri(path):
+        raise DataError(f"data.path={path}: no platform shards there (train/ and val/ with {shards_lib.MANIFEST}); "
+                        f"DeepLense .npy folders are read from local disk")
     splits = folders.class_dirs(path, classes)
     key = hashlib.sha256(json.dumps([folders.fingerprint(path), classes]).encode()).hexdigest()
     out = {}

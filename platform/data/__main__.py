@@ -9,6 +9,7 @@ each split's size, classes and location, and saves a PNG grid of examples per cl
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -30,7 +31,10 @@ def main(argv: list[str]) -> int:
     images, columns = shards_lib.read(splits["train"])
     from platform.data.simulate import preview_grid
 
-    preview = f"{splits['train'].path}/preview.png"
+    train_path = splits["train"].path
+    # Beside the shards; in the current directory when they are on object storage.
+    preview = f"preview-{os.path.basename(train_path.rstrip('/'))}.png" if shards_lib.is_uri(train_path) \
+        else os.path.join(train_path, "preview.png")
     labels = columns.get("label", np.zeros(len(images), np.int64))
     preview_grid(images, labels, preview, class_names=tuple(splits["train"].manifest.get("classes", ("all",))))
     print(f"preview: {preview}")

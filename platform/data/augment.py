@@ -38,5 +38,6 @@ def batch_images(batch: dict, augment: AugmentConfig, training: bool):
 
     images = decode_images(batch)  # (B, C, H, W), read-only view of the Parquet bytes
     if training and augment.strength > 0:
-        images = dihedral(images, augment.strength, np.random.default_rng())
+        # Drawn from NumPy's global generator, which the loop seeds per worker: reproducible runs.
+        images = dihedral(images, augment.strength, np.random.default_rng(np.random.randint(2**31 - 1)))
     return torch.from_numpy(np.array(images))

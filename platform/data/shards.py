@@ -5,6 +5,11 @@ Images are stored as raw float32 bytes with their (C, H, W) beside them, so Ray 
 reads them as plain columns and ``decode_images`` turns a batch back into one array
 without a copy per image. A directory is written under a temporary name and renamed
 into place, so an interrupted write never leaves a half dataset that looks complete.
+
+A split may also live on object storage (``s3://``, ``gs://``, any URI pyarrow knows):
+it is written locally, uploaded, and its manifest goes up last, so there too a split
+without a manifest is never taken for a complete one. Ray Data streams the parts from
+wherever they are.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 FORMAT_VERSION = 1
@@ -43,7 +49,30 @@ class Shards:
 
     @property
     def files(self) -> list[str]:
-        return [os.path.join(self.path, f["name"]) for f in self.manifest["files"]]
+        return [join(self.path, f["name"]) for f in self.manifest["files"]]
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def join(path: str, *names: str) -> str:
+    return "/".join([path.rstrip("/"), *names]) if is_uri(path) else os.path.join(path, *names)
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding ``path`` (a local path or a URI) and the path inside it."""
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    try:
+        return pafs.FileSystem.from_uri(path)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+        raise DataError(f"{path}: cannot open this storage ({' '.join(str(error).split())})") from None
+
+
+def exists(path: str) -> bool:
+    fs, inner = _filesystem(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
 def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifest: dict, shard_size: int) -> Shards:
@@ -51,9 +80,12 @@ def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifes
     images = np.ascontiguousarray(images, dtype=np.float32)  # (N, C, H, W)
     n, c, h, w = images.shape
     digest = hashlib.sha256()
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".writing-", dir=parent)
+    if is_uri(path):
+        staging = tempfile.mkdtemp(prefix="deeplense-upload-")
+    else:
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".writing-", dir=parent)
     files = []
     for index, start in enumerate(range(0, n, shard_size)):
         stop = min(start + shard_size, n)
@@ -81,6 +113,9 @@ def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifes
         "files": files,
         "content_hash": digest.hexdigest(),
     }
+    if is_uri(path):
+        _upload(staging, path, manifest)
+        return Shards(path, manifest)
     with open(os.path.join(staging, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
     if os.path.exists(path):
@@ -89,11 +124,26 @@ def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifes
     return Shards(path, manifest)
 
 
-def open_shards(path: str) -> Shards:
-    manifest_path = os.path.join(path, MANIFEST)
+def _upload(staging: str, uri: str, manifest: dict) -> None:
+    fs, root = _filesystem(uri)
     try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        fs.delete_dir_contents(root, missing_dir_ok=True)  # the old manifest goes first
+        fs.create_dir(root)
+        for f in manifest["files"]:
+            pafs.copy_files(os.path.join(staging, f["name"]), f"{root}/{f['name']}",
+                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        with fs.open_output_stream(f"{root}/{MANIFEST}") as out:
+            out.write(json.dumps(manifest, indent=2).encode())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def open_shards(path: str) -> Shards:
+    manifest_path = join(path, MANIFEST)
+    fs, inner = _filesystem(manifest_path)
+    try:
+        with fs.open_input_stream(inner) as f:
+            manifest = json.loads(f.read())
     except FileNotFoundError:
         raise DataError(f"{path}: no {MANIFEST}; not a dataset written by the platform") from None
     except json.JSONDecodeError as error:
@@ -112,10 +162,10 @@ def reuse(path: str, expected: dict) -> Shards | None:
         return None
     if any(manifest.get(k) != v for k, v in expected.items()):
         return None
-    for f in manifest["files"]:
-        file_path = os.path.join(path, f["name"])
-        if not os.path.exists(file_path) or os.path.getsize(file_path) != f["bytes"]:
-            return None
+    fs, root = _filesystem(path)
+    infos = fs.get_file_info([f"{root}/{f['name']}" for f in manifest["files"]])
+    if any(info.type != pafs.FileType.File or info.size != f["bytes"] for info, f in zip(infos, manifest["files"])):
+        return None
     return shards
 
 
