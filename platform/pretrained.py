@@ -1,0 +1,103 @@
+"""``init_from=``: the weights a run starts from, wherever they were recorded.
+
+Three spellings, one meaning, always resolved to the best weights a platform run logged:
+
+    init_from=0a1b2c...                      an MLflow run id (its checkpoints/best_model.pt)
+    init_from=models:/mae/3                  a registered model version (or models:/mae/latest)
+    init_from=/path/to/best_model.pt         a checkpoint file (best_model.pt or a loop state.pt)
+
+Weights are always read with ``torch.load(weights_only=True)``: a checkpoint can never run
+code, so a pickled MLflow model is never unpickled here. The run they came from is
+recorded, so the MLflow UI links a fine-tuning run to its pretraining run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from platform import tracking
+from platform.config import ConfigError
+
+BEST_ARTIFACT = "checkpoints/best_model.pt"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/]+)/(?P<version>\d+|latest)$")
+
+
+@dataclass(frozen=True)
+class Source:
+    init_from: str  # what the user wrote
+    run_id: str | None  # the MLflow run whose weights these are (None for a bare file)
+    path: str | None  # a local checkpoint file (None: the run's best_model.pt artifact)
+
+    def tags(self) -> dict[str, str]:
+        tags = {"platform.init_from": self.init_from}
+        if self.run_id:
+            tags["platform.init_run_id"] = self.run_id
+        return tags
+
+
+def resolve(init_from: str, client: tracking.MlflowClient) -> Source:
+    """Check that ``init_from`` points at weights, before any cluster work; a one-line error if not."""
+    expected = ("expected an MLflow run id, models:/<name>/<version|latest>, or a path to best_model.pt")
+    match = _MODEL_URI.match(init_from)
+    if match:
+        name, version = match["name"], match["version"]
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise ConfigError(f"init_from={init_from}: no registered model {name!r} in this MLflow store; {expected}")
+        if version == "latest":
+            chosen = max(versions, key=lambda v: int(v.version))
+        else:
+            chosen = next((v for v in versions if str(v.version) == version), None)
+            if chosen is None:
+                known = ", ".join(sorted((str(v.version) for v in versions), key=int))
+                raise ConfigError(f"init_from={init_from}: model {name!r} has no version {version}; it has {known}")
+        return _from_run(init_from, chosen.run_id, client)
+    if init_from.startswith("models:/"):
+        raise ConfigError(f"init_from={init_from}: not a model URI; {expected}")
+    if _RUN_ID.match(init_from) and not os.path.exists(init_from):
+        return _from_run(init_from, init_from, client)
+    path = os.path.abspath(os.path.expanduser(init_from))
+    if os.path.isfile(path):
+        return Source(init_from, None, path)
+    raise ConfigError(f"init_from={init_from}: no such run or file; {expected}")
+
+
+def _from_run(init_from: str, run_id: str, client: tracking.MlflowClient) -> Source:
+    try:
+        client.get_run(run_id)
+    except Exception:  # MLflow raises its own RESOURCE_DOES_NOT_EXIST error
+        raise ConfigError(f"init_from={init_from}: no MLflow run {run_id} in this store") from None
+    folder, name = os.path.split(BEST_ARTIFACT)
+    if name not in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, folder)}:
+        raise ConfigError(f"init_from={init_from}: run {run_id} logged no {BEST_ARTIFACT} (did it finish an epoch?)")
+    return Source(init_from, run_id, None)
+
+
+def load_state(source: Source, client: tracking.MlflowClient | None = None) -> dict:
+    """The source's weights as a CPU state dict (a loop ``state.pt`` yields its model part)."""
+    import torch
+
+    path = source.path or tracking.download(client, source.run_id, BEST_ARTIFACT)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and "optimizer" in state:
+        state = state["model"]  # a full loop checkpoint
+    return state
+
+
+def load_matching(module, state: dict, prefix: str = "") -> list[str]:
+    """Copy into ``module`` the entries of ``state`` under ``prefix`` whose names and shapes match.
+
+    Returns the module's parameter names that stayed as initialised (new heads), so a
+    run can say what it did not take from the pretrained weights.
+    """
+    own = module.state_dict()
+    taken = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    usable = {k: v for k, v in taken.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ConfigError(f"none of the pretrained weights{f' under {prefix!r}' if prefix else ''} fit this model; "
+                          f"was init_from trained by a compatible task and model size?")
+    module.load_state_dict(usable, strict=False)
+    return sorted(k for k in own if k not in usable)
