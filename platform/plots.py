@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
+from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve  # noqa: E402
 
 
 def roc_figure(probs: np.ndarray, labels: np.ndarray, classes: list[str]):
@@ -50,3 +50,24 @@ def image_rows_figure(rows: dict[str, np.ndarray], title: str = ""):
         figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def binary_curves_figures(scores: np.ndarray, labels: np.ndarray, threshold: float | None = None) -> dict:
+    """{"roc.png", "pr.png"} for a binary finder; the PR plot marks the tuned threshold."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    roc, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    roc.tight_layout()
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    pr, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(recall, precision)
+    ax.axhline(labels.mean(), color="k", ls="--", lw=0.8, label=f"chance ({labels.mean():.3f})")
+    if threshold is not None and len(thresholds):
+        i = int(np.argmin(np.abs(thresholds - threshold)))
+        ax.plot(recall[i], precision[i], "o", label=f"threshold {threshold:.2f}")
+    ax.set(xlabel="recall", ylabel="precision", title="precision-recall", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower left")
+    pr.tight_layout()
+    return {"roc.png": roc, "pr.png": pr}

@@ -21,14 +21,32 @@ from platform.data import folders
 from platform.data import shards as shards_lib
 from platform.data.shards import DataError, Shards, decode_images, open_shards, reuse, write
 
-__all__ = ["DataError", "Shards", "decode_images", "substructure", "simulated", "from_folder"]
+__all__ = ["DataError", "Shards", "cached_simulation", "decode_images", "from_folder", "simulated", "split_seed",
+           "substructure"]
 
 SPLITS = ("train", "val")
 
 
-def _split_seed(seed: int, split: str) -> int:
+def split_seed(seed: int, split: str) -> int:
     # Independent streams per split: val images are never a prefix of train images.
     return int(np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(1)[0])
+
+
+def cached_simulation(name: str, params: dict, make, classes: list[str], root: str, shard_size: int) -> Shards:
+    """Shards of ``make()`` -> (images, truth with "label"), made once per ``params`` and reused after.
+
+    ``params`` must fix the output entirely (sizes, seeds, simulator version): it is the
+    manifest's identity and, hashed, the folder's name.
+    """
+    expected = {"source": "sim", "simulation": name, **params}
+    key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:12]
+    path = shards_lib.join(root, "sim", f"{name}-n{params.get('num_rows', 0)}-{key}")
+    shards = reuse(path, expected)
+    if shards is None:
+        images, truth = make()
+        counts = np.bincount(truth["label"], minlength=len(classes)).tolist()
+        shards = write(path, images, truth, {**expected, "classes": list(classes), "counts": counts}, shard_size)
+    return shards
 
 
 def simulated(preset: str, num_rows: int, seed: int, root: str, shard_size: int) -> Shards:
@@ -36,16 +54,9 @@ def simulated(preset: str, num_rows: int, seed: int, root: str, shard_size: int)
 
     if preset not in simulate.PRESETS:
         raise DataError(f"data.preset={preset} is not a simulator preset; expected one of {', '.join(simulate.PRESETS)}")
-    expected = {"source": "sim", "preset": preset, "seed": seed, "num_rows": num_rows,
-                "simulator_version": simulate.SIMULATOR_VERSION}
-    path = os.path.join(root, "sim", f"{preset}-n{num_rows}-seed{seed}")
-    shards = reuse(path, expected)
-    if shards is None:
-        images, truth = simulate.simulate(preset, num_rows, seed)
-        counts = np.bincount(truth["label"], minlength=len(simulate.CLASS_NAMES)).tolist()
-        manifest = {**expected, "classes": list(simulate.CLASS_NAMES), "counts": counts}
-        shards = write(path, images, truth, manifest, shard_size)
-    return shards
+    params = {"preset": preset, "seed": seed, "num_rows": num_rows, "simulator_version": simulate.SIMULATOR_VERSION}
+    return cached_simulation(preset, params, lambda: simulate.simulate(preset, num_rows, seed),
+                             list(simulate.CLASS_NAMES), root, shard_size)
 
 
 def from_folder(path: str, classes: list[str], root: str, shard_size: int) -> dict[str, Shards]:
@@ -80,13 +91,13 @@ def substructure(cfg) -> dict[str, Shards]:
         splits = from_folder(os.path.expanduser(data.path), list(data.classes), root, data.shard_size)
     else:
         sizes = {"train": data.num_train, "val": data.num_val}
-        splits = {split: simulated(data.preset, sizes[split], _split_seed(data.seed, split), root, data.shard_size)
+        splits = {split: simulated(data.preset, sizes[split], split_seed(data.seed, split), root, data.shard_size)
                   for split in SPLITS}
-    _check_classes(splits, list(data.classes))
+    check_classes(splits, list(data.classes))
     return splits
 
 
-def _check_classes(splits: dict[str, Shards], classes: list[str]) -> None:
+def check_classes(splits: dict[str, Shards], classes: list[str]) -> None:
     # The model's outputs and the metric names follow data.classes; labels must agree with them.
     for split, shards in splits.items():
         found = shards.manifest.get("classes")

@@ -1,0 +1,86 @@
+"""lens_finding: imbalanced simulated data, weighted BCE, a tuned threshold, through the real CLIs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from platform import config, registry
+from platform.data import shards as shards_lib
+from platform.data.lenses import simulate_lenses
+from platform.metrics import binary_metrics
+from tests.helpers import run_cli
+
+# Tiny, and with enough lenses in validation for an AUC: 30 images at 1:4.
+TINY = ["data.num_train=48", "data.num_val=30", "sim.val_positive_fraction=0.2", "train.batch_size=16",
+        "model.name=resnet10t"]
+
+
+def test_simulated_lenses_are_deterministic_and_as_imbalanced_as_asked():
+    images, truth = simulate_lenses(170, 1 / 17, seed=3)
+    assert images.shape == (170, 3, 64, 64) and images.dtype == np.float32
+    assert truth["label"].sum() == 10 and np.isfinite(images).all() and images.min() >= 0
+    assert (truth["theta_e"][truth["label"] == 1] > 0).all() and (truth["theta_e"][truth["label"] == 0] == 0).all()
+    again, _ = simulate_lenses(170, 1 / 17, seed=3)
+    assert np.array_equal(images, again)
+
+
+def test_threshold_is_tuned_for_f1():
+    scores = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.8, 0.9])
+    labels = np.array([0, 0, 0, 1, 0, 1, 1])
+    m = binary_metrics(scores, labels)
+    # At 0.35: 3 lenses and 1 non-lens above it, F1 6/7; at 0.8 precision is perfect but F1 only 0.8.
+    assert m["threshold"] == pytest.approx(0.35) and m["precision"] == 0.75 and m["recall"] == 1.0
+    assert m["f1"] == pytest.approx(6 / 7) and m["roc_auc"] == pytest.approx(11 / 12)
+
+
+def test_loss_falls_when_overfitting_a_small_batch(tmp_path):
+    task = registry.get("lens_finding")
+    cfg = config.build("lens_finding", [{"data.cache_dir": str(tmp_path), "data.num_train": 32, "data.num_val": 20,
+                                         "sim.val_positive_fraction": 0.2, "augment.strength": 0.0,
+                                         "model.name": "resnet10t"}])
+    splits = task.build_data(cfg)
+    assert cfg.loss.pos_weight == pytest.approx(30 / 2)  # the training split's negatives per lens
+    batch = task.collate(shards_lib.head(splits["train"], 16), cfg, True)
+    torch.manual_seed(0)
+    model = task.build_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        loss = task.train_step(model, batch, cfg)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_a_negative_pos_weight_is_one_line(tmp_path):
+    result = run_cli("platform.train", "task=lens_finding", "loss.pos_weight=-1", cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: loss.pos_weight=-1.0 is out of range; expected 0.0 < loss.pos_weight"
+
+
+@pytest.mark.slow
+def test_train_and_tune_lens_finding_through_the_cli(tmp_path):
+    db, common = tmp_path / "mlflow.db", [f"data.cache_dir={tmp_path}/cache", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    result = run_cli("platform.train", "task=lens_finding", "train.epochs=2", *TINY, *common, cwd=str(tmp_path))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("deeplense-lens_finding").experiment_id
+    (run,) = client.search_runs([experiment])
+    assert run.info.status == "FINISHED" and float(run.data.params["loss.pos_weight"]) == pytest.approx(45 / 3)  # round(48 / 17) = 3 lenses
+    for metric in ("roc_auc", "pr_auc", "precision", "recall", "f1", "threshold"):
+        history = client.get_metric_history(run.info.run_id, f"val/{metric}")
+        assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/roc.png", "plots/pr.png"}
+
+    result = run_cli("platform.tune", "task=lens_finding", "tune.num_samples=2", "train.epochs=1", "tune.name=lf",
+                     *TINY, *common, cwd=str(tmp_path))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "2 trials (0 failed)" in result.stdout and "loss.pos_weight = " in result.stdout
+    runs = client.search_runs([experiment], filter_string="tags.`platform.sweep` = 'lf'")
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
