@@ -38,16 +38,20 @@ def _raise_interrupt(signum, frame):
 
 @contextlib.contextmanager
 def ends_run(client, run_id: str):
-    """FINISHED on success, KILLED on interrupt, FAILED on any error: never left RUNNING."""
+    """FINISHED on success, KILLED on interrupt, FAILED on any error: never left RUNNING.
+
+    A run something else already ended keeps that verdict: a trial that Tune stops unwinds
+    here late, after the sweep has recorded how it really ended.
+    """
     try:
         yield
     except KeyboardInterrupt:
-        tracking.end_run(client, run_id, "KILLED")
+        tracking.end_run(client, run_id, "KILLED", only_if_running=True)
         raise
     except BaseException:
-        tracking.end_run(client, run_id, "FAILED")
+        tracking.end_run(client, run_id, "FAILED", only_if_running=True)
         raise
-    tracking.end_run(client, run_id, "FINISHED")
+    tracking.end_run(client, run_id, "FINISHED", only_if_running=True)
 
 
 def ui_hint(uri: str) -> str:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from platform import config as config_lib
-from platform import registry, tracking
+from platform import pretrained, registry, tracking
 
 STATE_FILE = "state.pt"
 BEST_FILE = "best_model.pt"
@@ -125,7 +125,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # same init everywhere; DDP broadcasts rank 0's anyway
     np.random.seed(cfg.train.seed + rank)
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(task.build_model(cfg))
+    model = task.build_model(cfg)
+    if not ray.train.get_checkpoint():  # a resumed run has its own weights already
+        new = pretrained.initialise(model, task, cfg, loop_config["tracking_uri"])
+        if new is not None and rank == 0:
+            say(f"[{cfg.task}] initialised from {cfg.init_from}; {len(new)} tensors not in it: "
+                f"{', '.join(new[:6])}{' ...' if len(new) > 6 else ''}")
+    model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(model, cfg.train)
     dtype = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -38,7 +38,30 @@ class Source:
         return tags
 
 
-def resolve(init_from: str, client: tracking.MlflowClient) -> Source:
+def source_for(cfg, tracking_uri: str) -> Source | None:
+    """The resolved ``init_from`` of a config whose task has one and sets it; None otherwise."""
+    init_from = getattr(cfg, "init_from", "")
+    if not init_from:
+        return None
+    if _MODEL_URI.match(init_from) or _RUN_ID.match(init_from):
+        if tracking_uri.startswith("sqlite:///") and not os.path.exists(tracking_uri[len("sqlite:///"):]):
+            raise ConfigError(f"init_from={init_from}: there is no MLflow store at {tracking_uri} to look it up in; "
+                              f"set mlflow.tracking_uri to the store of the pretraining run")
+        return resolve(init_from, tracking.MlflowClient(tracking_uri))
+    return resolve(init_from, None)
+
+
+def initialise(model, task, cfg, tracking_uri: str) -> list[str] | None:
+    """Load the pretrained weights ``cfg.init_from`` names into a fresh ``model``; the names left new."""
+    source = source_for(cfg, tracking_uri)
+    if source is None:
+        return None
+    client = tracking.MlflowClient(tracking_uri) if source.run_id else None
+    state = load_state(source, client)
+    return (task.init_weights or (lambda m, s, c: load_matching(m, s)))(model, state, cfg)
+
+
+def resolve(init_from: str, client: tracking.MlflowClient | None) -> Source:
     """Check that ``init_from`` points at weights, before any cluster work; a one-line error if not."""
     expected = ("expected an MLflow run id, models:/<name>/<version|latest>, or a path to best_model.pt")
     match = _MODEL_URI.match(init_from)

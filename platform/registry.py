@@ -41,6 +41,8 @@ class Task:
     input_example collated val batch -> the numpy input the logged MLflow model is called with
     search_space  path of the default search-space YAML (a plugin ships its own); None means
                   search_spaces/<name>.yaml in this repository
+    init_weights  (model, pretrained state dict, cfg) -> names left as initialised; called when
+                  the task's config has ``init_from`` set (default: every matching name and shape)
     """
 
     name: str
@@ -57,6 +59,7 @@ class Task:
     plots: Optional[Callable[..., Any]] = None
     defaults: dict = field(default_factory=dict)
     search_space: Optional[str] = None  # path of the default search space; None: search_spaces/<name>.yaml
+    init_weights: Optional[Callable[..., Any]] = None
     description: str = ""
 
     def __post_init__(self):

@@ -102,7 +102,9 @@ def log_file(client: MlflowClient, run_id: str, path: str, folder: str) -> None:
     client.log_artifact(run_id, path, folder)
 
 
-def end_run(client: MlflowClient, run_id: str, status: str) -> None:
+def end_run(client: MlflowClient, run_id: str, status: str, only_if_running: bool = False) -> None:
+    if only_if_running and client.get_run(run_id).info.status != "RUNNING":
+        return
     client.set_terminated(run_id, status)
 
 

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from platform import cli, cluster, registry, tracking
+from platform import cli, cluster, pretrained, registry, tracking
 from platform import config as config_lib
 from platform.data import shards as shards_lib
 from platform.loop import train_loop_per_worker
@@ -88,11 +88,12 @@ def main(argv: list[str]) -> int:
     task = registry.get(cfg.task)
     cluster.check_fits(cfg.scaling, cfg.ray.address)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    source = pretrained.source_for(cfg, uri)  # init_from checked before any work; linked in MLflow
     print(config_lib.to_yaml(cfg), flush=True)
     shards = task.build_data(cfg)
 
     name = cfg.train.name or default_name(cfg)
-    client, _, run_id = open_run(cfg, uri, name, {})
+    client, _, run_id = open_run(cfg, uri, name, source.tags() if source else {})
     with cli.ends_run(client, run_id):
         tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
         tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import sys
 
-from platform import cli, cluster, registry, space as space_lib, tracking
+from platform import cli, cluster, pretrained, registry, space as space_lib, tracking
 from platform import config as config_lib
 from platform.train import default_name, log_best_model, make_trainer, open_run, storage_path
 
 
-def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: str, parent: str, sweep: str) -> None:
+def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: str, parent: str, sweep: str,
+              init_tags: dict) -> None:
     """One Tune trial: validate the sampled values, open its nested MLflow run, fit one TorchTrainer."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -26,7 +27,7 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: 
     tags = {tracking.SWEEP_TAG: sweep, tracking.TRIAL_TAG: trial_id}
     # A restarted trial finds its run again: one MLflow run per trial, whatever happens.
     run_id = tracking.find_run(client, experiment, tags) or tracking.start_run(
-        client, experiment, f"{sweep}-{trial_id}", {**tags, tracking.TASK_TAG: cfg.task}, parent=parent)
+        client, experiment, f"{sweep}-{trial_id}", {**tags, **init_tags, tracking.TASK_TAG: cfg.task}, parent=parent)
     with cli.ends_run(client, run_id):
         tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
         tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
@@ -37,7 +38,8 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: 
             raise result.error
 
 
-def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: str, sweep: str):
+def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: str, sweep: str,
+                init_tags: dict | None = None):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -80,7 +82,7 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     concurrent = cfg.tune.max_concurrent or cluster.max_concurrent_trials(
         s.num_workers, s.cpus_per_worker, s.use_gpu, s.gpus_per_worker)
     trainable = tune.with_parameters(run_trial, base=config_lib.to_dict(cfg), shards=shards, uri=uri,
-                                     experiment=experiment, parent=parent, sweep=sweep)
+                                     experiment=experiment, parent=parent, sweep=sweep, init_tags=init_tags or {})
     return tune.Tuner(
         tune.with_resources(trainable, cluster.trial_resources()),
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
@@ -134,16 +136,20 @@ def main(argv: list[str]) -> int:
     cfg.train.storage_path = storage_path(cfg)
     cluster.check_fits(cfg.scaling, cfg.ray.address)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    source = pretrained.source_for(cfg, uri)  # init_from checked before any work; linked in MLflow
+    init_tags = source.tags() if source else {}
     print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
     shards = task.build_data(cfg)
 
     sweep = cfg.tune.name or default_name(cfg)
-    client, experiment, parent = open_run(cfg, uri, sweep, {tracking.SWEEP_TAG: sweep, "platform.kind": "sweep"})
+    client, experiment, parent = open_run(cfg, uri, sweep, {tracking.SWEEP_TAG: sweep, "platform.kind": "sweep",
+                                                            **init_tags})
     metric = f"val/{task.metric}"
     with cli.ends_run(client, parent):
         tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))
         tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
-        results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep).fit()
+        results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
+                              init_tags=init_tags).fit()
         finish_trial_runs(client, experiment, sweep, results, cfg.train.epochs)
         # The best trial as MLflow records it: the UI, the registered weights and the parent
         # agree even when a stopped trial logged one more epoch than Tune saw.

@@ -28,7 +28,7 @@ N_PIX, PIXEL_SCALE = 64, 0.2  # arcsec / pixel: a 12.8" field, ground-based surv
 LENS_COLOUR = (0.35, 0.7, 1.0)  # g, r, i flux of the red elliptical
 SOURCE_COLOUR = (1.0, 0.8, 0.55)  # of the blue background galaxy
 PSF_FWHM = ((0.8, 1.1), (0.7, 1.0), (0.6, 0.9))  # arcsec, per band
-VERSION = 1
+VERSION = 2  # 2: fainter arcs, smaller rings, closer neighbours
 
 
 def _labels(n: int, positive_fraction: float, seed: int) -> np.ndarray:
@@ -43,7 +43,7 @@ def _draw(b: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         return lo + (hi - lo) * torch.rand(shape or (b,), generator=g, dtype=torch.float64)
 
     d = {
-        "theta_e": uniform(0.8, 2.0),
+        "theta_e": uniform(0.5, 2.0),  # the smallest rings hide inside the PSF
         "lens_q": uniform(0.6, 0.95),
         "lens_phi": uniform(0.0, math.pi),
         "shear": uniform(0.0, 0.08),
@@ -53,8 +53,8 @@ def _draw(b: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         "source_r_eff": uniform(0.1, 0.3),
         "source_q": uniform(0.5, 1.0),
         "source_phi": uniform(0.0, math.pi),
-        "source_amp": uniform(1.5, 4.0),
-        "source_radius": uniform(0.0, 1.0),  # in units of theta_E (lens) or arcsec beyond 3" (non-lens)
+        "source_amp": uniform(0.2, 3.0),  # down to arcs barely above the noise
+        "source_radius": uniform(0.0, 1.0),  # in units of theta_E (lens) or of 3.5" beyond 1.5" (non-lens)
         "source_direction": uniform(0.0, 2 * math.pi),
         "noise_sigma": uniform(0.01, 0.03),
         "poisson_counts": uniform(200.0, 800.0),
@@ -68,8 +68,8 @@ def _render(d: dict[str, torch.Tensor], labels: torch.Tensor, x: torch.Tensor, y
     """Noiseless (B, 3, H, W) images."""
     lens = labels == 1
     # Lenses: the source within ~theta_E/2 of the optical axis, so it is strongly lensed.
-    # Non-lenses: 3-5" away, where it is only a neighbour.
-    radius = torch.where(lens, 0.5 * d["theta_e"] * d["source_radius"], 3.0 + 2.0 * d["source_radius"])
+    # Non-lenses: 1.5-5" away, a neighbour that can sit where an arc would.
+    radius = torch.where(lens, 0.5 * d["theta_e"] * d["source_radius"], 1.5 + 3.5 * d["source_radius"])
     sx, sy = radius * torch.cos(d["source_direction"]), radius * torch.sin(d["source_direction"])
     ax, ay = lensing.sie_deflection(x, y, d["theta_e"], d["lens_q"], d["lens_phi"])  # (B, H, W)
     g1, g2 = lensing.shear_components(d["shear"], d["shear_angle"])
@@ -112,7 +112,7 @@ def simulate_lenses(n: int, positive_fraction: float, seed: int) -> tuple[np.nda
             images[start:stop] = noisy.clamp(min=0).numpy()
             lens = labels[start:stop] == 1
             radius = np.where(lens, 0.5 * d["theta_e"].numpy() * d["source_radius"].numpy(),
-                              3.0 + 2.0 * d["source_radius"].numpy())
+                              1.5 + 3.5 * d["source_radius"].numpy())
             truth["theta_e"][start:stop] = np.where(lens, d["theta_e"].numpy(), 0.0)
             truth["source_x"][start:stop] = radius * np.cos(d["source_direction"].numpy())
             truth["source_y"][start:stop] = radius * np.sin(d["source_direction"].numpy())

@@ -359,8 +359,8 @@ def preview_grid(images, labels, path: str, class_names=CLASS_NAMES, n_per_class
             if j < len(idx):
                 img = images[idx[j]]
                 img = img.reshape(img.shape[-2:]) if img.ndim == 3 and img.shape[0] == 1 else img
-                if img.ndim == 3 and img.shape[0] == 3:  # three bands: a colour composite
-                    rgb = np.moveaxis(img, 0, -1)  # (H, W, 3)
+                if img.ndim == 3 and img.shape[0] == 3:  # bands bluest first (g, r, i): shown as RGB = (i, r, g)
+                    rgb = np.moveaxis(img[::-1], 0, -1)  # (H, W, 3)
                     ax.imshow((rgb - rgb.min()) / max(float(np.ptp(rgb)), 1e-12), origin="lower")
                 else:
                     ax.imshow(img if img.ndim == 2 else img[0], origin="lower", cmap="inferno")
