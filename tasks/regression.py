@@ -50,6 +50,10 @@ class EncoderConfig:
     freeze: bool = False  # train only the head on top of a pretrained encoder
     mae: MAEModelConfig = field(default_factory=MAEModelConfig)
 
+    def __post_init__(self):
+        if self.arch != "mae" and self.arch not in timm.list_models(self.arch):
+            raise ConfigError(f"encoder.arch={self.arch} is neither 'mae' nor a timm model name (e.g. resnet18)")
+
 
 @dataclass
 class TargetStats:
@@ -97,8 +101,6 @@ def build_model(cfg) -> Regressor:
                                     depth=m.depth, num_heads=m.num_heads, decoder_dim=m.decoder_dim,
                                     decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads)
         return Regressor(encoder, m.embed_dim, e.freeze)
-    if e.arch not in timm.list_models(e.arch):
-        raise ConfigError(f"encoder.arch={e.arch} is neither 'mae' nor a timm model name (e.g. resnet18)")
     encoder = timm.create_model(e.arch, pretrained=False, in_chans=1, num_classes=0)  # (B, num_features)
     return Regressor(encoder, encoder.num_features, e.freeze)
 

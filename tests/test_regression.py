@@ -45,9 +45,11 @@ def test_loss_falls_when_overfitting_a_small_batch(tmp_path):
 @pytest.mark.parametrize("init_from, message", [
     ("models:/mae/latest", "error: init_from=models:/mae/latest: there is no MLflow store at sqlite:///"),
     ("/no/such/best_model.pt", "error: init_from=/no/such/best_model.pt: no such run or file"),
+    ("", "error: encoder.arch=resnet9000 is neither 'mae' nor a timm model name"),
 ])
-def test_init_from_that_points_nowhere_is_one_line(tmp_path, init_from, message):
-    result = run_cli("platform.train", "task=regression", f"init_from={init_from}", cwd=str(tmp_path))
+def test_bad_regression_settings_are_one_line(tmp_path, init_from, message):
+    extra = [f"init_from={init_from}"] if init_from else ["encoder.arch=resnet9000"]
+    result = run_cli("platform.train", "task=regression", *extra, cwd=str(tmp_path))
     assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
     assert not (tmp_path / "mlflow.db").exists()
 
