@@ -17,6 +17,8 @@ if not hasattr(sys.modules.get("platform"), "__path__"):
 
 # Every Ray the tests start (local, `ray start --head`, multi-node Cluster) stays on loopback.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Hermetic: each test names its own MLflow store, or relies on the default in its directory.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 # Ray workers must import our package from interpreter start.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in [ROOT, os.environ.get("PYTHONPATH", "")] if p

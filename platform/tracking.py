@@ -7,6 +7,7 @@ by rank 0 of the Train workers, in other processes and on other machines.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -137,28 +138,45 @@ def log_model(client: MlflowClient, run_id: str, model, input_example, register_
 
     model = model.cpu().eval()
     signature, servable = model_signature(model, input_example)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+    with using_uri(client._tracking_client.tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            # MLflow checks the example by serving it: only for a model that returns one tensor.
+            input_example=input_example if servable else None,
+            # Inferring requirements imports and inspects the whole environment: slow, and known here.
+            pip_requirements=["torch", "timm", "numpy"],
+            # Pickled with a reference to the task's module: loads wherever the project
+            # is importable (the platform itself, `init_from=models:/...`).
+            serialization_format="pickle",
+        )
+    if not register_as:
+        return None
+    with using_uri(client._tracking_client.tracking_uri):
+        return mlflow.register_model(info.model_uri, register_as).version
+
+
+@contextlib.contextmanager
+def using_uri(uri: str):
+    """MLflow's fluent API pointed at ``uri`` for a moment, then put back exactly as it was.
+
+    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI to the environment, where
+    every later subprocess (a Ray worker, the next command) would inherit it.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
     try:
-        with mlflow.start_run(run_id=run_id, nested=True):
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=signature,
-                # MLflow checks the example by serving it: only for a model that returns one tensor.
-                input_example=input_example if servable else None,
-                # Inferring requirements imports and inspects the whole environment: slow, and known here.
-                pip_requirements=["torch", "timm", "numpy"],
-                # Pickled with a reference to the task's module: loads wherever the project
-                # is importable (the platform itself, `init_from=models:/...`).
-                serialization_format="pickle",
-            )
-        if not register_as:
-            return None
-        version = mlflow.register_model(info.model_uri, register_as)
-        return version.version
+        yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        utils._tracking_uri = saved_uri
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def log_text(client: MlflowClient, run_id: str, text: str, name: str) -> None:

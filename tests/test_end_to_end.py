@@ -48,8 +48,10 @@ def test_train_classification(tmp_path):
     import mlflow.pyfunc
     import numpy as np
 
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    served = mlflow.pyfunc.load_model(f"models:/classification/{version.version}")
+    from platform import tracking
+
+    with tracking.using_uri(f"sqlite:///{db}"):  # leaves no MLFLOW_TRACKING_URI behind for later tests
+        served = mlflow.pyfunc.load_model(f"models:/classification/{version.version}")
     assert [s.type for s in served.metadata.get_input_schema().inputs] == [np.dtype("float32")]
     scores = served.predict(np.zeros((5, 1, 64, 64), dtype=np.float32))
     assert np.asarray(scores).shape == (5, 3)
