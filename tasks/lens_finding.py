@@ -30,13 +30,7 @@ from platform.data.lenses import CLASS_NAMES, VERSION, simulate_lenses
 from platform.metrics import binary_metrics
 from platform.plots import binary_curves_figures
 from platform.registry import Task, register
-
-
-@dataclass
-class ModelConfig:
-    name: str = "resnet18"  # any timm model name
-    pretrained_path: str = ""  # local weights file; nothing is downloaded at run time
-    drop_rate: float = bounded(0.0, 0.0, 1.0, high_open=True)
+from tasks.classification import ModelConfig  # the same timm model settings
 
 
 @dataclass

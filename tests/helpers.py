@@ -22,3 +22,20 @@ def tiny(cache: str, db: str, *extra: str) -> list[str]:
         f"data.cache_dir={cache}", "data.num_train=48", "data.num_val=30", "train.batch_size=16",
         f"mlflow.tracking_uri=sqlite:///{db}", *extra,
     ]
+
+
+def overfit_losses(task, cfg, batch: dict, steps: int = 20) -> list[float]:
+    """Training losses of a fresh model fitting one batch again and again: a task must drive them down."""
+    import torch
+
+    torch.manual_seed(0)
+    model = task.build_model(cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss = task.train_step(model, batch, cfg)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

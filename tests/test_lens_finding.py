@@ -4,14 +4,13 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from platform import config, registry
 from platform.data import shards as shards_lib
 from platform.data.lenses import simulate_lenses
 from platform.metrics import binary_metrics
-from tests.helpers import run_cli
+from tests.helpers import overfit_losses, run_cli
 
 # Tiny, and with enough lenses in validation for an AUC: 30 images at 1:4.
 TINY = ["data.num_train=48", "data.num_val=30", "sim.val_positive_fraction=0.2", "train.batch_size=16",
@@ -44,16 +43,7 @@ def test_loss_falls_when_overfitting_a_small_batch(tmp_path):
     splits = task.build_data(cfg)
     assert cfg.loss.pos_weight == pytest.approx(30 / 2)  # the training split's negatives per lens
     batch = task.collate(shards_lib.head(splits["train"], 16), cfg, True)
-    torch.manual_seed(0)
-    model = task.build_model(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(20):
-        loss = task.train_step(model, batch, cfg)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = overfit_losses(task, cfg, batch)
     assert losses[-1] < 0.3 * losses[0], losses
 
 

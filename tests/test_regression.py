@@ -4,13 +4,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from platform import config, registry
 from platform.data import shards as shards_lib
 from tasks.regression import angle_error
-from tests.helpers import run_cli, tiny
+from tests.helpers import overfit_losses, run_cli, tiny
 
 MAE_SIZE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2"]
 ENCODER_SIZE = ["encoder.arch=mae", "encoder.mae.depth=1", "encoder.mae.embed_dim=32", "encoder.mae.num_heads=2"]
@@ -29,16 +28,7 @@ def test_loss_falls_when_overfitting_a_small_batch(tmp_path):
     splits = task.build_data(cfg)
     assert len(cfg.targets.mean) == 5 and all(s > 0 for s in cfg.targets.std)  # from the training split
     batch = task.collate(shards_lib.head(splits["train"], 16), cfg, True)
-    torch.manual_seed(0)
-    model = task.build_model(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(20):
-        loss = task.train_step(model, batch, cfg)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = overfit_losses(task, cfg, batch)
     assert losses[-1] < 0.3 * losses[0], losses
 
 
