@@ -131,7 +131,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if new is not None and rank == 0:
             say(f"[{cfg.task}] initialised from {cfg.init_from}; {len(new)} tensors not in it: "
                 f"{', '.join(new[:6])}{' ...' if len(new) > 6 else ''}")
-    model = ray.train.torch.prepare_model(model)
+    # A task that leaves some parameters without gradients in some steps (a frozen warm-up)
+    # needs DDP to look for them; it costs a graph traversal per step, so only on request.
+    ddp_options = {"find_unused_parameters": True} if task.find_unused_parameters else None
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options)
     optimizer = build_optimizer(model, cfg.train)
     dtype = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -164,6 +167,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             local_shuffle_seed=cfg.train.seed * 1000 + epoch * 10 + rank,
         ):
             batch = to_device(task.collate(numpy_batch, cfg, True), device)
+            batch["epoch"] = epoch  # 0-based, for schedules inside a task's loss
             with _autocast(device, dtype):
                 loss = task.train_step(model, batch, cfg)["loss"]
             optimizer.zero_grad(set_to_none=True)
@@ -174,6 +178,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if task.after_step:
+                task.after_step(unwrap(model), cfg)
             loss_sum += loss.detach().float()
             samples += len(numpy_batch["image"])
             steps += 1

@@ -31,7 +31,8 @@ class Task:
     build_model   cfg -> nn.Module
     build_data    cfg -> {"train": Shards, "val": Shards}; runs on the driver before Ray
     collate       (numpy batch of Parquet columns, cfg, training) -> dict of tensors
-    train_step    (model, batch, cfg) -> {"loss": tensor, ...}; the loop does backward
+    train_step    (model, batch, cfg) -> {"loss": tensor, ...}; the loop does backward. The loop adds
+                  ``batch["epoch"]`` (0-based) for losses with a schedule
     eval_step     (model, batch, cfg) -> dict of per-sample tensors, gathered over the split
     evaluate      (gathered numpy outputs, cfg) -> {"metric name": float}
     metric, mode  what the sweep optimises, logged as ``val/<metric>``; "max" or "min"
@@ -43,6 +44,10 @@ class Task:
                   search_spaces/<name>.yaml in this repository
     init_weights  (model, pretrained state dict, cfg) -> names left as initialised; called when
                   the task's config has ``init_from`` set (default: every matching name and shape)
+    after_step    (model, cfg) -> None, after every optimizer step, on every worker, with the
+                  model unwrapped from DDP: weight averages (EMA) and the like
+    find_unused_parameters  True when some trainable parameters get no gradient in some steps
+                  (an encoder frozen for a warm-up): DDP must then look for them
     """
 
     name: str
@@ -60,6 +65,8 @@ class Task:
     defaults: dict = field(default_factory=dict)
     search_space: Optional[str] = None  # path of the default search space; None: search_spaces/<name>.yaml
     init_weights: Optional[Callable[..., Any]] = None
+    after_step: Optional[Callable[..., Any]] = None
+    find_unused_parameters: bool = False
     description: str = ""
 
     def __post_init__(self):

@@ -24,18 +24,20 @@ def tiny(cache: str, db: str, *extra: str) -> list[str]:
     ]
 
 
-def overfit_losses(task, cfg, batch: dict, steps: int = 20) -> list[float]:
+def overfit_losses(task, cfg, batch: dict, steps: int = 20, epoch: int = 0, lr: float = 1e-3) -> list[float]:
     """Training losses of a fresh model fitting one batch again and again: a task must drive them down."""
     import torch
 
     torch.manual_seed(0)
     model = task.build_model(cfg)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for _ in range(steps):
-        loss = task.train_step(model, batch, cfg)["loss"]
+        loss = task.train_step(model, {**batch, "epoch": epoch}, cfg)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if task.after_step:
+            task.after_step(model, cfg)
         losses.append(loss.item())
     return losses

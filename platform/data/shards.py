@@ -76,9 +76,15 @@ def exists(path: str) -> bool:
 
 
 def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifest: dict, shard_size: int) -> Shards:
-    """Write ``images`` (N, C, H, W) and per-image ``columns`` as Parquet shards at ``path``."""
+    """Write ``images`` (N, C, H, W) and per-image ``columns`` as Parquet shards at ``path``.
+
+    A column of shape (N, C', H', W') is a second image per row (a low-resolution copy, say):
+    stored like ``image``, with its own ``<name>_channels``, ``<name>_height``, ``<name>_width``.
+    """
     images = np.ascontiguousarray(images, dtype=np.float32)  # (N, C, H, W)
     n, c, h, w = images.shape
+    image_columns = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in columns.items() if np.ndim(v) == 4}
+    columns = {k: v for k, v in columns.items() if k not in image_columns}
     digest = hashlib.sha256()
     if is_uri(path):
         staging = tempfile.mkdtemp(prefix="deeplense-upload-")
@@ -90,17 +96,17 @@ def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifes
     for index, start in enumerate(range(0, n, shard_size)):
         stop = min(start + shard_size, n)
         chunk = images[start:stop]
-        table = {
-            "image": pa.array([img.tobytes() for img in chunk], type=pa.binary()),
-            "channels": pa.array(np.full(stop - start, c, np.int32)),
-            "height": pa.array(np.full(stop - start, h, np.int32)),
-            "width": pa.array(np.full(stop - start, w, np.int32)),
-        }
+        table = _image_column(chunk)
+        for name, values in image_columns.items():
+            table.update(_image_column(values[start:stop], name + "_"))
+            table[name] = table.pop(name + "_image")
         for name, values in columns.items():
             table[name] = pa.array(np.asarray(values)[start:stop])
         name = f"part-{index:05d}.parquet"
         pq.write_table(pa.table(table), os.path.join(staging, name))
         digest.update(chunk.tobytes())
+        for key in sorted(image_columns):
+            digest.update(image_columns[key][start:stop].tobytes())
         for key in sorted(columns):
             digest.update(np.ascontiguousarray(np.asarray(columns[key])[start:stop]).tobytes())
         files.append({"name": name, "rows": stop - start, "bytes": os.path.getsize(os.path.join(staging, name))})
@@ -110,6 +116,7 @@ def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifes
         "num_rows": n,
         "image_shape": [c, h, w],
         "columns": sorted(columns),
+        **({"image_columns": {k: list(v.shape[1:]) for k, v in sorted(image_columns.items())}} if image_columns else {}),
         "files": files,
         "content_hash": digest.hexdigest(),
     }
@@ -122,6 +129,16 @@ def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifes
         shutil.rmtree(path)
     os.replace(staging, path)
     return Shards(path, manifest)
+
+
+def _image_column(chunk: np.ndarray, prefix: str = "") -> dict[str, pa.Array]:
+    rows, c, h, w = chunk.shape  # (rows, C, H, W)
+    return {
+        prefix + "image": pa.array([img.tobytes() for img in chunk], type=pa.binary()),
+        prefix + "channels": pa.array(np.full(rows, c, np.int32)),
+        prefix + "height": pa.array(np.full(rows, h, np.int32)),
+        prefix + "width": pa.array(np.full(rows, w, np.int32)),
+    }
 
 
 def _upload(staging: str, uri: str, manifest: dict) -> None:
@@ -172,7 +189,10 @@ def reuse(path: str, expected: dict) -> Shards | None:
 def read(shards: Shards) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """All rows of a split in memory: (N, C, H, W) images and the other columns (for previews and tests)."""
     batch = head(shards, shards.num_rows) if len(shards.files) == 1 else _all_rows(shards)
-    return decode_images(batch), {k: v for k, v in batch.items() if k not in ("image", "channels", "height", "width")}
+    image_columns = list(shards.manifest.get("image_columns", {}))
+    stored = {f"{p}{k}" for p in ["", *(c + "_" for c in image_columns)] for k in ("image", "channels", "height", "width")}
+    plain = {k: v for k, v in batch.items() if k not in stored and k not in image_columns}
+    return decode_images(batch), {**plain, **{c: decode_images(batch, c) for c in image_columns}}
 
 
 def _all_rows(shards: Shards) -> dict[str, np.ndarray]:
@@ -186,8 +206,9 @@ def head(shards: Shards, rows: int) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
-def decode_images(batch: dict) -> np.ndarray:
-    """The ``image`` column of a numpy batch as one float32 array (B, C, H, W)."""
-    images = batch["image"]
-    c, h, w = int(batch["channels"][0]), int(batch["height"][0]), int(batch["width"][0])
+def decode_images(batch: dict, column: str = "image") -> np.ndarray:
+    """An image column of a numpy batch (``image`` or a second one) as one float32 array (B, C, H, W)."""
+    images = batch[column]
+    prefix = "" if column == "image" else column + "_"
+    c, h, w = (int(batch[prefix + k][0]) for k in ("channels", "height", "width"))
     return np.frombuffer(b"".join(images), dtype=np.float32).reshape(len(images), c, h, w)
