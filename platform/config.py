@@ -94,6 +94,7 @@ class TrainConfig:
     max_failures: int = bounded(0, -1)  # -1: retry forever
     checkpoints_to_keep: int = bounded(2, 1)
     name: str = ""  # `platform.train` run name; default: <task>-<date>-<time>
+    compare_random_init: bool = False  # `platform.train` with init_from: also train from a random start, side by side
     storage_path: str = ""  # Ray checkpoints and results; default: ./ray_results (see output_dir)
 
 
@@ -173,10 +174,15 @@ def _field_type(f: dataclasses.Field):
     return f.type if isinstance(f.type, type) else None
 
 
-def check_key(schema: type, key: str) -> None:
+def is_value_key(schema: type, key: str) -> bool:
     keys = _known_keys(schema)
-    if key in keys and not dataclasses.is_dataclass(_field_type(keys[key])):
+    return key in keys and not dataclasses.is_dataclass(_field_type(keys[key]))
+
+
+def check_key(schema: type, key: str) -> None:
+    if is_value_key(schema, key):
         return
+    keys = _known_keys(schema)
     if key in keys:
         raise ConfigError(f"{key} is a section, not a value; set one of its keys, e.g. {key}.{dataclasses.fields(_field_type(keys[key]))[0].name}=...")
     leaves = [k for k, f in keys.items() if not dataclasses.is_dataclass(_field_type(f))]

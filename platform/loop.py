@@ -140,7 +140,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / world_size / cfg.train.batch_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.train))
-    metric_key = f"val/{task.metric}"
+    objective = task.objective(cfg)
+    metric_key = f"val/{objective}"
 
     start_epoch, best, best_epoch, best_state = 0, None, 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -204,7 +205,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if improved:
             best, best_epoch = metrics[metric_key], epoch + 1
             best_state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
-        metrics[f"best/{task.metric}"] = best
+        metrics[f"best/{objective}"] = best
 
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None

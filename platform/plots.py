@@ -71,3 +71,16 @@ def binary_curves_figures(scores: np.ndarray, labels: np.ndarray, threshold: flo
     ax.legend(loc="lower left")
     pr.tight_layout()
     return {"roc.png": roc, "pr.png": pr}
+
+
+def curves_figure(curves: dict[str, list[tuple[int, float]]], ylabel: str, xlabel: str = "epoch"):
+    """One line per label through its (step, value) points: runs compared on one axis."""
+    figure, ax = plt.subplots(figsize=(5, 3.6))
+    for label, points in curves.items():
+        if points:
+            steps, values = zip(*sorted(points))
+            ax.plot(steps, values, marker="o", label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    figure.tight_layout()
+    return figure

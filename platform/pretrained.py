@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from platform import config as config_lib
 from platform import tracking
 from platform.config import ConfigError
 
@@ -49,6 +50,30 @@ def source_for(cfg, tracking_uri: str) -> Source | None:
                               f"set mlflow.tracking_uri to the store of the pretraining run")
         return resolve(init_from, tracking.MlflowClient(tracking_uri))
     return resolve(init_from, None)
+
+
+def inherited(task, source: Source | None, tracking_uri: str, given: set[str]) -> dict:
+    """The config values ``task.inherit`` takes from the pretraining run's parameters, except the ``given`` keys.
+
+    A fine-tuning run must build its encoder the size the pretraining run's was; reading
+    the sizes from the run leaves nothing to repeat on the command line, and nothing to get wrong.
+    """
+    if not task.inherit or source is None or not source.run_id:
+        return {}
+    params = tracking.MlflowClient(tracking_uri).get_run(source.run_id).data.params
+    schema = config_lib.schema_for(task)
+    values = {}
+    for own, theirs in task.inherit.items():
+        for key, value in params.items():
+            mine = own + key[len(theirs):]
+            if key.startswith(theirs) and mine not in given and config_lib.is_value_key(schema, mine):
+                values[mine] = config_lib.load_yaml(value) if value != "" else ""
+    return values
+
+
+def describe_inherited(values: dict, source: Source) -> str:
+    settings = " ".join(f"{k}={v}" for k, v in sorted(values.items()))
+    return f"from init_from={source.init_from} (run {source.run_id}): {settings}"
 
 
 def initialise(model, task, cfg, tracking_uri: str) -> list[str] | None:

@@ -35,7 +35,8 @@ class Task:
                   ``batch["epoch"]`` (0-based) for losses with a schedule
     eval_step     (model, batch, cfg) -> dict of per-sample tensors, gathered over the split
     evaluate      (gathered numpy outputs, cfg) -> {"metric name": float}
-    metric, mode  what the sweep optimises, logged as ``val/<metric>``; "max" or "min"
+    metric, mode  what the sweep optimises, logged as ``val/<metric>``; "max" or "min". ``metric``
+                  may be a function of the config when a setting decides it (a choice of head)
     plots         (best model, one collated val batch on its device, gathered outputs of the best
                   epoch, cfg) -> {"file.png": matplotlib Figure}; called once, by rank 0, at the end
     defaults      overrides of core keys for this task, e.g. {"train.lr": 3e-4}
@@ -58,7 +59,7 @@ class Task:
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
     evaluate: Callable[..., Any]
-    metric: str
+    metric: str | Callable[[Any], str]
     mode: str
     input_example: Callable[..., Any] = lambda batch: batch["image"][:2].numpy()
     plots: Optional[Callable[..., Any]] = None
@@ -67,11 +68,21 @@ class Task:
     init_weights: Optional[Callable[..., Any]] = None
     after_step: Optional[Callable[..., Any]] = None
     find_unused_parameters: bool = False
+    # Config key prefixes taken from the init_from run's logged parameters unless set here:
+    # {"model.": "model."} makes a fine-tuning run's encoder the size the pretraining run's was.
+    inherit: dict = field(default_factory=dict)
+    # Settings of the random-initialisation baseline (train.compare_random_init) beyond clearing
+    # init_from: {"encoder.freeze": False}, since a frozen random encoder is no baseline.
+    random_init: dict = field(default_factory=dict)
     description: str = ""
 
     def __post_init__(self):
         if self.mode not in ("min", "max"):
             raise ValueError(f"task {self.name!r}: mode must be 'min' or 'max', got {self.mode!r}")
+
+    def objective(self, cfg) -> str:
+        """The name of the metric this config's runs optimise."""
+        return self.metric(cfg) if callable(self.metric) else self.metric
 
 
 _TASKS: dict[str, Task] = {}

@@ -46,7 +46,7 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     from ray.tune.search.optuna import OptunaSearch
 
     task = registry.get(cfg.task)
-    metric = f"val/{task.metric}"
+    metric = f"val/{task.objective(cfg)}"
     # The study lives beside the sweep's Ray results (a local file: Optuna's RDB storage is
     # SQL), so the same tune.name continues it.
     results = storage_path(cfg)
@@ -132,11 +132,19 @@ def main(argv: list[str]) -> int:
     task = registry.get(task_name)
     space = space_lib.load(overrides.get("tune.space") or space_lib.default_path(task), task.name, overrides)
     cfg = config_lib.build(task.name, [space.fixed, overrides])
+    if cfg.train.compare_random_init:
+        raise config_lib.ConfigError("train.compare_random_init=true is for python -m platform.train (a pretrained "
+                                     "and a random start side by side), not for sweeps")
     # Trials run in their own working directories: every path they get must be absolute.
     cfg.train.storage_path = storage_path(cfg)
     cluster.check_fits(cfg.scaling, cfg.ray.address)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     source = pretrained.source_for(cfg, uri)  # init_from checked before any work; linked in MLflow
+    inherited = pretrained.inherited(task, source, uri, given=set(overrides) | set(space.fixed))
+    if inherited:
+        cfg = config_lib.build(task.name, [inherited, space.fixed, overrides])
+        cfg.train.storage_path = storage_path(cfg)
+        print(pretrained.describe_inherited(inherited, source))
     init_tags = source.tags() if source else {}
     print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
     shards = task.build_data(cfg)
@@ -144,7 +152,8 @@ def main(argv: list[str]) -> int:
     sweep = cfg.tune.name or default_name(cfg)
     client, experiment, parent = open_run(cfg, uri, sweep, {tracking.SWEEP_TAG: sweep, "platform.kind": "sweep",
                                                             **init_tags})
-    metric = f"val/{task.metric}"
+    objective = task.objective(cfg)
+    metric = f"val/{objective}"
     with cli.ends_run(client, parent):
         tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))
         tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
@@ -154,14 +163,14 @@ def main(argv: list[str]) -> int:
         # The best trial as MLflow records it: the UI, the registered weights and the parent
         # agree even when a stopped trial logged one more epoch than Tune saw.
         this_time = {r.metrics["trial_id"] for r in results if r.metrics}  # not an earlier run of the same study
-        best_run, value = best_trial_run(client, experiment, sweep, this_time, f"best/{task.metric}", task.mode)
+        best_run, value = best_trial_run(client, experiment, sweep, this_time, f"best/{objective}", task.mode)
         if best_run is None:
             raise RuntimeError(f"no trial of sweep {sweep} finished with {metric}; see the trial errors above")
         best_trial = client.get_run(best_run).data.tags[tracking.TRIAL_TAG]
         best = next(r for r in results if r.metrics and r.metrics.get("trial_id") == best_trial)
         best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), best.config])
         version = log_best_model(client, best_run, best_cfg, task, shards["val"], cfg.mlflow.register_model)
-        tracking.log_metrics(client, parent, {f"best/{task.metric}": value}, step=0)
+        tracking.log_metrics(client, parent, {f"best/{objective}": value}, step=0)
         tracking.set_tags(client, parent, {"platform.best_run_id": best_run, "platform.best_trial": best_trial,
                                             "platform.registered_version": version or ""})
         errors = sum(1 for r in results if r.error)

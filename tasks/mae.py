@@ -297,11 +297,14 @@ class MaskedAutoencoder(nn.Module):
         loss = self.forward_loss(imgs, pred, mask)  # ()
         return loss, pred, mask
 
-    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Encoder on all patches, no masking: mean-pooled patch tokens (B, D) for probing or fine-tuning."""
+    def forward_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Encoder on all patches, no masking: one token per patch (B, L, D), in raster order."""
         x = self._embed_patches(imgs)  # (B, L, D)
-        x = self._encode(x)  # (B, 1+L, D)
-        return x[:, 1:, :].mean(dim=1)  # (B, D)
+        return self._encode(x)[:, 1:, :]  # (B, L, D)  without the cls token
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled patch tokens (B, D), for probing or fine-tuning."""
+        return self.forward_tokens(imgs).mean(dim=1)  # (B, D)
 
 
 def build_model(cfg) -> MaskedAutoencoder:

@@ -203,5 +203,7 @@ register(Task(
     mode="min",
     plots=plots,
     init_weights=init_weights,
+    inherit={"encoder.mae.": "model."},  # a mae run's encoder size (used with encoder.arch=mae)
+    random_init={"encoder.freeze": False},  # train.compare_random_init: a frozen random encoder is no baseline
     description="lens-parameter regression (theta_E, source x/y, ellipticity, shear, shear angle)",
 ))
