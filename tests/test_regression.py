@@ -12,7 +12,6 @@ from tasks.regression import angle_error
 from tests.helpers import overfit_losses, run_cli, tiny
 
 MAE_SIZE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2"]
-ENCODER_SIZE = ["encoder.arch=mae", "encoder.mae.depth=1", "encoder.mae.embed_dim=32", "encoder.mae.num_heads=2"]
 
 
 def test_shear_angle_error_wraps_at_half_a_turn():
@@ -45,7 +44,7 @@ def test_bad_regression_settings_are_one_line(tmp_path, init_from, message):
 
 
 @pytest.mark.slow
-def test_regression_from_a_pretrained_mae_by_model_and_by_run_id(tmp_path):
+def test_regression_from_a_pretrained_mae_against_a_random_start_and_in_a_sweep(tmp_path):
     db = tmp_path / "mlflow.db"
     pretrain = run_cli("platform.train", "task=mae", "train.epochs=1", *MAE_SIZE, *tiny(tmp_path / "cache", db),
                        cwd=str(tmp_path))
@@ -53,24 +52,46 @@ def test_regression_from_a_pretrained_mae_by_model_and_by_run_id(tmp_path):
     client = MlflowClient(f"sqlite:///{db}")
     (mae_run,) = client.search_runs([client.get_experiment_by_name("deeplense-mae").experiment_id])
 
+    # The encoder's size comes from the mae run: only encoder.arch=mae is said.
     result = run_cli("platform.train", "task=regression", "train.epochs=2", "init_from=models:/mae/latest",
-                     "encoder.freeze=true", *ENCODER_SIZE, *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+                     "encoder.arch=mae", "encoder.freeze=true", "train.compare_random_init=true", "train.name=cmp",
+                     *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
-    assert "initialised from models:/mae/latest" in out
+    assert "initialised from models:/mae/latest" in out and "encoder.mae.depth=1 encoder.mae.embed_dim=32" in out
     experiment = client.get_experiment_by_name("deeplense-regression").experiment_id
-    (run,) = client.search_runs([experiment])
-    assert run.data.tags["platform.init_run_id"] == mae_run.info.run_id  # the UI links the two runs
-    assert run.data.params["init_from"] == "models:/mae/latest"
-    for metric in ("mae_mean", "mae_theta_e", "mae_source_x", "mae_source_y", "mae_ellipticity", "mae_shear",
-                   "mae_shear_angle"):
-        history = client.get_metric_history(run.info.run_id, f"val/{metric}")
-        assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/predicted_vs_true.png"]
+    runs = {r.info.run_name: r for r in client.search_runs([experiment])}
+    assert set(runs) == {"cmp", "cmp-pretrained", "cmp-random_init"}
+    parent, pretrained, random_init = runs["cmp"], runs["cmp-pretrained"], runs["cmp-random_init"]
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert {pretrained.data.tags["mlflow.parentRunId"], random_init.data.tags["mlflow.parentRunId"]} == {parent.info.run_id}
+    # The UI links the pretrained run to the mae run; the baseline starts from nothing and trains its encoder.
+    assert pretrained.data.tags["platform.init_run_id"] == mae_run.info.run_id
+    assert pretrained.data.params["init_from"] == "models:/mae/latest" and pretrained.data.params["encoder.freeze"] == "True"
+    assert "platform.init_run_id" not in random_init.data.tags and random_init.data.params["init_from"] == ""
+    assert random_init.data.params["encoder.freeze"] == "False"
+    same_budget = ("train.epochs", "train.lr", "train.batch_size", "train.seed", "data.num_train", "encoder.mae.depth")
+    assert all(pretrained.data.params[k] == random_init.data.params[k] for k in same_budget)
+    for run in (pretrained, random_init):
+        for metric in ("mae_mean", "mae_theta_e", "mae_source_x", "mae_source_y", "mae_ellipticity", "mae_shear",
+                       "mae_shear_angle"):
+            history = client.get_metric_history(run.info.run_id, f"val/{metric}")
+            assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/predicted_vs_true.png"]
+    assert set(parent.data.metrics) == {"pretrained/best_mae_mean", "random_init/best_mae_mean"}
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/pretrained_vs_random_init.png"]
 
     sweep = run_cli("platform.tune", "task=regression", "tune.num_samples=1", "train.epochs=1", "tune.name=reg",
-                    f"init_from={mae_run.info.run_id}", *ENCODER_SIZE, *tiny(tmp_path / "cache", db),
+                    f"init_from={mae_run.info.run_id}", "encoder.arch=mae", *tiny(tmp_path / "cache", db),
                     cwd=str(tmp_path))
     assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-4000:]
     runs = client.search_runs([experiment], filter_string="tags.`platform.sweep` = 'reg'")
     assert len(runs) == 2 and all(r.data.tags["platform.init_run_id"] == mae_run.info.run_id for r in runs)
+
+
+def test_a_random_start_comparison_needs_init_from_and_is_not_for_sweeps(tmp_path):
+    result = run_cli("platform.train", "task=regression", "train.compare_random_init=true", cwd=str(tmp_path))
+    assert result.returncode == 2 and result.stderr.startswith("error: train.compare_random_init=true compares"), result.stderr
+    result = run_cli("platform.tune", "task=regression", "train.compare_random_init=true", cwd=str(tmp_path))
+    assert result.returncode == 2 and result.stderr.startswith("error: train.compare_random_init=true is for"), result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
