@@ -45,3 +45,59 @@ def binary_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         "f1": float(f1[best]),
         "threshold": float(thresholds[best]),
     }
+
+
+# Image restoration (super-resolution). Images are (N, C, H, W) arrays in [0, 1], the data
+# range PSNR and SSIM assume; each function returns one value per image (N,), and a split's
+# figure is their mean, as super-resolution papers report it.
+
+MSE_FLOOR = 1e-10  # identical images: PSNR capped at 100 dB rather than inf, so means stay finite
+SSIM_SIGMA = 1.5  # Wang et al. (2004): an 11 x 11 Gaussian window of sigma 1.5 ...
+SSIM_RADIUS = 5
+SSIM_K1, SSIM_K2 = 0.01, 0.03  # ... and these stabilising constants
+
+
+def _pair(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, target = np.asarray(pred, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    if pred.shape != target.shape or pred.ndim != 4:
+        raise ValueError(f"need two (N, C, H, W) arrays of one shape, got {pred.shape} and {target.shape}")
+    return pred, target
+
+
+def mse(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Mean squared error of each image (N,)."""
+    pred, target = _pair(pred, target)
+    return ((pred - target) ** 2).mean(axis=(1, 2, 3))
+
+
+def psnr(pred: np.ndarray, target: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """Peak signal-to-noise ratio of each image in dB (N,): 10 log10(range^2 / MSE), at most 100 dB."""
+    return 10 * np.log10(data_range**2 / np.maximum(mse(pred, target), MSE_FLOOR * data_range**2))
+
+
+def ssim(pred: np.ndarray, target: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """Structural similarity of each image (N,), Wang et al. (2004), averaged over its channels.
+
+    Local means, variances and covariance under an 11 x 11 Gaussian window (sigma 1.5),
+    population (not sample) moments, C1 = (0.01 L)^2, C2 = (0.03 L)^2, and the SSIM map
+    averaged over the pixels whose window lies inside the image: the reference form, which
+    skimage gives with ``gaussian_weights=True, use_sample_covariance=False``.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    x, y = _pair(pred, target)
+    if min(x.shape[-2:]) < 2 * SSIM_RADIUS + 1:
+        raise ValueError(f"SSIM needs images of at least {2 * SSIM_RADIUS + 1} pixels a side, got {x.shape[-2:]}")
+
+    def window_mean(a: np.ndarray) -> np.ndarray:  # (N, C, H, W), spatial axes only
+        # truncate puts the kernel's radius at int(3.5 * 1.5 + 0.5) = 5 pixels: the 11 x 11 window.
+        return gaussian_filter(a, sigma=(0, 0, SSIM_SIGMA, SSIM_SIGMA), truncate=3.5)
+
+    mu_x, mu_y = window_mean(x), window_mean(y)
+    var_x = window_mean(x * x) - mu_x**2
+    var_y = window_mean(y * y) - mu_y**2
+    cov = window_mean(x * y) - mu_x * mu_y
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    r = SSIM_RADIUS  # the border's windows would reach past the image (padding would invent pixels)
+    return ssim_map[..., r:-r, r:-r].mean(axis=(1, 2, 3))

@@ -84,3 +84,35 @@ def curves_figure(curves: dict[str, list[tuple[int, float]]], ylabel: str, xlabe
     ax.legend()
     figure.tight_layout()
     return figure
+
+
+def radial_power_spectrum(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Radially averaged power spectrum of images (N, H, W) or (N, C, H, W), averaged over them.
+
+    Returns k, the spatial frequency in cycles per pixel (0 up to the Nyquist 0.5, in steps
+    of 1 / max(H, W)), and the mean of |FFT|^2 / (H W) over each annulus of width one step:
+    white noise of standard deviation sigma gives sigma^2 at every k.
+    """
+    images = np.asarray(images, dtype=np.float64)
+    h, w = images.shape[-2:]
+    power = (np.abs(np.fft.fft2(images.reshape(-1, h, w))) ** 2).mean(axis=0) / (h * w)  # (H, W)
+    step = 1.0 / max(h, w)
+    radius = np.hypot(*np.meshgrid(np.fft.fftfreq(h), np.fft.fftfreq(w), indexing="ij"))  # (H, W)
+    bins = np.rint(radius / step).astype(np.int64)
+    inside = bins <= int(round(0.5 / step))  # the corners beyond Nyquist are not full annuli
+    total = np.bincount(bins[inside], weights=power[inside])
+    counts = np.bincount(bins[inside])
+    k = np.arange(len(total)) * step
+    return k, total / np.maximum(counts, 1)
+
+
+def power_spectrum_figure(images: dict[str, np.ndarray], title: str = "radially averaged power spectrum"):
+    """One curve per entry (name -> images (N, H, W) or (N, C, H, W)), power on a log scale."""
+    figure, ax = plt.subplots(figsize=(5, 3.8))
+    for name, stack in images.items():
+        k, power = radial_power_spectrum(stack)
+        ax.semilogy(k[1:], power[1:], label=name)  # k = 0 is the mean brightness, not structure
+    ax.set(xlabel="spatial frequency (cycles / pixel)", ylabel="power", title=title)
+    ax.legend()
+    figure.tight_layout()
+    return figure

@@ -21,8 +21,8 @@ from platform.data import folders
 from platform.data import shards as shards_lib
 from platform.data.shards import DataError, Shards, decode_images, open_shards, reuse, write
 
-__all__ = ["DataError", "Shards", "cached_simulation", "decode_images", "from_folder", "simulated", "split_seed",
-           "substructure"]
+__all__ = ["DataError", "Shards", "cached_simulation", "decode_images", "from_folder", "from_pairs", "simulated",
+           "split_seed", "substructure"]
 
 SPLITS = ("train", "val")
 
@@ -104,3 +104,35 @@ def check_classes(splits: dict[str, Shards], classes: list[str]) -> None:
         if found is not None and list(found) != classes:
             raise DataError(f"data.classes=[{','.join(classes)}] but the {split} data at {shards.path} has classes "
                             f"[{','.join(found)}]; set data.classes=[{','.join(found)}]")
+
+
+def from_pairs(path: str, root: str, shard_size: int, val_fraction: float, seed: int) -> dict[str, Shards]:
+    """The splits of a folder of HR/LR pairs (see ``folders.paired_files``), or of platform shards.
+
+    Converted once: HR is the ``image`` column, LR the second image column ``lr``. A seeded
+    permutation holds out ``val_fraction`` of the pairs (at least one, never all) for
+    validation. The HR values' range goes into the manifest, so a task can check it.
+    """
+    if all(shards_lib.exists(shards_lib.join(path, split, shards_lib.MANIFEST)) for split in SPLITS):
+        return {split: open_shards(shards_lib.join(path, split)) for split in SPLITS}
+    if shards_lib.is_uri(path):
+        raise DataError(f"data.path={path}: no platform shards there (train/ and val/ with {shards_lib.MANIFEST}); "
+                        f"HR/ LR/ .npy folders are read from local disk")
+    pairs = folders.paired_files(path)  # every name checked before a file is read
+    key = hashlib.sha256(json.dumps([folders.fingerprint(path), val_fraction, seed]).encode()).hexdigest()
+    folder = os.path.join(root, "pairs", f"{os.path.basename(os.path.abspath(path))}-{key[:12]}")
+    expected = {split: {"source": "pairs", "origin": os.path.abspath(path), "split": split, "fingerprint": key}
+                for split in SPLITS}
+    found = {split: reuse(os.path.join(folder, split), expected[split]) for split in SPLITS}
+    if all(found.values()):
+        return found
+    if len(pairs) < 2:
+        raise DataError(f"data.path={path}: {len(pairs)} pair(s); a train and a val split need at least 2")
+    hr, lr, _ = folders.read_pairs(path)  # (N, 1, H, W), (N, 1, h, w)
+    n_val = min(max(1, round(val_fraction * len(hr))), len(hr) - 1)
+    order = np.random.default_rng(np.random.SeedSequence([seed, 0x70616972])).permutation(len(hr))  # "pair"
+    rows = {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
+    value_range = [float(hr.min()), float(hr.max())]
+    return {split: write(os.path.join(folder, split), hr[rows[split]], {"lr": lr[rows[split]]},
+                         {**expected[split], "value_range": value_range}, shard_size)
+            for split in SPLITS}

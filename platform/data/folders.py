@@ -129,3 +129,51 @@ def fingerprint(root: str) -> list:
                 stat = os.stat(os.path.join(dirpath, name))
                 entries.append([os.path.relpath(os.path.join(dirpath, name), root), stat.st_size, stat.st_mtime_ns])
     return sorted(entries)
+
+
+# Super-resolution pairs: one folder of high-resolution and one of low-resolution images,
+# a pair being the two files of one name::
+#
+#     <root>/HR/*.npy   (H, W) or (1, H, W)
+#     <root>/LR/*.npy   (h, w) or (1, h, w)
+PAIR_DIRS = ("HR", "LR")
+
+
+def paired_files(root: str) -> list[tuple[str, str]]:
+    """(HR file, LR file) for every name in both HR/ and LR/, sorted; refuses anything unpaired."""
+    if not os.path.isdir(root):
+        raise DataError(f"data.path={root} does not exist or is not a folder")
+    names = {}
+    for folder in PAIR_DIRS:
+        path = _find_dir(root, (folder, folder.lower()), folder)
+        entries = sorted(e for e in os.listdir(path) if not e.startswith("."))  # hidden files are not data
+        for entry in entries:
+            if not entry.endswith(".npy"):
+                raise DataError(f"{os.path.join(path, entry)}: not a .npy file; {folder}/ holds one .npy array "
+                                f"per image")
+        if not entries:
+            raise DataError(f"{path}: no .npy files")
+        names[folder] = (path, set(entries))
+    (hr_dir, hr), (lr_dir, lr) = names["HR"], names["LR"]
+    for here, there, other in ((hr, lr, lr_dir), (lr, hr, hr_dir)):
+        lonely = sorted(here - there)
+        if lonely:
+            raise DataError(f"{root}: {len(lonely)} file(s) without a partner, e.g. {lonely[0]} is not in {other}; "
+                            f"a pair is HR/<name>.npy and LR/<name>.npy")
+    return [(os.path.join(hr_dir, n), os.path.join(lr_dir, n)) for n in sorted(hr)]
+
+
+def read_pairs(root: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """HR (N, 1, H, W) and LR (N, 1, h, w) float32 images of a pairs folder, and the pairs' file names."""
+    hr_images, lr_images, names = [], [], []
+    shapes = {}
+    for hr_path, lr_path in paired_files(root):
+        for path, images, kind in ((hr_path, hr_images, "HR"), (lr_path, lr_images, "LR")):
+            image = _as_chw(load_npy(path), path, 1)  # (1, H, W)
+            expected = shapes.setdefault(kind, image.shape)
+            if image.shape != expected:
+                raise DataError(f"{path}: found shape {image.shape}; expected {expected} like the {kind} files "
+                                f"before it")
+            images.append(image)
+        names.append(os.path.basename(hr_path))
+    return np.stack(hr_images), np.stack(lr_images), names
