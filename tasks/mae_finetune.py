@@ -1,0 +1,198 @@
+"""Fine-tuning the `mae` task's pretrained ViT encoder: substructure classification or super-resolution.
+
+    python -m platform.tune task=mae                                          # pretrain
+    python -m platform.tune task=mae_finetune init_from=models:/mae/latest    # then fine-tune
+    python -m platform.train task=mae_finetune init_from=<run id> head=superres finetune.freeze_epochs=2
+
+``init_from=`` names the pretraining run (a run id, ``models:/mae/<version|latest>`` or a
+``best_model.pt`` path). From an MLflow run the encoder's size (``model.*``) is taken from
+the run's own parameters, so the two cannot disagree; the run is tagged and parametrised
+with where it came from, so the MLflow UI links the two.
+
+Two heads on the encoder's patch tokens:
+  head=classification  mean-pooled tokens -> LayerNorm -> linear (no / sphere / vort);
+                       optimises macro AUC, logs accuracy and each class's AUC
+  head=superres        tokens -> a few convolutions -> PixelShuffle back to pixels -> a
+                       zero-initialised residual refinement on top of the bicubic upsample
+                       of the LR image; optimises PSNR, logs SSIM, MSE and bicubic's three
+``finetune.freeze_epochs`` keeps the encoder frozen at first: a new head's large, random
+gradients would otherwise wash out what pretraining learned before the head is any good.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from platform import data
+from platform.config import bounded, choice
+from platform.data.augment import AugmentConfig, batch_images
+from platform.metrics import classification_metrics
+from platform.plots import confusion_matrix_figure, roc_figure
+from platform.pretrained import load_matching
+from platform.registry import Task, register
+from tasks import mae, superres
+
+
+@dataclass
+class FinetuneConfig:
+    freeze_epochs: int = bounded(1, 0)  # epochs with the encoder frozen while the new head settles
+    head_width: int = bounded(32, 4)  # channels of the super-resolution head's convolutions
+
+
+@dataclass
+class MAEFinetuneConfig:
+    init_from: str = ""  # the mae run: an MLflow run id, models:/mae/<version|latest>, or a best_model.pt path
+    head: str = choice("classification", ["classification", "superres"])
+    model: mae.MAEModelConfig = field(default_factory=mae.MAEModelConfig)  # the encoder; from the init_from run
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    degrade: superres.DegradeConfig = field(default_factory=superres.DegradeConfig)  # head=superres: LR from HR
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+class SuperresHead(nn.Module):
+    """Patch tokens + LR image -> HR image: bicubic upsample plus a learned residual that starts at zero."""
+
+    def __init__(self, dim: int, patch_size: int, width: int):
+        super().__init__()
+        # One token holds a patch_size x patch_size patch: PixelShuffle lays its channels back out as pixels.
+        self.to_pixels = nn.Sequential(nn.Conv2d(dim, width * patch_size**2, 1), nn.PixelShuffle(patch_size))
+        self.refine = nn.Sequential(
+            nn.Conv2d(width + 1, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, 1, 3, padding=1),
+        )
+        # Zero residual at the start: the head begins exactly at bicubic and can only learn to beat it.
+        nn.init.zeros_(self.refine[-1].weight)
+        nn.init.zeros_(self.refine[-1].bias)
+
+    def forward(self, tokens: torch.Tensor, lr: torch.Tensor, hr_size: tuple[int, int]) -> torch.Tensor:
+        b, n, d = tokens.shape  # (B, L, D)
+        grid = int(round(n**0.5))
+        features = self.to_pixels(tokens.transpose(1, 2).reshape(b, d, grid, grid))  # (B, W, img, img)
+        features = F.interpolate(features, size=hr_size, mode="bilinear", align_corners=False)  # (B, W, H, W)
+        base = superres.bicubic(lr, hr_size[-1] // lr.shape[-1])  # (B, 1, H, W)
+        return base + self.refine(torch.cat([features, base], dim=1))  # (B, 1, H, W)
+
+
+class FinetuneNet(nn.Module):
+    def __init__(self, encoder: mae.MaskedAutoencoder, head: str, num_classes: int, width: int, factor: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head_kind, self.factor = head, factor
+        dim, patch = encoder.cls_token.shape[-1], encoder.patch_embed.patch_size[0]
+        if head == "classification":
+            self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+        else:
+            self.head = SuperresHead(dim, patch, width)
+        # Only the encoder is fine-tuned: the MAE decoder stays out of training (and of DDP's buckets).
+        for name, p in encoder.named_parameters():
+            if name.startswith(("decoder", "mask_token")):
+                p.requires_grad_(False)
+
+    def encode(self, images: torch.Tensor, frozen: bool) -> torch.Tensor:
+        size = self.encoder.patch_embed.img_size
+        if tuple(images.shape[-2:]) != tuple(size):
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        if frozen:  # no graph through the encoder: its weights get no gradient, not even weight decay
+            with torch.no_grad():
+                return self.encoder.forward_tokens(images)  # (B, L, D)
+        return self.encoder.forward_tokens(images)  # (B, L, D)
+
+    def forward(self, images: torch.Tensor, frozen: bool = False):
+        tokens = self.encode(images, frozen)  # (B, L, D)
+        if self.head_kind == "classification":
+            return self.head(tokens.mean(dim=1))  # (B, K)
+        hr_size = (images.shape[-2] * self.factor, images.shape[-1] * self.factor)
+        return self.head(tokens, images, hr_size)  # (B, 1, H, W)
+
+
+def build_model(cfg) -> FinetuneNet:
+    return FinetuneNet(mae.build_model(cfg), cfg.head, len(cfg.data.classes), cfg.finetune.head_width,
+                       cfg.degrade.factor)
+
+
+def init_weights(model: FinetuneNet, state: dict, cfg) -> list[str]:
+    """The mae run's encoder (its whole state; the decoder is ignored), or an earlier fine-tuning run's."""
+    if any(k.startswith("encoder.") for k in state):  # a mae_finetune checkpoint: its head may fit too
+        return load_matching(model, state)
+    return ["head." + k for k in model.head.state_dict()] + [
+        "encoder." + k for k in load_matching(model.encoder, state)]
+
+
+def build_data(cfg) -> dict:
+    if cfg.head == "superres":
+        return superres.build_data(cfg)
+    return data.substructure(cfg)
+
+
+def collate(batch: dict, cfg, training: bool) -> dict:
+    if cfg.head == "superres":
+        return superres.collate(batch, cfg, training)
+    images = batch_images(batch, cfg.augment, training)  # (B, 1, H, W)
+    return {"image": images, "label": torch.from_numpy(batch["label"].astype(np.int64))}
+
+
+def _frozen(batch: dict, cfg) -> bool:
+    return batch.get("epoch", cfg.finetune.freeze_epochs) < cfg.finetune.freeze_epochs
+
+
+def train_step(model, batch: dict, cfg) -> dict:
+    frozen = _frozen(batch, cfg)
+    if cfg.head == "superres":
+        sr = model(batch["lr"], frozen=frozen)  # (B, 1, H, W)
+        return {"loss": F.l1_loss(sr.float(), batch["hr"])}
+    logits = model(batch["image"], frozen=frozen)  # (B, K)
+    return {"loss": F.cross_entropy(logits.float(), batch["label"])}
+
+
+def eval_step(model, batch: dict, cfg) -> dict:
+    if cfg.head == "superres":
+        sr = model(batch["lr"]).float()  # (B, 1, H, W)
+        return superres.superres_metrics(sr, batch["hr"], batch["lr"], cfg.degrade.factor)
+    logits = model(batch["image"]).float()  # (B, K)
+    return {"probs": logits.softmax(dim=1), "label": batch["label"]}
+
+
+def evaluate(outputs: dict, cfg) -> dict:
+    if cfg.head == "superres":
+        return superres.evaluate(outputs, cfg)
+    return classification_metrics(outputs["probs"], outputs["label"].astype(np.int64), list(cfg.data.classes))
+
+
+def plots(model, batch: dict, outputs: dict, cfg) -> dict:
+    if cfg.head == "superres":
+        with torch.no_grad():
+            sr = model(batch["lr"]).float()
+        return superres.superres_plots(batch["lr"], sr, batch["hr"], cfg.degrade.factor)
+    labels, classes = outputs["label"].astype(np.int64), list(cfg.data.classes)
+    return {
+        "roc.png": roc_figure(outputs["probs"], labels, classes),
+        "confusion_matrix.png": confusion_matrix_figure(outputs["probs"].argmax(1), labels, classes),
+    }
+
+
+register(Task(
+    name="mae_finetune",
+    config=MAEFinetuneConfig,
+    build_model=build_model,
+    build_data=build_data,
+    collate=collate,
+    train_step=train_step,
+    eval_step=eval_step,
+    evaluate=evaluate,
+    metric=lambda cfg: "psnr" if cfg.head == "superres" else "auc_macro",
+    mode="max",
+    plots=plots,
+    input_example=lambda batch: (batch["lr"] if "lr" in batch else batch["image"])[:2].numpy(),
+    init_weights=init_weights,
+    find_unused_parameters=True,  # the encoder gets no gradient while frozen
+    inherit={"model.": "model."},  # the encoder's size, from the mae run's parameters
+    random_init={"finetune.freeze_epochs": 0},  # train.compare_random_init: nothing to protect from the new head
+    defaults={"train.lr": 5e-4},
+    description="fine-tune the mae encoder: classification or super-resolution head",
+))
