@@ -28,14 +28,18 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: 
     # A restarted trial finds its run again: one MLflow run per trial, whatever happens.
     run_id = tracking.find_run(client, experiment, tags) or tracking.start_run(
         client, experiment, f"{sweep}-{trial_id}", {**tags, **init_tags, tracking.TASK_TAG: cfg.task}, parent=parent)
-    with cli.ends_run(client, run_id):
-        tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
-        tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
-        trainer = make_trainer(cfg, shards, name=f"{sweep}-{trial_id}", mlflow_run_id=run_id, tracking_uri=uri,
-                               callbacks=[TuneReportCallback()])
-        result = trainer.fit()
-        if result.error:
-            raise result.error
+    # Only a clean finish is ended here. An error, or Tune stopping the trial (ASHA, the sweep's
+    # end), is settled by the sweep's driver from Tune's verdict (finish_trial_runs): a trial
+    # that Tune stops is torn down mid-write, and its own guess (FAILED) could land after the
+    # driver's FINISHED.
+    tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
+    tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
+    trainer = make_trainer(cfg, shards, name=f"{sweep}-{trial_id}", mlflow_run_id=run_id, tracking_uri=uri,
+                           callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    tracking.end_run(client, run_id, "FINISHED", only_if_running=True)
 
 
 def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: str, sweep: str,
@@ -112,6 +116,13 @@ def finish_trial_runs(client, experiment: str, sweep: str, results, epochs: int)
             tracking.end_run(client, run.info.run_id, "FAILED")
 
 
+def end_open_trial_runs(client, experiment: str, sweep: str, status: str) -> None:
+    for run in client.search_runs([experiment], filter_string=f"tags.`{tracking.SWEEP_TAG}` = '{sweep}' "
+                                                              f"and attributes.status = 'RUNNING'"):
+        if tracking.TRIAL_TAG in run.data.tags:
+            tracking.end_run(client, run.info.run_id, status)
+
+
 def best_trial_run(client, experiment: str, sweep: str, trial_ids: set, metric: str,
                    mode: str) -> tuple[str | None, float | None]:
     """(run id, value) of the finished trial run (among ``trial_ids``) with the best ``metric``."""
@@ -157,8 +168,12 @@ def main(argv: list[str]) -> int:
     with cli.ends_run(client, parent):
         tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))
         tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
-        results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
-                              init_tags=init_tags).fit()
+        try:
+            results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
+                                  init_tags=init_tags).fit()
+        except BaseException as error:  # the trials' runs end with the sweep's, never left RUNNING
+            end_open_trial_runs(client, experiment, sweep, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
         finish_trial_runs(client, experiment, sweep, results, cfg.train.epochs)
         # The best trial as MLflow records it: the UI, the registered weights and the parent
         # agree even when a stopped trial logged one more epoch than Tune saw.
