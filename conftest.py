@@ -19,6 +19,8 @@ if not hasattr(sys.modules.get("platform"), "__path__"):
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # Hermetic: each test names its own MLflow store, or relies on the default in its directory.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+for name in ("DEEPLENSE_CACHE", "DEEPLENSE_RESULTS", "RAY_ADDRESS"):  # a cluster's defaults (cluster.yaml)
+    os.environ.pop(name, None)
 # Ray workers must import our package from interpreter start.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in [ROOT, os.environ.get("PYTHONPATH", "")] if p

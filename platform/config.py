@@ -95,7 +95,7 @@ class TrainConfig:
     checkpoints_to_keep: int = bounded(2, 1)
     name: str = ""  # `platform.train` run name; default: <task>-<date>-<time>
     compare_random_init: bool = False  # `platform.train` with init_from: also train from a random start, side by side
-    storage_path: str = ""  # Ray checkpoints and results; default: ./ray_results (see output_dir)
+    storage_path: str = ""  # Ray checkpoints and results; default: $DEEPLENSE_RESULTS or ./ray_results (see output_dir)
 
 
 @dataclass

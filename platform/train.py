@@ -20,7 +20,9 @@ def default_name(cfg) -> str:
 
 
 def storage_path(cfg) -> str:
-    path = cfg.train.storage_path or os.path.join(config_lib.output_dir(), "ray_results")
+    # $DEEPLENSE_RESULTS: a cluster's shared default (object storage, see cluster.yaml).
+    path = (cfg.train.storage_path or os.environ.get("DEEPLENSE_RESULTS")
+            or os.path.join(config_lib.output_dir(), "ray_results"))
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
