@@ -279,7 +279,10 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+    """The config as YAML for people and artifacts: secrets masked (see tracking.redacted)."""
+    from platform.tracking import redacted
+
+    return OmegaConf.to_yaml(OmegaConf.create(redacted(to_dict(cfg))))
 
 
 def under_ray_job() -> bool:

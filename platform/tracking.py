@@ -22,7 +22,10 @@ RUN_NAME_TAG = "mlflow.runName"
 TRIAL_TAG = "platform.trial_id"
 SWEEP_TAG = "platform.sweep"
 TASK_TAG = "platform.task"
-_SECRET = re.compile(r"(password|token|secret|key)$", re.IGNORECASE)
+# A key whose last part names a secret (db_password, api_token, aws_secret, access_key, key).
+_SECRET = re.compile(r"pass(word|wd)?|token|secret|credential|(^|_)key(s)?($|_)|apikey", re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.I)
+REDACTED = "***"
 _MAX_PARAM_VALUE = 6000
 
 
@@ -71,9 +74,30 @@ def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str
     return runs[0].info.run_id if runs else None
 
 
+def is_secret(key: str) -> bool:
+    return bool(_SECRET.search(key.rsplit(".", 1)[-1]))
+
+
+def redact(value: Any) -> Any:
+    """A value as it may be shown or logged: a URI's password (postgresql://user:pw@host) masked."""
+    return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value) if isinstance(value, str) else value
+
+
+def redacted(tree: Any, key: str = "") -> Any:
+    """A (nested) config dict with secret-looking keys' values and URI passwords masked: for
+    params, the config.yaml artifact and the console."""
+    if isinstance(tree, dict):
+        return {k: redacted(v, k) for k, v in tree.items()}
+    if key and is_secret(key) and tree not in ("", None):
+        return REDACTED
+    if isinstance(tree, list):
+        return [redacted(v) for v in tree]
+    return redact(tree)
+
+
 def public_params(flat: dict[str, Any]) -> dict[str, str]:
-    """Config values as MLflow params, without anything whose key looks like a secret."""
-    return {k: str(v)[:_MAX_PARAM_VALUE] for k, v in flat.items() if not _SECRET.search(k.rsplit(".", 1)[-1])}
+    """Config values as MLflow params: nothing whose key looks like a secret, no password in a URI."""
+    return {k: str(redact(v))[:_MAX_PARAM_VALUE] for k, v in flat.items() if not is_secret(k)}
 
 
 def log_params(client: MlflowClient, run_id: str, flat: dict[str, Any]) -> None:
