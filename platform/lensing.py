@@ -39,6 +39,8 @@ __all__ = [
     "convolve_fft",
     "add_noise",
     "sample_source_plane",
+    "splat_to_source_plane",
+    "inverse_magnification",
 ]
 
 # Softening length (arcsec) for the centres of singular profiles: far below a pixel, yet
@@ -532,3 +534,55 @@ def sample_source_plane(source_image: torch.Tensor, beta_x, beta_y, source_pixel
         grid = grid.expand(src.shape[0], *grid.shape)  # (B, H, W, 2)
     out = F.grid_sample(src, grid.to(src.dtype), mode=mode, padding_mode="zeros", align_corners=False)
     return out[:, 0] if squeeze else out
+
+
+# ---------------------------------------------------------------------------- inversion
+
+
+def splat_to_source_plane(values: torch.Tensor, beta_x, beta_y, source_pixels: int, source_pixel_scale: float):
+    """Image-plane values carried back to a pixelated source plane: the adjoint of ``sample_source_plane``.
+
+    values (B, H, W), the light of each image pixel; beta_x, beta_y (B, H, W) or (H, W), where
+    each pixel's ray lands. Each value is shared among the four source pixels around its
+    landing point with the very bilinear weights ``sample_source_plane`` (grid_sample,
+    align_corners=False) reads them with, on the same square grid of ``source_pixels`` a side
+    centred on the origin; rays landing off the grid are dropped, as zero padding drops them.
+    Returns (flux, weight), each (B, source_pixels, source_pixels): the splatted values and the
+    splatted ones (how many rays, fractionally, each source pixel received). Their ratio is the
+    reconstructed surface brightness. Differentiable in ``values`` and, through the bilinear
+    weights, in beta (piecewise linear: kinks where a ray crosses a pixel centre line).
+    """
+    n = source_pixels
+    beta_x, beta_y = torch.broadcast_tensors(beta_x, beta_y)
+    if beta_x.ndim == 2:
+        beta_x, beta_y = beta_x.expand(values.shape[0], -1, -1), beta_y.expand(values.shape[0], -1, -1)
+    b = values.shape[0]
+    # grid_sample's pixel coordinate for align_corners=False: beta / scale + (n - 1) / 2.
+    px = (beta_x / source_pixel_scale + (n - 1) / 2).reshape(b, -1)  # (B, H*W)
+    py = (beta_y / source_pixel_scale + (n - 1) / 2).reshape(b, -1)
+    x0, y0 = torch.floor(px.detach()), torch.floor(py.detach())
+    fx, fy = px - x0, py - y0  # (B, H*W) in [0, 1): the only path for gradients to beta
+    v = values.reshape(b, -1).to(fx.dtype)
+    offsets = torch.arange(b, device=values.device)[:, None] * n * n  # (B, 1) into the flat (B*n*n,) plane
+    flux = torch.zeros(b * n * n, dtype=fx.dtype, device=values.device)
+    weight = torch.zeros_like(flux)
+    for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        cx, cy = x0 + dx, y0 + dy
+        inside = (cx >= 0) & (cx < n) & (cy >= 0) & (cy < n)
+        index = (offsets + (cy.clamp(0, n - 1) * n + cx.clamp(0, n - 1)).long()).flatten()
+        w = torch.where(inside, w, 0.0)
+        flux = flux.index_add(0, index, (w * v).flatten())
+        weight = weight.index_add(0, index, w.flatten())
+    return flux.reshape(b, n, n), weight.reshape(b, n, n)
+
+
+def inverse_magnification(ax: torch.Tensor, ay: torch.Tensor, pixel_scale: float) -> torch.Tensor:
+    """det(d beta / d theta) = 1 / mu of the lens map, from a deflection field on a pixel grid.
+
+    ax, ay (..., H, W) on a ``pixel_grid`` of ``pixel_scale``; the derivatives are central
+    differences (one-sided, second order, at the border). Its zero contour is the critical
+    curve: where images are infinitely magnified, the ring of an Einstein-radius lens.
+    """
+    dax_dy, dax_dx = torch.gradient(ax, spacing=pixel_scale, dim=(-2, -1), edge_order=2)
+    day_dy, day_dx = torch.gradient(ay, spacing=pixel_scale, dim=(-2, -1), edge_order=2)
+    return (1 - dax_dx) * (1 - day_dy) - dax_dy * day_dx
