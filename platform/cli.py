@@ -14,6 +14,10 @@ from platform.registry import UnknownTaskError
 USER_ERRORS = (ConfigError, DataError, UnknownTaskError)
 
 
+class CommandFailed(Exception):
+    """The work ran and failed (every trial of a sweep failed): one line, exit status 1, no traceback."""
+
+
 def run(main, argv: list[str]) -> int:
     """Run a command; bad input is one line on stderr and exit status 2, before any cluster work."""
     if any(a in ("-h", "--help") for a in argv):
@@ -27,6 +31,9 @@ def run(main, argv: list[str]) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except CommandFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

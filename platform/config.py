@@ -104,6 +104,9 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = bounded(1.0, 0.0, None, low_open=True)
     gpus_per_worker: float = bounded(1.0, 0.0, None, low_open=True)
+    # How a run's workers sit on nodes (Ray placement groups): PACK fills a node first (fast
+    # NCCL within a machine); SPREAD puts them on different nodes when it can.
+    placement_strategy: str = choice("PACK", ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
 
 
 @dataclass
@@ -117,6 +120,12 @@ class TuneConfig:
     name: str = ""  # default: <task>-<date>-<time>
     space: str = ""  # default: search_spaces/<task>.yaml
     seed: int = 0
+    # A sweep whose tune.name exists already: auto resumes it if unfinished (refuses a finished
+    # one), never refuses it, force resumes it and retries its failed trials (it must exist).
+    resume: str = choice("auto", ["auto", "never", "force"])
+    # A trial still running after this many seconds is failed (a stalled one sends no reports
+    # that a stopper could act on); 0: no limit.
+    trial_timeout_s: float = bounded(0.0, 0.0)
 
 
 @dataclass

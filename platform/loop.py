@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import numpy as np
+import ray
 import ray.data
 import ray.train
 import ray.train.torch
@@ -122,6 +123,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0 and run_id:
         client = tracking.MlflowClient(loop_config["tracking_uri"])
 
+    # Where each rank runs, by rank (Ray node ids): on the MLflow run, to see a run spread over nodes.
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world_size > 1:
+        nodes = [None] * world_size
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if client:
+        tracking.set_tags(client, run_id, {"platform.worker_nodes": ",".join(nodes)})
+
     torch.manual_seed(cfg.train.seed)  # same init everywhere; DDP broadcasts rank 0's anyway
     np.random.seed(cfg.train.seed + rank)
     device = ray.train.torch.get_device()
@@ -144,6 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     metric_key = f"val/{objective}"
 
     start_epoch, best, best_epoch, best_state = 0, None, 0, None
+    logged_epochs: set[int] = set()  # epochs already on the MLflow run, from before a restart
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -156,6 +166,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_epoch, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
         if rank == 0:
             say(f"[{cfg.task}] resuming from epoch {start_epoch} (best {metric_key}={best:.4f})")
+        if client:
+            # A worker lost after logging an epoch but before its checkpoint trains that epoch
+            # again: its steps stay logged once, as the first attempt logged them.
+            logged_epochs = {m.step for m in client.get_metric_history(run_id, "epoch")}
 
     train_shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -216,7 +230,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 torch.save(state, os.path.join(folder, STATE_FILE))
                 torch.save(best_state, os.path.join(folder, BEST_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-                if client:
+                if client and epoch + 1 not in logged_epochs:
                     # Before the report: a scheduler may stop the trial as soon as it has reported.
                     tracking.log_metrics(client, run_id, metrics, step=epoch + 1)
                     if improved:

@@ -49,6 +49,11 @@ def tracking_uri(configured: str) -> str:
     return uri
 
 
+def store_exists(uri: str) -> bool:
+    """False for a sqlite store whose file is not there yet: reading it would create it."""
+    return not uri.startswith("sqlite:///") or os.path.exists(uri[len("sqlite:///"):])
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:

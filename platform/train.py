@@ -49,7 +49,7 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path(cfg),

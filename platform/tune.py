@@ -8,16 +8,21 @@ Each Tune trial is a small function that builds and fits one Ray Train ``TorchTr
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sys
 
 from platform import cli, cluster, pretrained, registry, space as space_lib, tracking
 from platform import config as config_lib
 from platform.train import default_name, log_best_model, make_trainer, open_run, storage_path
 
+FAILURE_TAG = "platform.failure"  # why a trial failed, in one line
+
 
 def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: str, parent: str, sweep: str,
               init_tags: dict) -> None:
     """One Tune trial: validate the sampled values, open its nested MLflow run, fit one TorchTrainer."""
+    import ray
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -26,29 +31,84 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: 
     client = tracking.MlflowClient(uri)
     tags = {tracking.SWEEP_TAG: sweep, tracking.TRIAL_TAG: trial_id}
     # A restarted trial finds its run again: one MLflow run per trial, whatever happens.
-    run_id = tracking.find_run(client, experiment, tags) or tracking.start_run(
-        client, experiment, f"{sweep}-{trial_id}", {**tags, **init_tags, tracking.TASK_TAG: cfg.task}, parent=parent)
+    run_id = tracking.find_run(client, experiment, tags)
+    if run_id is None:
+        run_id = tracking.start_run(client, experiment, f"{sweep}-{trial_id}",
+                                    {**tags, **init_tags, tracking.TASK_TAG: cfg.task}, parent=parent)
+    elif client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")  # a resumed sweep continues the trial its driver left
     # Only a clean finish is ended here. An error, or Tune stopping the trial (ASHA, the sweep's
     # end), is settled by the sweep's driver from Tune's verdict (finish_trial_runs): a trial
     # that Tune stops is torn down mid-write, and its own guess (FAILED) could land after the
     # driver's FINISHED.
     tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
+    tracking.set_tags(client, run_id, {"platform.driver_node": ray.get_runtime_context().get_node_id()})
     trainer = make_trainer(cfg, shards, name=f"{sweep}-{trial_id}", mlflow_run_id=run_id, tracking_uri=uri,
                            callbacks=[TuneReportCallback()])
-    result = trainer.fit()
+    result = fit_within(trainer, cfg.tune.trial_timeout_s)
     if result.error:
         raise result.error
     tracking.end_run(client, run_id, "FINISHED", only_if_running=True)
 
 
+def fit_within(trainer, timeout_s: float):
+    """``trainer.fit()``, failed with a TimeoutError after ``timeout_s`` seconds (0: no limit).
+
+    The fit runs in a thread the trial waits on: a stalled run reports nothing a Tune stopper
+    could act on. The error fails the trial; Tune then stops its actor, and the Train run
+    (owned by it) goes with it.
+    """
+    import concurrent.futures
+
+    if not timeout_s:
+        return trainer.fit()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fit")
+    try:
+        return pool.submit(trainer.fit).result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError(f"the trial ran past tune.trial_timeout_s={timeout_s:g} and was stopped") from None
+    finally:
+        pool.shutdown(wait=False)
+
+
+def trial_id_of(result) -> str | None:
+    """A Tune result's trial id: in its metrics, or (a trial that failed before reporting) in its folder's name."""
+    if result.metrics and result.metrics.get("trial_id"):
+        return result.metrics["trial_id"]
+    match = re.match(r"run_trial_([0-9a-f]+(?:_[0-9]+)?)_[0-9]+_", os.path.basename(str(result.path or "")))
+    return match.group(1) if match else None
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line for a failed trial: the innermost ``SomeError: message`` in Ray's wrapped traceback."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    named = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*: ", line)]
+    return (named[-1] if named else next((line for line in lines if line), type(error).__name__))[:500]
+
+
+def sweep_path(cfg, sweep: str) -> str:
+    """Where Tune keeps the sweep's state (local folder or object storage URI)."""
+    return storage_path(cfg).rstrip("/") + "/" + sweep
+
+
 def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: str, sweep: str,
-                init_tags: dict | None = None):
+                init_tags: dict | None = None, resume: str | None = None):
+    """A new Tuner, or with ``resume`` ("auto"|"force") the named sweep's, restored from its state."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=config_lib.to_dict(cfg), shards=shards, uri=uri, experiment=experiment,
+                             parent=parent, sweep=sweep, init_tags=init_tags or {}),
+        cluster.trial_resources())
+    if resume:
+        # Finished trials stay finished; unfinished ones go on from their Train checkpoints;
+        # the searcher (and with it the Optuna study) comes back from the saved state.
+        return tune.Tuner.restore(sweep_path(cfg, sweep), trainable, resume_unfinished=True,
+                                  resume_errored=resume == "force", restart_errored=False)
     task = registry.get(cfg.task)
     metric = f"val/{task.objective(cfg)}"
     # The study lives beside the sweep's Ray results (a local file: Optuna's RDB storage is
@@ -85,10 +145,8 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     s = cfg.scaling
     concurrent = cfg.tune.max_concurrent or cluster.max_concurrent_trials(
         s.num_workers, s.cpus_per_worker, s.use_gpu, s.gpus_per_worker)
-    trainable = tune.with_parameters(run_trial, base=config_lib.to_dict(cfg), shards=shards, uri=uri,
-                                     experiment=experiment, parent=parent, sweep=sweep, init_tags=init_tags or {})
     return tune.Tuner(
-        tune.with_resources(trainable, cluster.trial_resources()),
+        trainable,
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
                                     num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=min(concurrent, cfg.tune.num_samples)),
@@ -102,7 +160,7 @@ def finish_trial_runs(client, experiment: str, sweep: str, results, epochs: int)
     A trial ASHA stops is ended from outside, mid-``fit``: its run may still be RUNNING, or
     marked FAILED by the interruption. Tune knows whether it really failed.
     """
-    errors = {r.metrics.get("trial_id"): r.error for r in results if r.metrics}
+    errors = {trial_id_of(r): r.error for r in results}
     for run in client.search_runs([experiment], filter_string=f"tags.`{tracking.SWEEP_TAG}` = '{sweep}'"):
         trial_id = run.data.tags.get(tracking.TRIAL_TAG)
         if trial_id is None:
@@ -112,6 +170,10 @@ def finish_trial_runs(client, experiment: str, sweep: str, results, epochs: int)
                 tracking.set_tags(client, run.info.run_id, {"platform.stopped_early": "true"})
             if run.info.status != "FINISHED":
                 tracking.end_run(client, run.info.run_id, "FINISHED")
+        elif trial_id in errors:
+            tracking.set_tags(client, run.info.run_id, {FAILURE_TAG: failure_reason(errors[trial_id])})
+            if run.info.status != "FAILED":
+                tracking.end_run(client, run.info.run_id, "FAILED")
         elif run.info.status == "RUNNING":
             tracking.end_run(client, run.info.run_id, "FAILED")
 
@@ -138,6 +200,76 @@ def best_trial_run(client, experiment: str, sweep: str, trial_ids: set, metric: 
     return run_id, value
 
 
+SPACE_TAG = "platform.space"  # the sweep's search space, so a resume can refuse a changed one
+
+
+def space_fingerprint(space) -> str:
+    import json
+
+    return json.dumps({"search": {k: [kind, args] for k, (kind, args) in space.params.items()},
+                       "fixed": space.fixed}, sort_keys=True, default=str)
+
+
+def _space_change(before: str, after: str) -> str:
+    import json
+
+    old, new = json.loads(before), json.loads(after)
+    changes = []
+    for section in ("search", "fixed"):
+        for key in sorted(set(old[section]) | set(new[section])):
+            a, b = old[section].get(key, "(none)"), new[section].get(key, "(none)")
+            if a != b:
+                changes.append(f"{key}: {a} -> {b}")
+    return "; ".join(changes)
+
+
+def sweep_parent(client, experiment_name: str, sweep: str):
+    """The MLflow parent run of an earlier sweep of this name, or None (also when there is no store yet)."""
+    experiment = client.get_experiment_by_name(experiment_name) if client is not None else None
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{tracking.SWEEP_TAG}` = '{sweep}' "
+                                                                         f"and tags.`platform.kind` = 'sweep'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def resume_plan(cfg, client, experiment_name: str, sweep: str, space) -> tuple[str | None, object]:
+    """(None, None) for a new sweep, or (tune.resume, parent run) to resume the named one.
+
+    Decided before any work; a name that cannot be used as asked is a one-line error.
+    """
+    from ray import tune
+
+    path = sweep_path(cfg, sweep)
+    restorable = tune.Tuner.can_restore(path)
+    parent = sweep_parent(client, experiment_name, sweep)
+    mode = cfg.tune.resume
+    if mode == "never":
+        if restorable or parent is not None:
+            where = f"MLflow run {parent.info.run_id}" if parent is not None else path
+            raise config_lib.ConfigError(f"tune.name={sweep} exists already ({where}) and tune.resume=never; resume it "
+                                         f"with tune.resume=auto, or choose another tune.name")
+        return None, None
+    if not restorable:
+        if mode == "force":
+            raise config_lib.ConfigError(f"tune.resume=force: there is no sweep named {sweep} to resume (no Tune state "
+                                         f"at {path}); leave tune.resume=auto to start it")
+        if parent is not None and parent.info.status == "FINISHED":
+            raise config_lib.ConfigError(f"tune.name={sweep} has finished (MLflow run {parent.info.run_id}); choose "
+                                         f"another tune.name")
+        return None, None
+    if mode == "auto" and parent is not None and parent.info.status == "FINISHED":
+        raise config_lib.ConfigError(f"tune.name={sweep} has finished (MLflow run {parent.info.run_id}); choose "
+                                     f"another tune.name, or tune.resume=force to retry its failed trials")
+    recorded = parent.data.tags.get(SPACE_TAG) if parent is not None else None
+    if recorded and recorded != space_fingerprint(space):
+        raise config_lib.ConfigError(f"tune.name={sweep} was started with another search space "
+                                     f"({_space_change(recorded, space_fingerprint(space))}); resume it with its own "
+                                     f"space, or start a new sweep with another tune.name")
+    return mode, parent
+
+
 def main(argv: list[str]) -> int:
     task_name, overrides = config_lib.parse_cli(argv)
     task = registry.get(task_name)
@@ -157,30 +289,56 @@ def main(argv: list[str]) -> int:
         cfg.train.storage_path = storage_path(cfg)
         print(pretrained.describe_inherited(inherited, source))
     init_tags = source.tags() if source else {}
+    sweep = cfg.tune.name or default_name(cfg)
+    experiment_name = cfg.mlflow.experiment or f"deeplense-{cfg.task}"
+    resume, earlier = resume_plan(cfg, tracking.MlflowClient(uri) if tracking.store_exists(uri) else None,
+                                  experiment_name, sweep, space)
     print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
     shards = task.build_data(cfg)
 
-    sweep = cfg.tune.name or default_name(cfg)
-    client, experiment, parent = open_run(cfg, uri, sweep, {tracking.SWEEP_TAG: sweep, "platform.kind": "sweep",
-                                                            **init_tags})
+    if resume:
+        cluster.connect(cfg.ray.address)
+        client = tracking.MlflowClient(uri)
+        experiment, parent = earlier.info.experiment_id, earlier.info.run_id
+        client.update_run(parent, status="RUNNING")  # the same parent run goes on
+        resumed = int(earlier.data.tags.get("platform.resumed", "0")) + 1
+        tracking.set_tags(client, parent, {"platform.resumed": resumed})
+        print(f"resuming sweep {sweep} ({sweep_path(cfg, sweep)}; MLflow parent run {parent})", flush=True)
+    else:
+        client, experiment, parent = open_run(cfg, uri, sweep, {tracking.SWEEP_TAG: sweep, "platform.kind": "sweep",
+                                                                SPACE_TAG: space_fingerprint(space), **init_tags})
     objective = task.objective(cfg)
     metric = f"val/{objective}"
     with cli.ends_run(client, parent):
-        tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))
-        tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
+        if not resume:
+            tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))
+            tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
+        # A SIGTERM (ray job stop, a cluster going down) is a Ctrl+C to Tune: it stops the
+        # trials, saves the sweep's state and returns, so the same command resumes it.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
         try:
             results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
-                                  init_tags=init_tags).fit()
+                                  init_tags=init_tags, resume=resume).fit()
         except BaseException as error:  # the trials' runs end with the sweep's, never left RUNNING
             end_open_trial_runs(client, experiment, sweep, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if results.num_terminated + results.num_errors < cfg.tune.num_samples:
+            end_open_trial_runs(client, experiment, sweep, "KILLED")
+            print(f"sweep {sweep} interrupted; its state is saved: run the same command again to resume it "
+                  f"(tune.name={sweep})", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
         finish_trial_runs(client, experiment, sweep, results, cfg.train.epochs)
+        failed = [r for r in results if r.error]
+        for r in failed:
+            print(f"trial {trial_id_of(r)} failed: {failure_reason(r.error)}")
         # The best trial as MLflow records it: the UI, the registered weights and the parent
         # agree even when a stopped trial logged one more epoch than Tune saw.
         this_time = {r.metrics["trial_id"] for r in results if r.metrics}  # not an earlier run of the same study
         best_run, value = best_trial_run(client, experiment, sweep, this_time, f"best/{objective}", task.mode)
         if best_run is None:
-            raise RuntimeError(f"no trial of sweep {sweep} finished with {metric}; see the trial errors above")
+            raise cli.CommandFailed(f"no trial of sweep {sweep} finished with {metric}; see the trial errors above")
         best_trial = client.get_run(best_run).data.tags[tracking.TRIAL_TAG]
         best = next(r for r in results if r.metrics and r.metrics.get("trial_id") == best_trial)
         best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), best.config])
@@ -188,8 +346,7 @@ def main(argv: list[str]) -> int:
         tracking.log_metrics(client, parent, {f"best/{objective}": value}, step=0)
         tracking.set_tags(client, parent, {"platform.best_run_id": best_run, "platform.best_trial": best_trial,
                                             "platform.registered_version": version or ""})
-        errors = sum(1 for r in results if r.error)
-        print(f"\n{len(results)} trials ({errors} failed). Best trial {best_trial}: {metric} = {value:.4f}")
+        print(f"\n{len(results)} trials ({len(failed)} failed). Best trial {best_trial}: {metric} = {value:.4f}")
         for key, v in sorted(best.config.items()):
             print(f"  {key} = {v}")
         print(f"MLflow parent run {parent}, best run {best_run}"

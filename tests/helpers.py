@@ -9,11 +9,20 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _environment(env: dict | None) -> dict:
+    return {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
 def run_cli(module: str, *args: str, cwd: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m <module> args...`` from ``cwd``, with the project root on PYTHONPATH as a user's shell would have it."""
-    environment = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=environment,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_environment(env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(module: str, *args: str, cwd: str, env: dict | None = None) -> subprocess.Popen:
+    """``run_cli`` in the background, stdout and stderr together: for a test that acts mid-run."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=_environment(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 # Tiny sizes: a real run of the real path, in seconds.

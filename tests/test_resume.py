@@ -1,0 +1,104 @@
+"""A dead driver: `python -m platform.tune` killed mid-sweep by a signal, then the same command
+again: finished trials are not run again, the unfinished one goes on from its checkpoint, the
+Optuna study and the MLflow parent run are the same ones, and nothing is duplicated."""
+
+import re
+import signal
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import run_cli, start_cli, tiny
+
+pytestmark = pytest.mark.slow
+
+MAE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1"]
+EPOCHS = 3
+
+
+def sweep(tmp_path, *extra):
+    return ["task=mae", "tune.name=resumable", "tune.num_samples=3", "tune.max_concurrent=1", "tune.scheduler=none",
+            f"train.epochs={EPOCHS}", *MAE, *tiny(tmp_path / "cache", tmp_path / "mlflow.db"), *extra]
+
+
+def runs(client):
+    experiment = client.get_experiment_by_name("deeplense-mae").experiment_id
+    found = client.search_runs([experiment], filter_string="tags.`platform.sweep` = 'resumable'")
+    return ([r for r in found if "mlflow.parentRunId" not in r.data.tags],
+            {r.data.tags["platform.trial_id"]: r for r in found if "mlflow.parentRunId" in r.data.tags})
+
+
+def test_a_killed_sweep_resumes_with_the_same_command(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    driver = start_cli("platform.tune", *sweep(tmp_path), cwd=str(tmp_path))
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:  # one trial finished, the next one part-way
+            time.sleep(2)
+            try:
+                _, trials = runs(client)
+            except Exception:
+                continue
+            finished = [t for t in trials.values() if t.info.status == "FINISHED"]
+            going = [t for t in trials.values() if t.info.status == "RUNNING" and t.data.metrics.get("epoch", 0) >= 1]
+            if finished and going:
+                time.sleep(3)  # its first checkpoint on disk
+                break
+        else:
+            pytest.fail("the sweep never got one trial done and the next one started")
+        driver.send_signal(signal.SIGTERM)  # as `ray job stop` or a shutting-down node would
+        first_output, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, first_output[-4000:]
+    assert "run the same command again to resume it" in first_output
+
+    (parent,), trials = runs(client)
+    assert parent.info.status == "KILLED"
+    assert sorted(t.info.status for t in trials.values()) == ["FINISHED", "KILLED"]
+    done_before = {tid for tid, t in trials.items() if t.info.status == "FINISHED"}
+    killed_at = {tid: int(t.data.metrics["epoch"]) for tid, t in trials.items() if t.info.status == "KILLED"}
+
+    again = run_cli("platform.tune", *sweep(tmp_path), cwd=str(tmp_path))
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "resuming sweep resumable" in again.stdout and "3 trials (0 failed)" in again.stdout
+
+    (same_parent,), trials = runs(client)
+    assert same_parent.info.run_id == parent.info.run_id and same_parent.info.status == "FINISHED"
+    assert same_parent.data.tags["platform.resumed"] == "1"
+    assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials.values())
+    for trial_id, trial in trials.items():  # every epoch of every trial logged exactly once
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/loss")]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), (trial_id, steps)
+    (unfinished,) = killed_at
+    # From its last checkpoint, not from scratch: the last logged epoch, or the one before it
+    # when the signal came between logging an epoch and checkpointing it.
+    resumed_from = [int(e) for e in re.findall(r"resuming from epoch (\d+)", again.stdout)]
+    assert len(resumed_from) == 1 and 1 <= resumed_from[0] and killed_at[unfinished] - resumed_from[0] in (0, 1), \
+        (killed_at, again.stdout[-4000:])
+    # The finished trial did not run again: the second run trained only the other two.
+    trained = len(re.findall(rf"\[mae\] epoch \d+/{EPOCHS} ", again.stdout))
+    assert trained == (EPOCHS - resumed_from[0]) + EPOCHS, again.stdout[-4000:]
+    assert done_before <= set(trials)
+
+    study = optuna.load_study(study_name="resumable",
+                              storage=f"sqlite:///{tmp_path / 'ray_results' / 'resumable' / 'optuna.db'}")
+    assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+    # What a new command with that name may and may not do, each refused in one line before any work.
+    finished = run_cli("platform.tune", *sweep(tmp_path), cwd=str(tmp_path))
+    assert finished.returncode == 2 and "tune.name=resumable has finished" in finished.stderr
+    never = run_cli("platform.tune", *sweep(tmp_path, "tune.resume=never"), cwd=str(tmp_path))
+    assert never.returncode == 2 and "tune.name=resumable exists already" in never.stderr
+    (tmp_path / "other.yaml").write_text("search:\n  model.mask_ratio: {uniform: [0.1, 0.2]}\n")
+    changed = run_cli("platform.tune", *sweep(tmp_path, "tune.resume=force", f"tune.space={tmp_path / 'other.yaml'}"),
+                      cwd=str(tmp_path))
+    assert changed.returncode == 2 and "was started with another search space (model.decoder_depth" in changed.stderr
+    missing = run_cli("platform.tune", *sweep(tmp_path, "tune.resume=force", "tune.name=nothing-here"),
+                      cwd=str(tmp_path))
+    assert missing.returncode == 2 and "there is no sweep named nothing-here to resume" in missing.stderr
+    for result in (finished, never, changed, missing):
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
