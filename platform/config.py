@@ -121,7 +121,8 @@ class TuneConfig:
     space: str = ""  # default: search_spaces/<task>.yaml
     seed: int = 0
     # A sweep whose tune.name exists already: auto resumes it if unfinished (refuses a finished
-    # one), never refuses it, force resumes it and retries its failed trials (it must exist).
+    # one), never refuses it, force resumes it retrying failed trials, or adds tune.num_samples
+    # trials to a finished one (it must exist).
     resume: str = choice("auto", ["auto", "never", "force"])
     # A trial still running after this many seconds is failed (a stalled one sends no reports
     # that a stopper could act on); 0: no limit.

@@ -111,7 +111,24 @@ def _discover() -> None:
             loaded()
 
 
+def _import_own(name: str) -> None:
+    """Import just ``tasks/<name>.py`` when there is one: a command for one task (or its one-line
+    error) need not import every other task's libraries first."""
+    import importlib.util
+
+    if name.isidentifier() and not name.startswith("_"):
+        try:
+            if importlib.util.find_spec(f"tasks.{name}") is not None:
+                importlib.import_module(f"tasks.{name}")
+        except ImportError:
+            pass  # no tasks package here, or a broken file: full discovery says what is known
+
+
 def get(name: str) -> Task:
+    if name not in _TASKS:
+        _import_own(name)
+    if name in _TASKS:
+        return _TASKS[name]
     _discover()
     if name in _TASKS:
         return _TASKS[name]

@@ -12,7 +12,6 @@ import time
 from platform import cli, cluster, pretrained, registry, tracking
 from platform import config as config_lib
 from platform.data import shards as shards_lib
-from platform.loop import train_loop_per_worker
 
 
 def default_name(cfg) -> str:
@@ -32,6 +31,8 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from platform.loop import train_loop_per_worker
 
     ray.data.DataContext.get_current().enable_progress_bars = False
 

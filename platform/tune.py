@@ -94,7 +94,8 @@ def sweep_path(cfg, sweep: str) -> str:
 
 def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: str, sweep: str,
                 init_tags: dict | None = None, resume: str | None = None):
-    """A new Tuner, or with ``resume`` ("auto"|"force") the named sweep's, restored from its state."""
+    """A new Tuner (also to extend a finished sweep: resume="extend"), or with ``resume`` "auto" or
+    "force" the named sweep's, restored from its state."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -104,7 +105,7 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
         tune.with_parameters(run_trial, base=config_lib.to_dict(cfg), shards=shards, uri=uri, experiment=experiment,
                              parent=parent, sweep=sweep, init_tags=init_tags or {}),
         cluster.trial_resources())
-    if resume:
+    if resume in ("auto", "force"):
         # Finished trials stay finished; unfinished ones go on from their Train checkpoints;
         # the searcher (and with it the Optuna study) comes back from the saved state.
         return tune.Tuner.restore(sweep_path(cfg, sweep), trainable, resume_unfinished=True,
@@ -185,15 +186,14 @@ def end_open_trial_runs(client, experiment: str, sweep: str, status: str) -> Non
             tracking.end_run(client, run.info.run_id, status)
 
 
-def best_trial_run(client, experiment: str, sweep: str, trial_ids: set, metric: str,
-                   mode: str) -> tuple[str | None, float | None]:
-    """(run id, value) of the finished trial run (among ``trial_ids``) with the best ``metric``."""
+def best_trial_run(client, experiment: str, parent: str, metric: str, mode: str) -> tuple[str | None, float | None]:
+    """(run id, value) of the finished trial run under ``parent`` with the best ``metric``."""
     import math
 
-    runs = client.search_runs([experiment], filter_string=f"tags.`{tracking.SWEEP_TAG}` = '{sweep}' "
+    runs = client.search_runs([experiment], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent}' "
                                                           f"and attributes.status = 'FINISHED'")
     scored = [(r.data.metrics[metric], r.info.run_id) for r in runs
-              if r.data.tags.get(tracking.TRIAL_TAG) in trial_ids and math.isfinite(r.data.metrics.get(metric, math.nan))]
+              if math.isfinite(r.data.metrics.get(metric, math.nan))]
     if not scored:
         return None, None
     value, run_id = (max if mode == "max" else min)(scored)
@@ -259,15 +259,19 @@ def resume_plan(cfg, client, experiment_name: str, sweep: str, space) -> tuple[s
             raise config_lib.ConfigError(f"tune.name={sweep} has finished (MLflow run {parent.info.run_id}); choose "
                                          f"another tune.name")
         return None, None
-    if mode == "auto" and parent is not None and parent.info.status == "FINISHED":
+    finished = parent is not None and parent.info.status == "FINISHED"
+    if mode == "auto" and finished:
         raise config_lib.ConfigError(f"tune.name={sweep} has finished (MLflow run {parent.info.run_id}); choose "
-                                     f"another tune.name, or tune.resume=force to retry its failed trials")
+                                     f"another tune.name, or tune.resume=force to add tune.num_samples more trials "
+                                     f"to it")
     recorded = parent.data.tags.get(SPACE_TAG) if parent is not None else None
     if recorded and recorded != space_fingerprint(space):
         raise config_lib.ConfigError(f"tune.name={sweep} was started with another search space "
                                      f"({_space_change(recorded, space_fingerprint(space))}); resume it with its own "
                                      f"space, or start a new sweep with another tune.name")
-    return mode, parent
+    # A finished sweep that is forced goes on with new trials: its Optuna study (TPE sees every
+    # earlier trial) and its MLflow parent run continue.
+    return ("extend" if finished else mode), parent
 
 
 def main(argv: list[str]) -> int:
@@ -303,7 +307,8 @@ def main(argv: list[str]) -> int:
         client.update_run(parent, status="RUNNING")  # the same parent run goes on
         resumed = int(earlier.data.tags.get("platform.resumed", "0")) + 1
         tracking.set_tags(client, parent, {"platform.resumed": resumed})
-        print(f"resuming sweep {sweep} ({sweep_path(cfg, sweep)}; MLflow parent run {parent})", flush=True)
+        doing = "adding trials to" if resume == "extend" else "resuming"
+        print(f"{doing} sweep {sweep} ({sweep_path(cfg, sweep)}; MLflow parent run {parent})", flush=True)
     else:
         client, experiment, parent = open_run(cfg, uri, sweep, {tracking.SWEEP_TAG: sweep, "platform.kind": "sweep",
                                                                 SPACE_TAG: space_fingerprint(space), **init_tags})
@@ -333,21 +338,22 @@ def main(argv: list[str]) -> int:
         failed = [r for r in results if r.error]
         for r in failed:
             print(f"trial {trial_id_of(r)} failed: {failure_reason(r.error)}")
-        # The best trial as MLflow records it: the UI, the registered weights and the parent
+        # The best trial as MLflow records it, over every trial under this parent run (an
+        # extended sweep's earlier ones too): the UI, the registered weights and the parent
         # agree even when a stopped trial logged one more epoch than Tune saw.
-        this_time = {r.metrics["trial_id"] for r in results if r.metrics}  # not an earlier run of the same study
-        best_run, value = best_trial_run(client, experiment, sweep, this_time, f"best/{objective}", task.mode)
+        best_run, value = best_trial_run(client, experiment, parent, f"best/{objective}", task.mode)
         if best_run is None:
             raise cli.CommandFailed(f"no trial of sweep {sweep} finished with {metric}; see the trial errors above")
-        best_trial = client.get_run(best_run).data.tags[tracking.TRIAL_TAG]
-        best = next(r for r in results if r.metrics and r.metrics.get("trial_id") == best_trial)
-        best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), best.config])
+        best_params = client.get_run(best_run).data
+        best_trial = best_params.tags[tracking.TRIAL_TAG]
+        sampled = {key: config_lib.load_yaml(best_params.params[key]) for key in space.params}
+        best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), sampled])
         version = log_best_model(client, best_run, best_cfg, task, shards["val"], cfg.mlflow.register_model)
         tracking.log_metrics(client, parent, {f"best/{objective}": value}, step=0)
         tracking.set_tags(client, parent, {"platform.best_run_id": best_run, "platform.best_trial": best_trial,
                                             "platform.registered_version": version or ""})
         print(f"\n{len(results)} trials ({len(failed)} failed). Best trial {best_trial}: {metric} = {value:.4f}")
-        for key, v in sorted(best.config.items()):
+        for key, v in sorted(sampled.items()):
             print(f"  {key} = {v}")
         print(f"MLflow parent run {parent}, best run {best_run}"
               + (f", registered model {task.name} version {version}" if version else ""))

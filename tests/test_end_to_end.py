@@ -136,12 +136,19 @@ def test_tune_mae_sweep(tmp_path):
     assert "Failed to validate serving input example" not in result.stdout + result.stderr
     assert os.path.exists(tmp_path / "ray_results" / "sweep-a" / "optuna.db")
 
-    # The same tune.name again continues the Optuna study: its TPE sees the earlier trials,
-    # and the new trial is not a replay of an earlier point.
-    again = run_cli("platform.tune", "task=mae", "tune.num_samples=1", "train.epochs=2", "tune.name=sweep-a",
-                    "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
-                    *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+    # A finished sweep is never silently run again: the same name is refused, unless forced,
+    # and then it goes on: its Optuna study (TPE sees the earlier trials, and the new trial is
+    # not a replay of an earlier point) and its MLflow parent run.
+    same = ["task=mae", "tune.num_samples=1", "train.epochs=2", "tune.name=sweep-a", "model.depth=1",
+            "model.embed_dim=32", "model.num_heads=2", *tiny(tmp_path / "cache", db)]
+    refused = run_cli("platform.tune", *same, cwd=str(tmp_path))
+    assert refused.returncode == 2 and "tune.name=sweep-a has finished" in refused.stderr, refused.stderr
+    again = run_cli("platform.tune", *same, "tune.resume=force", cwd=str(tmp_path))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "adding trials to sweep sweep-a" in again.stdout
+    runs = runs_of(client, "deeplense-mae")
+    assert [r.info.run_id for r in runs if r.data.tags.get("platform.kind") == "sweep"] == [parent.info.run_id]
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 3
     import optuna
 
     study = optuna.load_study(study_name="sweep-a",

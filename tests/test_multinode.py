@@ -138,7 +138,7 @@ def mlflow_server(tmp_path):
 
 
 def test_concurrent_trials_lose_no_metric_on_one_tracking_server(tmp_path, two_nodes, mlflow_server):
-    epochs, samples = 3, 3
+    epochs, samples = 2, 2
     result = run_cli("platform.tune", "task=mae", f"tune.num_samples={samples}", "tune.max_concurrent=2",
                      "tune.scheduler=none", f"train.epochs={epochs}", "tune.name=crowd",
                      f"ray.address={two_nodes['address']}", *MAE, *tiny(tmp_path / "cache", tmp_path / "unused.db"),
