@@ -77,7 +77,7 @@ def test_workers_on_another_machine_get_the_project_shipped(tmp_path):
 
 def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path):
     # Ray 2.60 authenticates every request with a token: the cluster and the job client
-    # share one, as a user's head node and laptop would (README: "Submitting jobs").
+    # share one, as a user's head node and laptop would (README: "On a cluster", Ray's token).
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32),
            # An activated virtualenv, as the user's shell has it: the job's `python` is this one.
