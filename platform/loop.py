@@ -124,12 +124,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         client = tracking.MlflowClient(loop_config["tracking_uri"])
 
     # Where each rank runs, by rank (Ray node ids): on the MLflow run, to see a run spread over nodes.
-    nodes = [ray.get_runtime_context().get_node_id()]
+    where = [(ray.get_runtime_context().get_node_id(), os.getpid())]
     if world_size > 1:
-        nodes = [None] * world_size
-        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        where = [None] * world_size
+        dist.all_gather_object(where, (ray.get_runtime_context().get_node_id(), os.getpid()))
     if client:
-        tracking.set_tags(client, run_id, {"platform.worker_nodes": ",".join(nodes)})
+        tracking.set_tags(client, run_id, {"platform.worker_nodes": ",".join(n for n, _ in where),
+                                            "platform.worker_pids": ",".join(str(p) for _, p in where)})
 
     torch.manual_seed(cfg.train.seed)  # same init everywhere; DDP broadcasts rank 0's anyway
     np.random.seed(cfg.train.seed + rank)

@@ -87,6 +87,17 @@ def failure_reason(error: BaseException) -> str:
     return (named[-1] if named else next((line for line in lines if line), type(error).__name__))[:500]
 
 
+def interrupted(path: str, results, num_samples: int) -> bool:
+    """Whether Tune stopped early on a signal: trials missing, or (as its last saved state has
+    them; its clean-up marks them TERMINATED in memory) trials neither finished nor failed."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    if len(results) < num_samples:
+        return True
+    return any(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in ExperimentAnalysis(path).trials)
+
+
 def sweep_path(cfg, sweep: str) -> str:
     """Where Tune keeps the sweep's state (local folder or object storage URI)."""
     return storage_path(cfg).rstrip("/") + "/" + sweep
@@ -329,7 +340,7 @@ def main(argv: list[str]) -> int:
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
-        if results.num_terminated + results.num_errors < cfg.tune.num_samples:
+        if interrupted(sweep_path(cfg, sweep), results, cfg.tune.num_samples):
             end_open_trial_runs(client, experiment, sweep, "KILLED")
             print(f"sweep {sweep} interrupted; its state is saved: run the same command again to resume it "
                   f"(tune.name={sweep})", file=sys.stderr, flush=True)
