@@ -91,7 +91,9 @@ class TrainConfig:
     grad_clip: float = bounded(1.0, 0.0)  # 0 disables clipping
     precision: str = choice("auto", ["auto", "fp32", "bf16", "fp16"])
     seed: int = 0
-    max_failures: int = bounded(0, -1)  # -1: retry forever
+    max_failures: int = bounded(0, -1)  # restarts after a lost worker or node; -1: retry forever
+    max_preemptions: int = bounded(-1, -1)  # restarts after a node drained for preemption; -1: no limit
+    preemption_check_steps: int = bounded(20, 0)  # steps between checks for SIGTERM / a drain notice; 0: none
     checkpoints_to_keep: int = bounded(2, 1)
     name: str = ""  # `platform.train` run name; default: <task>-<date>-<time>
     compare_random_init: bool = False  # `platform.train` with init_from: also train from a random start, side by side

@@ -5,7 +5,8 @@ the learning-rate schedule, checkpoint and resume, gathering evaluation outputs 
 workers, reporting to Ray and logging to MLflow (rank 0 only). The task supplies
 ``build_model``, ``collate``, ``train_step``, ``eval_step``, ``evaluate`` and ``plots``.
 
-Host syncs are kept to one per epoch: the running loss is summed on the device.
+Host syncs are kept to one per epoch (the running loss is summed on the device), plus one every
+``train.preemption_check_steps`` steps, where the ranks agree whether to checkpoint early.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import torch
 import torch.distributed as dist
 
 from platform import config as config_lib
-from platform import pretrained, registry, tracking
+from platform import preemption, pretrained, registry, tracking
 
 STATE_FILE = "state.pt"
 BEST_FILE = "best_model.pt"
+PREEMPTION_KEY = "preemption"  # in a report that only carries a checkpoint taken on a preemption warning
 
 
 def say(line: str) -> None:
@@ -154,6 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     metric_key = f"val/{objective}"
 
     start_epoch, best, best_epoch, best_state = 0, None, 0, None
+    skip_steps, partial = 0, None  # a checkpoint taken mid-epoch (a preemption) resumes at its step
     logged_epochs: set[int] = set()  # epochs already on the MLflow run, from before a restart
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -165,23 +168,48 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
+        skip_steps, partial = state.get("step", 0), state.get("partial")
         if rank == 0:
-            say(f"[{cfg.task}] resuming from epoch {start_epoch} (best {metric_key}={best:.4f})")
+            where = f" step {skip_steps}" if skip_steps else ""
+            shown = f" (best {metric_key}={best:.4f})" if best is not None else ""
+            say(f"[{cfg.task}] resuming from epoch {start_epoch}{where}{shown}")
         if client:
             # A worker lost after logging an epoch but before its checkpoint trains that epoch
             # again: its steps stay logged once, as the first attempt logged them.
             logged_epochs = {m.step for m in client.get_metric_history(run_id, "epoch")}
 
+    # A spot VM's SIGTERM becomes a warning read at the next check, not the end of the process.
+    check_every = cfg.train.preemption_check_steps
+    if check_every and (why := preemption.catch_sigterm()):
+        say(f"[{cfg.task}] rank {rank}: SIGTERM will end this worker without a checkpoint ({why})")
+    saved_for_drain = False
+
+    def save_state(folder: str, epoch: int, step: int = 0, partial_sums: dict | None = None) -> ray.train.Checkpoint:
+        """Rank 0's checkpoint: ``epoch`` epochs done, and ``step`` steps into the next when mid-epoch."""
+        state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": epoch, "step": step, "partial": partial_sums, "best": best, "best_epoch": best_epoch}
+        torch.save(state, os.path.join(folder, STATE_FILE))
+        torch.save(best_state, os.path.join(folder, BEST_FILE))
+        return ray.train.Checkpoint.from_directory(folder)
+
     train_shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         started, loss_sum, samples, steps = time.perf_counter(), torch.zeros((), device=device), 0, 0
+        seconds_before = 0.0  # this epoch's training time before a preemption, when resumed mid-epoch
+        if partial and epoch == start_epoch:
+            loss_sum += partial["loss_sum"]
+            samples, seconds_before = partial["samples"], partial["seconds"]
         for numpy_batch in train_shard.iter_batches(
             batch_size=cfg.train.batch_size,
             batch_format="numpy",
             local_shuffle_buffer_size=min(loop_config["train_rows"], 4 * cfg.train.batch_size),
             local_shuffle_seed=cfg.train.seed * 1000 + epoch * 10 + rank,
         ):
+            if epoch == start_epoch and steps < skip_steps:  # trained before the preemption
+                steps += 1
+                continue
             batch = to_device(task.collate(numpy_batch, cfg, True), device)
             batch["epoch"] = epoch  # 0-based, for schedules inside a task's loss
             with _autocast(device, dtype):
@@ -199,7 +227,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss_sum += loss.detach().float()
             samples += len(numpy_batch["image"])
             steps += 1
-        epoch_time = time.perf_counter() - started
+
+            if check_every and steps % check_every == 0:
+                warned = preemption.warning(world_size, device)
+                if warned == "SIGTERM" or (warned == "drain" and not saved_for_drain):
+                    sums = {"loss_sum": loss_sum.item(), "samples": samples,
+                            "seconds": seconds_before + time.perf_counter() - started}
+                    with tempfile.TemporaryDirectory() as folder:
+                        saved = save_state(folder, epoch, steps, sums) if rank == 0 else None
+                        # Not an epoch's result: platform.tune does not pass it on to Tune.
+                        ray.train.report({PREEMPTION_KEY: f"{warned} in epoch {epoch + 1} at step {steps}"},
+                                         checkpoint=saved, checkpoint_dir_name=f"epoch-{epoch:04d}-step-{steps:06d}")
+                    if rank == 0:
+                        say(f"[{cfg.task}] preemption warning ({warned}): checkpoint saved in epoch "
+                            f"{epoch + 1} at step {steps}")
+                    saved_for_drain = saved_for_drain or warned == "drain"
+                    if warned == "SIGTERM" and preemption.sigterm_received():
+                        raise preemption.Preempted(
+                            f"rank {rank} received SIGTERM; its run's checkpoint from epoch {epoch + 1} step "
+                            f"{steps} is saved and Ray Train restarts from it (train.max_failures)")
+        epoch_time = seconds_before + time.perf_counter() - started
 
         totals = torch.stack([loss_sum, torch.tensor(float(steps), device=device), torch.tensor(float(samples), device=device)])
         if world_size > 1:
@@ -225,12 +272,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
-                state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                         "epoch": epoch + 1, "best": best, "best_epoch": best_epoch}
-                torch.save(state, os.path.join(folder, STATE_FILE))
-                torch.save(best_state, os.path.join(folder, BEST_FILE))
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
+                checkpoint = save_state(folder, epoch + 1)
                 if client and epoch + 1 not in logged_epochs:
                     # Before the report: a scheduler may stop the trial as soon as it has reported.
                     tracking.log_metrics(client, run_id, metrics, step=epoch + 1)

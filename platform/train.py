@@ -54,7 +54,8 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
         run_config=RunConfig(
             name=name,
             storage_path=storage_path(cfg),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                                         max_preemption_failures=cfg.train.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             callbacks=list(callbacks),
         ),

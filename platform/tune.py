@@ -24,7 +24,6 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: 
     """One Tune trial: validate the sampled values, open its nested MLflow run, fit one TorchTrainer."""
     import ray
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = config_lib.build(base["task"], [config_lib.flatten(base), sampled])
@@ -45,11 +44,26 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: 
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
     tracking.set_tags(client, run_id, {"platform.driver_node": ray.get_runtime_context().get_node_id()})
     trainer = make_trainer(cfg, shards, name=f"{sweep}-{trial_id}", mlflow_run_id=run_id, tracking_uri=uri,
-                           callbacks=[TuneReportCallback()])
+                           callbacks=[epoch_reports()])
     result = fit_within(trainer, cfg.tune.trial_timeout_s)
     if result.error:
         raise result.error
     tracking.end_run(client, run_id, "FINISHED", only_if_running=True)
+
+
+def epoch_reports():
+    """Ray Train's reports passed on to Tune as results, but for a checkpoint taken on a preemption
+    warning: it is not an epoch, and an extra result would shift ASHA's rungs."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from platform.loop import PREEMPTION_KEY
+
+    class EpochReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if PREEMPTION_KEY not in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReports()
 
 
 def fit_within(trainer, timeout_s: float):

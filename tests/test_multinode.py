@@ -1,11 +1,14 @@
 """Several Ray nodes on this machine (ray.cluster_utils.Cluster, all on 127.0.0.1): a run spread
 over two nodes, trial drivers pinned to the head by a custom resource, a Train worker killed
-mid-run and the run resumed from its last checkpoint, as one MLflow run; concurrent trials
+mid-run (SIGTERM: a checkpoint at the next step; SIGKILL: the last epoch's) and a node drained
+for preemption and replaced, each run resumed where it stopped as one MLflow run; concurrent trials
 writing to one real MLflow server, every step counted."""
 
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -63,40 +66,60 @@ def train_workers() -> list[int]:
     return found
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint_as_one_run(tmp_path, two_nodes):
+def wait_for(what: str, check, timeout: float = 300):
+    """Poll ``check()`` every second until it returns something true; that value."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(1)
+        try:
+            value = check()
+        except Exception:  # the store is still being created
+            continue
+        if value:
+            return value
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def logged_epochs_and_pids(client, at_least: int, not_pids=()):
+    """(run id, worker pids by rank) once the only run has logged ``at_least`` epochs with workers not in ``not_pids``."""
+    (run,) = client.search_runs([client.get_experiment_by_name("deeplense-mae").experiment_id])
+    pids = [int(p) for p in run.data.tags.get("platform.worker_pids", "").split(",") if p]
+    if len(client.get_metric_history(run.info.run_id, "epoch")) >= at_least and pids and not set(pids) & set(not_pids):
+        return run.info.run_id, pids
+    return None
+
+
+def test_a_sigtermed_then_a_killed_worker_resume_where_they_stopped_as_one_run(tmp_path, two_nodes):
+    """A spot VM's SIGTERM: a checkpoint at the next step, the run resumes at that step. Then a
+    SIGKILL (no warning): the run resumes from its last epoch's checkpoint. One MLflow run throughout."""
     db = tmp_path / "mlflow.db"
-    epochs = 8  # epochs of ~2 s: room to kill a worker mid-run
+    epochs = 10  # epochs of ~2 s: room for two failures
     process = start_cli("platform.train", "task=mae", f"train.epochs={epochs}", "train.name=survivor",
-                        "train.max_failures=1", f"ray.address={two_nodes['address']}", "scaling.num_workers=2",
+                        "train.max_failures=2", "train.preemption_check_steps=1",
+                        f"ray.address={two_nodes['address']}", "scaling.num_workers=2",
                         *MAE, *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
     try:
         client = MlflowClient(f"sqlite:///{db}")
-        deadline, run_id, logged = time.time() + 300, None, []
-        # Epoch N is logged just before it is reported with its checkpoint, so once epoch 2 is logged the
-        # checkpoint of epoch 1 is committed and a restart must resume from it.
-        while time.time() < deadline and len(logged) < 2:
-            time.sleep(1)
-            try:
-                experiment = client.get_experiment_by_name("deeplense-mae")
-                runs = client.search_runs([experiment.experiment_id]) if experiment else []
-            except Exception:  # the store is still being created
-                continue
-            if runs:
-                run_id = runs[0].info.run_id
-                logged = client.get_metric_history(run_id, "epoch")
-        assert len(logged) >= 2, "two epochs were not logged in time"
-        pids = [int(p) for p in client.get_run(run_id).data.tags["platform.worker_pids"].split(",")]
+        # Epoch N is logged just before it is reported with its checkpoint: once epoch 2 is
+        # logged, epoch 1's checkpoint is committed.
+        run_id, pids = wait_for("two epochs", lambda: logged_epochs_and_pids(client, 2))
         assert len(pids) == 2 and set(pids) <= set(train_workers()), (pids, train_workers())
-        os.kill(pids[1], signal.SIGKILL)  # rank 1's process
+        os.kill(pids[1], signal.SIGTERM)  # rank 1, as a spot VM's shutdown would
+        # The restarted workers (new pids) log two more epochs; then rank 0 is killed outright.
+        _, new_pids = wait_for("the restarted workers", lambda: logged_epochs_and_pids(client, 5, not_pids=pids))
+        os.kill(new_pids[0], signal.SIGKILL)
         output, _ = process.communicate(timeout=600)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, output[-4000:]
 
-    resumed = [int(m) for m in re.findall(r"resuming from epoch (\d+)", output)]
-    assert len(resumed) == 1 and 1 <= resumed[0] < epochs, output[-4000:]
-    for epoch in range(1, resumed[0] + 1):  # the checkpointed epochs were not trained again
+    resumed = re.findall(r"resuming from epoch (\d+)(?: step (\d+))?", output)
+    assert len(resumed) == 2, output[-4000:]
+    (after_sigterm, at_step), (after_kill, no_step) = [(int(e), int(s or 0)) for e, s in resumed]
+    assert at_step > 0 and f"checkpoint saved in epoch {after_sigterm + 1} at step {at_step}" in output
+    assert no_step == 0 and after_sigterm < after_kill < epochs
+    for epoch in range(1, after_kill + 1):  # nothing before the last checkpoint was trained twice
         assert len(re.findall(rf"\[mae\] epoch {epoch}/{epochs} ", output)) == 1, (epoch, output[-4000:])
 
     (run,) = client.search_runs([client.get_experiment_by_name("deeplense-mae").experiment_id])
@@ -104,6 +127,57 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_as_one_run(tmp_path, t
     for metric in ("epoch", "val/loss", "train/loss"):
         steps = [m.step for m in client.get_metric_history(run_id, metric)]
         assert sorted(steps) == list(range(1, epochs + 1)), (metric, steps)  # every epoch, once
+
+
+def test_a_node_drained_for_preemption_hands_its_run_to_a_new_node(tmp_path, monkeypatch):
+    """The autoscaler's spot reclaim: the node is drained with a deadline (``ray drain-node``), the
+    workers checkpoint at once, the deadline passes and the node is gone; the run continues on a
+    new node from that step, counted as a preemption (train.max_failures stays 0)."""
+    from ray.cluster_utils import Cluster
+
+    for name, value in {"health_check_period_ms": "500", "health_check_failure_threshold": "3",
+                        "health_check_initial_delay_ms": "0", "TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}.items():
+        monkeypatch.setenv(f"RAY_{name}", value)  # a drain and a vanished node noticed in seconds
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
+    spot = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    db, epochs, deadline_s = tmp_path / "mlflow.db", 12, 20
+    process = start_cli("platform.train", "task=mae", f"train.epochs={epochs}", "train.name=drained",
+                        "train.preemption_check_steps=1", "scaling.placement_strategy=STRICT_SPREAD",
+                        f"ray.address={cluster.address}", "scaling.num_workers=2",
+                        *MAE, *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+    try:
+        client = MlflowClient(f"sqlite:///{db}")
+        run_id, _ = wait_for("two epochs", lambda: logged_epochs_and_pids(client, 2))
+        replacement = cluster.add_node(num_cpus=2)  # the autoscaler's new node
+        drain = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node",
+                                f"--address={cluster.address}", f"--node-id={spot.node_id}",
+                                "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot reclaim",
+                                f"--deadline-remaining-seconds={deadline_s}"], capture_output=True, text=True, timeout=120)
+        assert drain.returncode == 0, drain.stdout + drain.stderr
+        drained_at = time.time()
+        results = tmp_path / "ray_results" / "drained"
+        wait_for("a checkpoint taken on the drain notice", lambda: list(results.glob("epoch-*-step-*")), timeout=deadline_s)
+        time.sleep(max(0.0, drained_at + deadline_s + 1 - time.time()))
+        cluster.remove_node(spot, allow_graceful=False)  # the reclaimed VM vanishes
+        output, _ = process.communicate(timeout=600)
+    except AssertionError as error:
+        process.kill()
+        raise AssertionError(f"{error}\n{process.communicate()[0][-6000:]}") from None
+    finally:
+        if process.poll() is None:
+            process.kill()
+        cluster.shutdown()
+    assert process.returncode == 0, output[-4000:]
+
+    saved = re.search(r"preemption warning \(drain\): checkpoint saved in epoch (\d+) at step (\d+)", output)
+    assert saved, output[-4000:]
+    assert f"resuming from epoch {int(saved[1]) - 1} step {saved[2]}" in output, output[-4000:]
+    (run,) = client.search_runs([client.get_experiment_by_name("deeplense-mae").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_id == run_id
+    assert replacement.node_id in run.data.tags["platform.worker_nodes"].split(",")
+    steps = [m.step for m in client.get_metric_history(run_id, "epoch")]
+    assert sorted(steps) == list(range(1, epochs + 1)), steps
 
 
 @pytest.fixture
