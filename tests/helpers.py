@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,6 +21,31 @@ def run_cli(module: str, *args: str, cwd: str, env: dict | None = None, timeout:
     """``python -m <module> args...`` from ``cwd``, with the project root on PYTHONPATH as a user's shell would have it."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_environment(env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli_here(module: str, *args: str, cwd: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``run_cli`` inside this process: the command's own ``cli.run(main, argv)``, without the ~8 s
+    a new interpreter spends importing torch, Ray and MLflow. For input the command must refuse
+    before any work; a few of those run as real processes too (test_config.py), to show the whole
+    stderr is the one line."""
+    from platform import cli
+
+    command = importlib.import_module(module if module != "platform.data" else "platform.data.__main__")
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    saved = {key: os.environ.get(key) for key in (env or {})}
+    try:
+        os.environ.update(env or {})
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.run(command.main, list(args))
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
 def start_cli(module: str, *args: str, cwd: str, env: dict | None = None) -> subprocess.Popen:

@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, run_cli_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "cluster.yaml")
@@ -21,7 +21,7 @@ def load() -> dict:
 def check(tmp_path, config: dict):
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
-    return run_cli("platform.cluster", str(path), cwd=str(tmp_path))
+    return run_cli_here("platform.cluster", str(path), cwd=str(tmp_path))
 
 
 def test_the_shipped_cluster_file_is_valid(tmp_path):

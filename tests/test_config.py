@@ -1,12 +1,13 @@
 """Configuration: layering, strict validation, one-line errors before any cluster work."""
 
 import os
+import sys
 
 import pytest
 
 from platform import config, registry, space
 from platform.config import ConfigError
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, run_cli, run_cli_here
 
 
 def test_layers_task_defaults_then_space_then_cli(tmp_path):
@@ -101,11 +102,26 @@ def test_shipped_search_spaces_are_valid():
 def test_bad_input_exits_before_any_cluster_work(tmp_path, args, message):
     (tmp_path / "bad.yaml").write_text("search:\n  train.lr: {gaussian: [0.1, 0.2]}\n")
     (tmp_path / "list.yaml").write_text("- train.lr\n")
-    result = run_cli("platform.tune", *args, f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path),
-                     env={"RAY_ADDRESS": ""})
+    result = run_cli_here("platform.tune", *args, f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path),
+                          env={"RAY_ADDRESS": ""})
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
     # Nothing was started or written: no MLflow store, no Ray results, no Ray session.
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["task=maee"], "error: unknown task 'maee'; did you mean 'mae'?"),
+    (["task=mae", "train.epochs=three"], "error: train.epochs=three: Value 'three'"),
+    (["task=mae", "ray.address=127.0.0.1:1"], "error: ray.address=127.0.0.1:1: no Ray head answers"),
+])
+def test_a_real_process_prints_only_the_one_line(tmp_path, args, message):
+    # What the user's terminal shows: no warning or log line from a library beside the error.
+    result = run_cli("platform.tune", *args, f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path),
+                     env={"RAY_ADDRESS": ""})
+    assert result.returncode == 2 and result.stderr.strip() == result.stderr.strip().splitlines()[0], result.stderr
+    assert result.stderr.startswith(message), result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()

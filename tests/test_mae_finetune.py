@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from platform import config, registry
 from platform.data import shards as shards_lib
-from tests.helpers import overfit_losses, run_cli, tiny
+from tests.helpers import overfit_losses, run_cli, run_cli_here, tiny
 
 MAE_SIZE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32",
             "model.decoder_depth=1"]
@@ -50,7 +50,7 @@ def test_the_encoder_gets_no_gradient_during_the_frozen_warm_up(tmp_path):
     ("init_from=/no/such/best_model.pt", "error: init_from=/no/such/best_model.pt: no such run or file"),
 ])
 def test_bad_finetune_settings_are_one_line(tmp_path, setting, message):
-    result = run_cli("platform.train", "task=mae_finetune", setting, cwd=str(tmp_path))
+    result = run_cli_here("platform.train", "task=mae_finetune", setting, cwd=str(tmp_path))
     assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "mlflow.db").exists()
 
@@ -58,7 +58,7 @@ def test_bad_finetune_settings_are_one_line(tmp_path, setting, message):
 @pytest.mark.slow
 def test_pretrain_then_finetune_both_heads_linked_in_mlflow(tmp_path):
     db = tmp_path / "mlflow.db"
-    pretrain = run_cli("platform.tune", "task=mae", "tune.num_samples=1", "train.epochs=1", *MAE_SIZE,
+    pretrain = run_cli("platform.train", "task=mae", "train.epochs=1", *MAE_SIZE,
                        *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
     assert pretrain.returncode == 0, (pretrain.stdout + pretrain.stderr)[-3000:]
     client = MlflowClient(f"sqlite:///{db}")

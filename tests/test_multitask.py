@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from platform import config, registry
 from platform.data import shards as shards_lib
-from tests.helpers import overfit_losses, run_cli, tiny
+from tests.helpers import overfit_losses, run_cli, run_cli_here, tiny
 
 
 def test_the_decoder_rebuilds_the_input_size_and_the_loss_weights_reconstruction(tmp_path):
@@ -37,7 +37,7 @@ def test_the_decoder_rebuilds_the_input_size_and_the_loss_weights_reconstruction
     ("model.encoder=resnet9000", "error: model.encoder=resnet9000 is not a timm model name"),
 ])
 def test_bad_multitask_settings_are_one_line(tmp_path, setting, message):
-    result = run_cli("platform.train", "task=multitask", setting, cwd=str(tmp_path))
+    result = run_cli_here("platform.train", "task=multitask", setting, cwd=str(tmp_path))
     assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "mlflow.db").exists()
 

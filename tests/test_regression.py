@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from platform import config, registry
 from platform.data import shards as shards_lib
 from tasks.regression import angle_error
-from tests.helpers import overfit_losses, run_cli, tiny
+from tests.helpers import overfit_losses, run_cli, run_cli_here, tiny
 
 MAE_SIZE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2"]
 
@@ -38,7 +38,7 @@ def test_loss_falls_when_overfitting_a_small_batch(tmp_path):
 ])
 def test_bad_regression_settings_are_one_line(tmp_path, init_from, message):
     extra = [f"init_from={init_from}"] if init_from else ["encoder.arch=resnet9000"]
-    result = run_cli("platform.train", "task=regression", *extra, cwd=str(tmp_path))
+    result = run_cli_here("platform.train", "task=regression", *extra, cwd=str(tmp_path))
     assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -83,8 +83,8 @@ def test_regression_from_a_pretrained_mae_against_a_random_start(tmp_path):
 
 
 def test_a_random_start_comparison_needs_init_from_and_is_not_for_sweeps(tmp_path):
-    result = run_cli("platform.train", "task=regression", "train.compare_random_init=true", cwd=str(tmp_path))
+    result = run_cli_here("platform.train", "task=regression", "train.compare_random_init=true", cwd=str(tmp_path))
     assert result.returncode == 2 and result.stderr.startswith("error: train.compare_random_init=true compares"), result.stderr
-    result = run_cli("platform.tune", "task=regression", "train.compare_random_init=true", cwd=str(tmp_path))
+    result = run_cli_here("platform.tune", "task=regression", "train.compare_random_init=true", cwd=str(tmp_path))
     assert result.returncode == 2 and result.stderr.startswith("error: train.compare_random_init=true is for"), result.stderr
     assert not (tmp_path / "mlflow.db").exists()

@@ -13,7 +13,7 @@ from platform.data import DataError, folders
 from platform.data import shards as shards_lib
 from platform.plots import radial_power_spectrum
 from tasks.superres import SRResNet, bicubic, degrade, dihedral_pairs
-from tests.helpers import overfit_losses, run_cli, tiny
+from tests.helpers import overfit_losses, run_cli, run_cli_here, tiny
 
 METRICS = ("psnr", "ssim", "mse", "bicubic_psnr", "bicubic_ssim", "bicubic_mse", "psnr_gain")
 SMALL = ["data.preset=model_ii", "model.blocks=2", "model.channels=16"]
@@ -230,37 +230,27 @@ def test_evaluation_reports_the_gain_over_bicubic():
     ("degrade.psf_fwhm=-0.1", "error: degrade.psf_fwhm=-0.1 is out of range; expected 0.0 <= degrade.psf_fwhm"),
 ])
 def test_bad_superres_settings_are_one_line(tmp_path, setting, message):
-    result = run_cli("platform.train", "task=superres", setting, f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path))
+    result = run_cli_here("platform.train", "task=superres", setting, f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path))
     assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.slow
-def test_train_on_a_pairs_folder_and_tune_on_simulated_pairs_through_the_cli(tmp_path):
+def test_tune_superres_on_a_pairs_folder_through_the_cli(tmp_path):
     db = tmp_path / "mlflow.db"
     write_pairs(tmp_path / "pairs", n=40)
-    result = run_cli("platform.train", "task=superres", "train.epochs=2", f"data.path={tmp_path}/pairs",
-                     "degrade.val_fraction=0.25", *SMALL, *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    client = MlflowClient(f"sqlite:///{db}")
-    experiment = client.get_experiment_by_name("deeplense-superres").experiment_id
-    (run,) = client.search_runs([experiment])
-    assert run.info.status == "FINISHED"
-    for metric in METRICS:
-        history = client.get_metric_history(run.info.run_id, f"val/{metric}")
-        assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/panels.png",
-                                                                                "plots/power_spectrum.png"}
-
-    sweep = run_cli("platform.tune", "task=superres", "tune.num_samples=1", "train.epochs=1", "tune.name=sr",
-                    *SMALL, *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+    sweep = run_cli("platform.tune", "task=superres", "tune.num_samples=1", "train.epochs=2", "tune.name=sr",
+                    f"data.path={tmp_path}/pairs", "degrade.val_fraction=0.25", *SMALL, *tiny(tmp_path / "cache", db),
+                    cwd=str(tmp_path))
     assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-4000:]
     assert "1 trials (0 failed)" in sweep.stdout
-    (trial,) = [r for r in client.search_runs([experiment], filter_string="tags.`platform.sweep` = 'sr'")
-                if "mlflow.parentRunId" in r.data.tags]
-    assert trial.info.status == "FINISHED" and trial.data.params["data.preset"] == "model_ii"
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("deeplense-superres").experiment_id
+    runs = client.search_runs([experiment], filter_string="tags.`platform.sweep` = 'sr'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    (trial,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     for metric in METRICS:
-        (value,) = client.get_metric_history(trial.info.run_id, f"val/{metric}")
-        assert math.isfinite(value.value), metric
+        history = client.get_metric_history(trial.info.run_id, f"val/{metric}")
+        assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
     assert {a.path for a in client.list_artifacts(trial.info.run_id, "plots")} == {"plots/panels.png",
                                                                                   "plots/power_spectrum.png"}
