@@ -5,7 +5,7 @@ import os
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import run_cli, tiny
+from tests.helpers import run_cli, run_cli_here, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +142,7 @@ def test_tune_mae_sweep(tmp_path):
     # not a replay of an earlier point) and its MLflow parent run.
     same = ["task=mae", "tune.num_samples=1", "train.epochs=2", "tune.name=sweep-a", "model.depth=1",
             "model.embed_dim=32", "model.num_heads=2", *tiny(tmp_path / "cache", db)]
-    refused = run_cli("platform.tune", *same, cwd=str(tmp_path))
+    refused = run_cli_here("platform.tune", *same, cwd=str(tmp_path))
     assert refused.returncode == 2 and "tune.name=sweep-a has finished" in refused.stderr, refused.stderr
     again = run_cli("platform.tune", *same, "tune.resume=force", cwd=str(tmp_path))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import run_cli, start_cli, tiny
+from tests.helpers import run_cli, run_cli_here, start_cli, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -89,16 +89,16 @@ def test_a_killed_sweep_resumes_with_the_same_command(tmp_path):
     assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
     # What a new command with that name may and may not do, each refused in one line before any work.
-    finished = run_cli("platform.tune", *sweep(tmp_path), cwd=str(tmp_path))
+    finished = run_cli_here("platform.tune", *sweep(tmp_path), cwd=str(tmp_path))
     assert finished.returncode == 2 and "tune.name=resumable has finished" in finished.stderr
-    never = run_cli("platform.tune", *sweep(tmp_path, "tune.resume=never"), cwd=str(tmp_path))
+    never = run_cli_here("platform.tune", *sweep(tmp_path, "tune.resume=never"), cwd=str(tmp_path))
     assert never.returncode == 2 and "tune.name=resumable exists already" in never.stderr
     (tmp_path / "other.yaml").write_text("search:\n  model.mask_ratio: {uniform: [0.1, 0.2]}\n")
-    changed = run_cli("platform.tune", *sweep(tmp_path, "tune.resume=force", f"tune.space={tmp_path / 'other.yaml'}"),
-                      cwd=str(tmp_path))
+    changed = run_cli_here("platform.tune", *sweep(tmp_path, "tune.resume=force", f"tune.space={tmp_path / 'other.yaml'}"),
+                           cwd=str(tmp_path))
     assert changed.returncode == 2 and "was started with another search space (model.decoder_depth" in changed.stderr
-    missing = run_cli("platform.tune", *sweep(tmp_path, "tune.resume=force", "tune.name=nothing-here"),
-                      cwd=str(tmp_path))
+    missing = run_cli_here("platform.tune", *sweep(tmp_path, "tune.resume=force", "tune.name=nothing-here"),
+                           cwd=str(tmp_path))
     assert missing.returncode == 2 and "there is no sweep named nothing-here to resume" in missing.stderr
     for result in (finished, never, changed, missing):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
