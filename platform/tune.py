@@ -248,6 +248,25 @@ def _space_change(before: str, after: str) -> str:
     return "; ".join(changes)
 
 
+# What a resumed sweep may change: where and how fast it runs, not what its trials train or measure.
+CHANGEABLE_ON_RESUME = ("ray.", "mlflow.", "tune.resume", "tune.num_samples", "tune.max_concurrent",
+                        "tune.trial_timeout_s", "tune.space", "data.cache_dir", "train.max_failures",
+                        "train.max_preemptions", "train.preemption_check_steps", "train.checkpoints_to_keep",
+                        "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.placement_strategy")
+
+
+def setting_change(recorded: dict[str, str], cfg) -> str | None:
+    """The first setting this command gives another value than the sweep's parent run recorded, or None.
+
+    Keys the sweep did not record (a newer platform's) are not compared; the space is compared apart.
+    """
+    now = tracking.public_params(config_lib.flatten(config_lib.to_dict(cfg)))
+    for key in sorted(recorded):
+        if not key.startswith(CHANGEABLE_ON_RESUME) and key in now and now[key] != recorded[key]:
+            return f"{key}={recorded[key]}; this command has {key}={now[key]}"
+    return None
+
+
 def sweep_parent(client, experiment_name: str, sweep: str):
     """The MLflow parent run of an earlier sweep of this name, or None (also when there is no store yet)."""
     experiment = client.get_experiment_by_name(experiment_name) if client is not None else None
@@ -294,6 +313,10 @@ def resume_plan(cfg, client, experiment_name: str, sweep: str, space) -> tuple[s
         raise config_lib.ConfigError(f"tune.name={sweep} was started with another search space "
                                      f"({_space_change(recorded, space_fingerprint(space))}); resume it with its own "
                                      f"space, or start a new sweep with another tune.name")
+    change = setting_change(parent.data.params, cfg) if parent is not None else None
+    if change:
+        raise config_lib.ConfigError(f"tune.name={sweep} was started with {change}; resume it with its own "
+                                     f"settings, or start a new sweep with another tune.name")
     # A finished sweep that is forced goes on with new trials: its Optuna study (TPE sees every
     # earlier trial) and its MLflow parent run continue.
     return ("extend" if finished else mode), parent

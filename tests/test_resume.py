@@ -97,8 +97,10 @@ def test_a_killed_sweep_resumes_with_the_same_command(tmp_path):
     changed = run_cli_here("platform.tune", *sweep(tmp_path, "tune.resume=force", f"tune.space={tmp_path / 'other.yaml'}"),
                            cwd=str(tmp_path))
     assert changed.returncode == 2 and "was started with another search space (model.decoder_depth" in changed.stderr
+    longer = run_cli_here("platform.tune", *sweep(tmp_path, "tune.resume=force", "train.epochs=5"), cwd=str(tmp_path))
+    assert longer.returncode == 2 and "was started with train.epochs=3; this command has train.epochs=5" in longer.stderr
     missing = run_cli_here("platform.tune", *sweep(tmp_path, "tune.resume=force", "tune.name=nothing-here"),
                            cwd=str(tmp_path))
     assert missing.returncode == 2 and "there is no sweep named nothing-here to resume" in missing.stderr
-    for result in (finished, never, changed, missing):
+    for result in (finished, never, changed, longer, missing):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
