@@ -1,4 +1,4 @@
-"""Several Ray nodes on this machine (ray.cluster_utils.Cluster, all on 127.0.0.1): a run spread
+"""Several Ray nodes on this machine (ray.cluster_utils.Cluster, all on 127.0.0.1): runs spread
 over two nodes, trial drivers pinned to the head by a custom resource, a Train worker killed
 mid-run (SIGTERM: a checkpoint at the next step; SIGKILL: the last epoch's) and a node drained
 for preemption and replaced, each run resumed where it stopped as one MLflow run; concurrent trials
@@ -34,22 +34,6 @@ def two_nodes():
     head, worker = cluster.list_all_nodes()
     yield {"address": cluster.address, "head": head.node_id, "worker": worker.node_id}
     cluster.shutdown()
-
-
-def test_a_two_worker_trial_spreads_over_two_nodes_with_its_driver_on_the_head(tmp_path, two_nodes):
-    db = tmp_path / "mlflow.db"
-    result = run_cli("platform.tune", "task=mae", "tune.num_samples=1", "train.epochs=1", "tune.name=spread",
-                     f"ray.address={two_nodes['address']}", "scaling.num_workers=2",
-                     "scaling.placement_strategy=STRICT_SPREAD", *MAE, *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "1 trials (0 failed)" in result.stdout
-
-    client = MlflowClient(f"sqlite:///{db}")
-    experiment = client.get_experiment_by_name("deeplense-mae").experiment_id
-    (trial,) = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" in r.data.tags]
-    ranks = trial.data.tags["platform.worker_nodes"].split(",")
-    assert len(ranks) == 2 and set(ranks) == {two_nodes["head"], two_nodes["worker"]}  # one worker per node
-    assert trial.data.tags["platform.driver_node"] == two_nodes["head"]  # placed by trial_driver
 
 
 def train_workers() -> list[int]:
@@ -141,7 +125,7 @@ def test_a_node_drained_for_preemption_hands_its_run_to_a_new_node(tmp_path, mon
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
     spot = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
-    db, epochs, deadline_s = tmp_path / "mlflow.db", 12, 20
+    db, epochs, deadline_s = tmp_path / "mlflow.db", 9, 15
     process = start_cli("platform.train", "task=mae", f"train.epochs={epochs}", "train.name=drained",
                         "train.preemption_check_steps=1", "scaling.placement_strategy=STRICT_SPREAD",
                         f"ray.address={cluster.address}", "scaling.num_workers=2",
@@ -149,7 +133,6 @@ def test_a_node_drained_for_preemption_hands_its_run_to_a_new_node(tmp_path, mon
     try:
         client = MlflowClient(f"sqlite:///{db}")
         run_id, _ = wait_for("two epochs", lambda: logged_epochs_and_pids(client, 2))
-        replacement = cluster.add_node(num_cpus=2)  # the autoscaler's new node
         drain = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node",
                                 f"--address={cluster.address}", f"--node-id={spot.node_id}",
                                 "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot reclaim",
@@ -158,6 +141,7 @@ def test_a_node_drained_for_preemption_hands_its_run_to_a_new_node(tmp_path, mon
         drained_at = time.time()
         results = tmp_path / "ray_results" / "drained"
         wait_for("a checkpoint taken on the drain notice", lambda: list(results.glob("epoch-*-step-*")), timeout=deadline_s)
+        replacement = cluster.add_node(num_cpus=2)  # the autoscaler's new node
         time.sleep(max(0.0, drained_at + deadline_s + 1 - time.time()))
         cluster.remove_node(spot, allow_graceful=False)  # the reclaimed VM vanishes
         output, _ = process.communicate(timeout=600)
@@ -172,7 +156,13 @@ def test_a_node_drained_for_preemption_hands_its_run_to_a_new_node(tmp_path, mon
 
     saved = re.search(r"preemption warning \(drain\): checkpoint saved in epoch (\d+) at step (\d+)", output)
     assert saved, output[-4000:]
-    assert f"resuming from epoch {int(saved[1]) - 1} step {saved[2]}" in output, output[-4000:]
+    # The run trains on after its warning; the restart takes the latest checkpoint: that one, or
+    # an epoch's saved after it.
+    (resumed,) = re.findall(r"resuming from epoch (\d+)(?: step (\d+))?", output)
+    at = (int(resumed[0]), int(resumed[1] or 0))
+    assert at == (int(saved[1]) - 1, int(saved[2])) or at[0] >= int(saved[1]), (at, saved[0])
+    for epoch in range(1, at[0] + 1):  # nothing before it trained twice
+        assert len(re.findall(rf"\[mae\] epoch {epoch}/{epochs} ", output)) == 1, (epoch, output[-4000:])
     (run,) = client.search_runs([client.get_experiment_by_name("deeplense-mae").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_id == run_id
     assert replacement.node_id in run.data.tags["platform.worker_nodes"].split(",")
@@ -212,10 +202,13 @@ def mlflow_server(tmp_path):
     server.wait(timeout=60)
 
 
-def test_concurrent_trials_lose_no_metric_on_one_tracking_server(tmp_path, two_nodes, mlflow_server):
+def test_concurrent_two_node_trials_lose_no_metric_on_one_tracking_server(tmp_path, two_nodes, mlflow_server):
+    """Two trials at once, each a two-worker run spread over both nodes with its driver on the
+    head (placed by trial_driver), all writing to one real MLflow server: every step lands."""
     epochs, samples = 2, 2
     result = run_cli("platform.tune", "task=mae", f"tune.num_samples={samples}", "tune.max_concurrent=2",
                      "tune.scheduler=none", f"train.epochs={epochs}", "tune.name=crowd",
+                     "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.placement_strategy=STRICT_SPREAD",
                      f"ray.address={two_nodes['address']}", *MAE, *tiny(tmp_path / "cache", tmp_path / "unused.db"),
                      f"mlflow.tracking_uri={mlflow_server}", cwd=str(tmp_path))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -228,6 +221,9 @@ def test_concurrent_trials_lose_no_metric_on_one_tracking_server(tmp_path, two_n
     spans = sorted((t.info.start_time, t.info.end_time) for t in trials)
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans  # they did overlap
     for trial in trials:
+        ranks = trial.data.tags["platform.worker_nodes"].split(",")
+        assert len(ranks) == 2 and set(ranks) == {two_nodes["head"], two_nodes["worker"]}  # one worker per node
+        assert trial.data.tags["platform.driver_node"] == two_nodes["head"]  # placed by trial_driver
         for metric in trial.data.metrics:
             if metric.startswith(("val/", "train/", "best/")) or metric == "epoch":
                 steps = [m.step for m in client.get_metric_history(trial.info.run_id, metric)]
