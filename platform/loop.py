@@ -199,8 +199,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         started, loss_sum, samples, steps = time.perf_counter(), torch.zeros((), device=device), 0, 0
         seconds_before = 0.0  # this epoch's training time before a preemption, when resumed mid-epoch
         if partial and epoch == start_epoch:
-            loss_sum += partial["loss_sum"]
-            samples, seconds_before = partial["samples"], partial["seconds"]
+            seconds_before = partial["seconds"]
+            if rank == 0:  # the sums over every rank up to the preemption, counted once
+                loss_sum += partial["loss_sum"]
+                samples = int(partial["samples"])
         for numpy_batch in train_shard.iter_batches(
             batch_size=cfg.train.batch_size,
             batch_format="numpy",
@@ -231,10 +233,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if check_every and steps % check_every == 0:
                 warned = preemption.warning(world_size, device)
                 if warned == "SIGTERM" or (warned == "drain" and not saved_for_drain):
-                    sums = {"loss_sum": loss_sum.item(), "samples": samples,
-                            "seconds": seconds_before + time.perf_counter() - started}
+                    sums = torch.stack([loss_sum, torch.tensor(float(samples), device=device)])
+                    if world_size > 1:
+                        dist.all_reduce(sums)
+                    partial_sums = {"loss_sum": sums[0].item(), "samples": sums[1].item(),
+                                    "seconds": seconds_before + time.perf_counter() - started}
                     with tempfile.TemporaryDirectory() as folder:
-                        saved = save_state(folder, epoch, steps, sums) if rank == 0 else None
+                        saved = save_state(folder, epoch, steps, partial_sums) if rank == 0 else None
                         # Not an epoch's result: platform.tune does not pass it on to Tune.
                         ray.train.report({PREEMPTION_KEY: f"{warned} in epoch {epoch + 1} at step {steps}"},
                                          checkpoint=saved, checkpoint_dir_name=f"epoch-{epoch:04d}-step-{steps:06d}")
