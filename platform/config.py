@@ -77,6 +77,9 @@ class DataConfig:
     cache_dir: str = ""  # default: $DEEPLENSE_CACHE or ~/.cache/deeplense
     classes: list = field(default_factory=lambda: ["no", "sphere", "vort"])
     shard_size: int = bounded(2048, 1)
+    # A worker whose share of a split is at most this many MB (on disk) holds it in memory after
+    # one pass, reshuffled each epoch; a larger split streams through Ray Data every epoch.
+    in_memory_mb: float = bounded(2048.0, 0.0)
 
 
 @dataclass
@@ -129,6 +132,9 @@ class TuneConfig:
     # A trial still running after this many seconds is failed (a stalled one sends no reports
     # that a stopper could act on); 0: no limit.
     trial_timeout_s: float = bounded(0.0, 0.0)
+    # How a trial ASHA stops early is told to Optuna: pruned (its per-epoch values kept; TPE ranks
+    # it after the trials that ran to the end), or complete with its last value (Ray's default).
+    stopped_trials: str = choice("pruned", ["pruned", "complete"])
 
 
 @dataclass

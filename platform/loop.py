@@ -96,19 +96,50 @@ def gather_outputs(chunks: list[dict], world_size: int) -> dict[str, np.ndarray]
     return {k: np.concatenate([d[k] for d in everyone if d]) for k in keys}
 
 
-def evaluate(model, task, cfg, device, dtype, world_size) -> tuple[dict[str, np.ndarray], dict]:
+def evaluate(model, task, cfg, device, dtype, world_size, val_batches) -> tuple[dict[str, np.ndarray], dict]:
     """Gathered eval outputs of the whole val split, and this worker's first collated val batch."""
     model.eval()
     chunks, first_batch = [], None
-    shard = ray.train.get_dataset_shard("val")
     with torch.no_grad(), _autocast(device, dtype):
-        for numpy_batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
+        for numpy_batch in val_batches:
             batch = task.collate(numpy_batch, cfg, False)
             first_batch = first_batch or batch
             out = task.eval_step(model, to_device(batch, device), cfg)
             chunks.append({k: v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
                            for k, v in out.items()})
     return gather_outputs(chunks, world_size), first_batch
+
+
+def shard_batches(split: str, loop_config: dict, cfg, world_size: int):
+    """``batches(shuffle_seed)``: one epoch of numpy batches of this worker's shard of ``split``.
+
+    A shard that fits in ``data.in_memory_mb`` is read through Ray Data once and then served
+    from memory, in a fresh permutation of the whole shard each epoch (seeded, so a run resumed
+    mid-epoch skips exactly the batches it trained): no pipeline to start per epoch and per
+    evaluation, which on small data costs more than the steps. A larger one streams from Ray
+    Data every epoch, shuffled in a local buffer. ``shuffle_seed=None``: in order (evaluation).
+    """
+    shard = ray.train.get_dataset_shard(split)
+    batch_size = cfg.train.batch_size
+    in_memory = loop_config["split_bytes"][split] / world_size <= cfg.data.in_memory_mb * 2**20
+    rows: dict[str, np.ndarray] = {}
+
+    def batches(shuffle_seed: int | None):
+        if not in_memory:
+            shuffle = {} if shuffle_seed is None else {"local_shuffle_seed": shuffle_seed, "local_shuffle_buffer_size":
+                                                       min(loop_config["train_rows"], 4 * batch_size)}
+            yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", **shuffle)
+            return
+        if not rows:
+            parts = list(shard.iter_batches(batch_size=max(batch_size, 1024), batch_format="numpy"))
+            rows.update({k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {})
+        n = len(rows["image"]) if rows else 0
+        order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else None
+        for start in range(0, n, batch_size):
+            picked = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+            yield {k: v[picked] for k, v in rows.items()}
+
+    return batches
 
 
 def _autocast(device, dtype):
@@ -193,7 +224,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.save(best_state, os.path.join(folder, BEST_FILE))
         return ray.train.Checkpoint.from_directory(folder)
 
-    train_shard = ray.train.get_dataset_shard("train")
+    train_batches = shard_batches("train", loop_config, cfg, world_size)
+    val_batches = shard_batches("val", loop_config, cfg, world_size)
+    first_step_at = None  # wall clock when a fresh run's first batch is in hand
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         started, loss_sum, samples, steps = time.perf_counter(), torch.zeros((), device=device), 0, 0
@@ -203,15 +236,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:  # the sums over every rank up to the preemption, counted once
                 loss_sum += partial["loss_sum"]
                 samples = int(partial["samples"])
-        for numpy_batch in train_shard.iter_batches(
-            batch_size=cfg.train.batch_size,
-            batch_format="numpy",
-            local_shuffle_buffer_size=min(loop_config["train_rows"], 4 * cfg.train.batch_size),
-            local_shuffle_seed=cfg.train.seed * 1000 + epoch * 10 + rank,
-        ):
+        for numpy_batch in train_batches(cfg.train.seed * 1000 + epoch * 10 + rank):
             if epoch == start_epoch and steps < skip_steps:  # trained before the preemption
                 steps += 1
                 continue
+            if first_step_at is None and epoch == 0 and not skip_steps:
+                first_step_at = time.time()
             batch = to_device(task.collate(numpy_batch, cfg, True), device)
             batch["epoch"] = epoch  # 0-based, for schedules inside a task's loss
             with _autocast(device, dtype):
@@ -260,7 +290,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"train/loss became {train_loss} in epoch {epoch + 1}; lower train.lr or enable train.grad_clip")
 
-        outputs, plot_batch = evaluate(model, task, cfg, device, dtype, world_size)
+        outputs, plot_batch = evaluate(model, task, cfg, device, dtype, world_size, val_batches(None))
         metrics = {f"val/{k}": float(v) for k, v in task.evaluate(outputs, cfg).items()}
         metrics.update({
             "train/loss": train_loss,
@@ -268,6 +298,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train/samples_per_s": totals[2].item() / epoch_time,
             "epoch": epoch + 1,
         })
+        if epoch == 0 and first_step_at is not None and "started_at" in loop_config:
+            # Start-up: the trainer built on the driver -> workers, data pipeline, model -> first batch.
+            metrics["time/to_first_step_s"] = first_step_at - loop_config["started_at"]
         improved = is_better(metrics[metric_key], best, task.mode)
         if improved:
             best, best_epoch = metrics[metric_key], epoch + 1

@@ -25,8 +25,12 @@ def storage_path(cfg) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tracking_uri: str, callbacks=()):
-    """A TorchTrainer for one run of ``cfg``: the one code path for a laptop and a GPU cluster."""
+def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tracking_uri: str, callbacks=(),
+                 started_at: float | None = None):
+    """A TorchTrainer for one run of ``cfg``: the one code path for a laptop and a GPU cluster.
+
+    ``started_at``: when the run (a sweep's trial) began, for ``time/to_first_step_s``; default now.
+    """
     import ray.data
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -45,6 +49,8 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": tracking_uri,
         "train_rows": shards["train"].num_rows,
+        "split_bytes": {split: sum(f["bytes"] for f in s.manifest["files"]) for split, s in shards.items()},
+        "started_at": started_at or time.time(),  # start-up to the first step: time/to_first_step_s
     }
     return TorchTrainer(
         train_loop_per_worker,

@@ -22,9 +22,12 @@ FAILURE_TAG = "platform.failure"  # why a trial failed, in one line
 def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: str, parent: str, sweep: str,
               init_tags: dict) -> None:
     """One Tune trial: validate the sampled values, open its nested MLflow run, fit one TorchTrainer."""
+    import time
+
     import ray
     import ray.tune
 
+    started_at = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = config_lib.build(base["task"], [config_lib.flatten(base), sampled])
     client = tracking.MlflowClient(uri)
@@ -44,7 +47,7 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: 
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
     tracking.set_tags(client, run_id, {"platform.driver_node": ray.get_runtime_context().get_node_id()})
     trainer = make_trainer(cfg, shards, name=f"{sweep}-{trial_id}", mlflow_run_id=run_id, tracking_uri=uri,
-                           callbacks=[epoch_reports()])
+                           callbacks=[epoch_reports()], started_at=started_at)
     result = fit_within(trainer, cfg.tune.trial_timeout_s)
     if result.error:
         raise result.error
@@ -124,7 +127,8 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from platform.searcher import TruthfulOptunaSearch
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config_lib.to_dict(cfg), shards=shards, uri=uri, experiment=experiment,
@@ -152,13 +156,15 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     seed = cfg.tune.seed + earlier
     sampler = (optuna.samplers.TPESampler(seed=seed) if cfg.tune.search == "tpe"
                else optuna.samplers.RandomSampler(seed=seed))
-    search = OptunaSearch(
+    search = TruthfulOptunaSearch(
         space=space_lib.define_by_run(space),
         metric=metric,
         mode=task.mode,
         sampler=sampler,
         study_name=sweep,
         storage=storage,
+        epochs=cfg.train.epochs,
+        stopped_as=cfg.tune.stopped_trials,
     )
     scheduler = None
     if cfg.tune.scheduler == "asha":

@@ -1,0 +1,202 @@
+"""Sweep overhead: what a trial costs beyond its training, in ``platform.tune`` and in bare Ray.
+
+    python -m benchmarks.sweep_overhead [--trials 4] [--num-train 256] [--epochs 2] [--repeats 2]
+
+Every trial does the same fixed tiny work: ``classification`` (ResNet-18) on the same simulated
+shards for ``--epochs`` epochs, one worker, one CPU, trials one after another. Three commands,
+each in a fresh process, interleaved over repetitions, medians:
+
+- the work: the plain PyTorch loop of ``benchmarks.train_overhead``, its time from first step to
+  the end of its last evaluation;
+- bare Ray: a Ray Tune sweep whose trials each fit a Ray Train ``TorchTrainer`` running the same
+  steps on a Ray Data shard, reported once per epoch: no MLflow, no checkpoints, random search,
+  no scheduler (what one wires by hand);
+- the platform: ``python -m platform.tune`` with random search and no scheduler, so every
+  trial runs every epoch.
+
+Each sweep runs with 1 and with ``--trials`` trials: the slope is the cost of one more trial,
+the rest the sweep's fixed cost (imports, Ray start, the best model logged at the end).
+Overhead per trial = slope minus the work. Start-up to first step: from the trial function's
+start to its first batch in hand (the platform's ``time/to_first_step_s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from benchmarks.common import ROOT, median, run, save, table
+
+TASK = "classification"
+
+
+def settings(args) -> list[str]:
+    return [f"data.num_train={args.num_train}", f"data.num_val={args.num_val}", f"data.cache_dir={args.cache}",
+            f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "model.name=resnet18"]
+
+
+def bare_sweep(trials: int, overrides: list[str], storage: str) -> list[float]:
+    """The baseline, in this process: Ray Tune -> TorchTrainer -> the same steps. Returns start-ups to first step."""
+    import ray
+    import ray.data
+    import ray.train
+    import ray.train.torch
+    import torch
+    from ray import tune
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from platform import config as config_lib, registry
+
+    cfg = config_lib.build(TASK, [config_lib.parse_cli([f"task={TASK}", *overrides])[1]])
+    shards = registry.get(TASK).build_data(cfg)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": ROOT}}, include_dashboard=True, dashboard_host="127.0.0.1",
+             configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    def train_loop(config):
+        task, cfg = registry.get(TASK), config_lib.from_dict(config["cfg"])
+        torch.manual_seed(0)
+        model = ray.train.torch.prepare_model(task.build_model(cfg))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
+        first_step = None
+        for epoch in range(cfg.train.epochs):
+            model.train()
+            for batch in ray.train.get_dataset_shard("train").iter_batches(
+                    batch_size=cfg.train.batch_size, batch_format="numpy", local_shuffle_buffer_size=256):
+                first_step = first_step or time.time()
+                loss = task.train_step(model, task.collate(batch, cfg, True), cfg)["loss"]
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+            model.eval()
+            outputs = []
+            with torch.no_grad():
+                for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.train.batch_size,
+                                                                           batch_format="numpy"):
+                    out = task.eval_step(model, task.collate(batch, cfg, False), cfg)
+                    outputs.append({k: v.numpy() for k, v in out.items()})
+            import numpy as np
+            metrics = task.evaluate({k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}, cfg)
+            ray.train.report({"auc": metrics[task.metric], "to_first_step_s": first_step - config["started_at"]})
+
+    def trial(params):
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": config_lib.to_dict(cfg), "lr": params["lr"], "started_at": time.time()},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name=f"bare-{tune.get_context().get_trial_id()}", storage_path=storage,
+                                 callbacks=[TuneReportCallback()]),
+            datasets={split: ray.data.read_parquet(s.files) for split, s in shards.items()},
+        )
+        trainer.fit()
+
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"CPU": 0, "memory": 2**28}),
+        param_space={"lr": tune.loguniform(1e-4, 3e-3)},
+        tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1),
+        run_config=tune.RunConfig(name="bare", storage_path=storage),
+    )
+    results = tuner.fit()
+    return [r.metrics_dataframe["to_first_step_s"].iloc[0] for r in results]
+
+
+def measure(kind: str, trials: int, overrides: list[str], workdir: str, name: str) -> dict:
+    if kind == "bare":
+        wall, out = run([sys.executable, "-m", "benchmarks.sweep_overhead", "--bare", str(trials), *overrides],
+                        cwd=workdir)
+        return {"wall_s": wall, "to_first_step_s": json.loads(out.strip().splitlines()[-1])}
+    from mlflow.tracking import MlflowClient
+
+    db = os.path.join(workdir, "mlflow.db")
+    wall, _ = run([sys.executable, "-m", "platform.tune", f"task={TASK}", *overrides, f"tune.name={name}",
+                   f"tune.num_samples={trials}", "tune.search=random", "tune.scheduler=none", "tune.max_concurrent=1",
+                   f"tune.space={os.path.join(workdir, 'space.yaml')}", f"mlflow.tracking_uri=sqlite:///{db}",
+                   "mlflow.register_model=false"], cwd=workdir)
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name(f"deeplense-{TASK}").experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`platform.sweep` = '{name}'")
+    starts = [r.data.metrics["time/to_first_step_s"] for r in runs if "time/to_first_step_s" in r.data.metrics]
+    return {"wall_s": wall, "to_first_step_s": starts}
+
+
+def work(overrides: list[str], workdir: str) -> float:
+    """Seconds of the plain loop from its first step to its end: one trial's work."""
+    _, out = run([sys.executable, "-m", "benchmarks.train_overhead", "--plain", *overrides], cwd=workdir)
+    return json.loads(out.strip().splitlines()[-1])["work_s"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    if argv is None and sys.argv[1:2] == ["--bare"]:  # the bare-Ray sweep's own process
+        with tempfile.TemporaryDirectory(prefix="bench-bare-") as storage:
+            print(json.dumps(bare_sweep(int(sys.argv[2]), sys.argv[3:], storage)))
+        return {}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--num-train", type=int, default=256)
+    parser.add_argument("--num-val", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", "results", "cache"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "sweep_overhead.json"))
+    args = parser.parse_args(argv)
+    overrides = settings(args)
+
+    walls = {(kind, n): [] for kind in ("bare", "platform") for n in (1, args.trials)}
+    starts = {"bare": [], "platform": []}
+    works = []
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as workdir:
+        with open(os.path.join(workdir, "space.yaml"), "w") as f:
+            f.write("search:\n  train.lr: {loguniform: [1.0e-4, 3.0e-3]}\n")  # fixed work: only the lr varies
+        for repeat in range(args.repeats):
+            works.append(work(overrides, workdir))
+            print(f"repeat {repeat + 1}: one trial's work {works[-1]:.1f}s", flush=True)
+            kinds = ["bare", "platform"] if repeat % 2 == 0 else ["platform", "bare"]
+            for n in (1, args.trials):
+                for kind in kinds:
+                    measured = measure(kind, n, overrides, workdir, f"bench-{n}-{repeat}")
+                    walls[kind, n].append(measured["wall_s"])
+                    starts[kind] += measured["to_first_step_s"]
+                    print(f"repeat {repeat + 1}: {kind} sweep of {n} trial(s) {measured['wall_s']:.1f}s", flush=True)
+
+    one_trial = median(works)
+    summary = {"work_per_trial_s": one_trial, "trials": args.trials}
+    rows = []
+    for kind in ("bare", "platform"):
+        slope = median([(b - a) / (args.trials - 1) for a, b in zip(walls[kind, 1], walls[kind, args.trials])])
+        wall = median(walls[kind, args.trials])
+        summary[kind] = {
+            "sweep_wall_s": wall,
+            "wall_over_work": wall / (args.trials * one_trial),
+            "seconds_per_trial": slope,
+            "overhead_per_trial_s": slope - one_trial,
+            "fixed_s": median(walls[kind, 1]) - slope,
+            "to_first_step_s": median(starts[kind]),
+        }
+        s = summary[kind]
+        rows.append([{"bare": "bare Ray Tune + Train", "platform": "platform.tune"}[kind], s["sweep_wall_s"],
+                     s["wall_over_work"], s["seconds_per_trial"], s["overhead_per_trial_s"], s["fixed_s"],
+                     s["to_first_step_s"]])
+    summary["platform_adds_per_trial_s"] = summary["platform"]["seconds_per_trial"] - summary["bare"]["seconds_per_trial"]
+    print()
+    print(table([f"{args.trials} trials", "wall s", "wall / work", "s per trial", "overhead per trial s",
+                 "fixed s", "to first step s"], rows))
+    print(f"\none trial's work: {one_trial:.1f}s; the platform adds {summary['platform_adds_per_trial_s']:.1f}s per trial "
+          f"over bare Ray (target: overhead under 5 s per trial)")
+    result = {"benchmark": "sweep_overhead",
+              "command": "python -m benchmarks.sweep_overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "settings": vars(args), "summary": summary,
+              "walls": {f"{kind}-{n}": v for (kind, n), v in walls.items()}, "work_s": works}
+    save(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

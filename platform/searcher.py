@@ -1,0 +1,41 @@
+"""Optuna behind Ray Tune, told what really happened to each trial.
+
+Ray's ``OptunaSearch`` tells Optuna that a trial ASHA stopped early is COMPLETE, with the
+value of the last epoch it reached: a trial stopped after one epoch looks to TPE like a
+finished one that ended poorly, or (on a metric that is still rising) like a finished one
+that ended well. Here it is PRUNED: Optuna keeps the per-epoch values it was sent
+(``trial.report``), and TPE ranks pruned trials after the completed ones, a trial pruned
+later above one pruned earlier. A trial that failed is FAIL, not COMPLETE with the value it
+had before failing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+logger = logging.getLogger(__name__)
+
+
+class TruthfulOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that tells stopped trials as PRUNED (``stopped_as="pruned"``) and failed ones as FAIL.
+
+    ``epochs``: what a trial that runs to its end reports as its last ``epoch``; one that
+    reports fewer was stopped. ``stopped_as="complete"`` is Ray's own behaviour.
+    """
+
+    def __init__(self, *args, epochs: int, stopped_as: str = "pruned", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epochs, self.stopped_as = epochs, stopped_as
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped = not error and bool(result) and result.get("epoch", self.epochs) < self.epochs
+        if self.stopped_as == "complete" or trial_id in self._completed_trials or not (error or stopped):
+            return super().on_trial_complete(trial_id, result, error)
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.FAIL if error else TrialState.PRUNED)
+        except Exception as exc:  # as Ray does: a bad tell must not end the sweep
+            logger.warning(exc)
+        self._completed_trials.add(trial_id)
