@@ -14,10 +14,11 @@ each in a fresh process, interleaved over repetitions, medians:
 - the platform: ``python -m platform.tune`` with random search and no scheduler, so every
   trial runs every epoch.
 
-Each sweep runs with 1 and with ``--trials`` trials: the slope is the cost of one more trial,
-the rest the sweep's fixed cost (imports, Ray start, the best model logged at the end).
-Overhead per trial = slope minus the work. Start-up to first step: from the trial function's
-start to its first batch in hand (the platform's ``time/to_first_step_s``).
+Seconds per trial: from the first trial function's start to the last one's end, over the
+number of trials (the gaps between trials included); the rest of the wall time is the sweep's
+fixed cost (imports, Ray start, the first trial's process, the best model logged at the end).
+Overhead per trial = seconds per trial minus the work. Start-up to first step: from the trial
+function's start to its first batch in hand (the platform's ``time/to_first_step_s``).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def bare_sweep(trials: int, overrides: list[str], storage: str) -> list[float]:
             ray.train.report({"auc": metrics[task.metric], "to_first_step_s": first_step - config["started_at"]})
 
     def trial(params):
+        started = time.time()
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": config_lib.to_dict(cfg), "lr": params["lr"], "started_at": time.time()},
@@ -96,6 +98,8 @@ def bare_sweep(trials: int, overrides: list[str], storage: str) -> list[float]:
             datasets={split: ray.data.read_parquet(s.files) for split, s in shards.items()},
         )
         trainer.fit()
+        with open(os.path.join(storage, "spans.txt"), "a") as f:  # this machine: the driver reads it
+            f.write(f"{started} {time.time()}\n")
 
     tuner = tune.Tuner(
         tune.with_resources(trial, {"CPU": 0, "memory": 2**28}),
@@ -104,14 +108,17 @@ def bare_sweep(trials: int, overrides: list[str], storage: str) -> list[float]:
         run_config=tune.RunConfig(name="bare", storage_path=storage),
     )
     results = tuner.fit()
-    return [r.metrics_dataframe["to_first_step_s"].iloc[0] for r in results]
+    with open(os.path.join(storage, "spans.txt")) as f:
+        spans = [tuple(map(float, line.split())) for line in f]
+    return {"to_first_step_s": [r.metrics_dataframe["to_first_step_s"].iloc[0] for r in results],
+            "span_s": max(end for _, end in spans) - min(start for start, _ in spans)}
 
 
 def measure(kind: str, trials: int, overrides: list[str], workdir: str, name: str) -> dict:
     if kind == "bare":
         wall, out = run([sys.executable, "-m", "benchmarks.sweep_overhead", "--bare", str(trials), *overrides],
                         cwd=workdir)
-        return {"wall_s": wall, "to_first_step_s": json.loads(out.strip().splitlines()[-1])}
+        return {"wall_s": wall, **json.loads(out.strip().splitlines()[-1])}
     from mlflow.tracking import MlflowClient
 
     db = os.path.join(workdir, "mlflow.db")
@@ -121,9 +128,10 @@ def measure(kind: str, trials: int, overrides: list[str], workdir: str, name: st
                    "mlflow.register_model=false"], cwd=workdir)
     client = MlflowClient(f"sqlite:///{db}")
     experiment = client.get_experiment_by_name(f"deeplense-{TASK}").experiment_id
-    runs = client.search_runs([experiment], filter_string=f"tags.`platform.sweep` = '{name}'")
-    starts = [r.data.metrics["time/to_first_step_s"] for r in runs if "time/to_first_step_s" in r.data.metrics]
-    return {"wall_s": wall, "to_first_step_s": starts}
+    runs = [r for r in client.search_runs([experiment], filter_string=f"tags.`platform.sweep` = '{name}'")
+            if "platform.trial" in r.data.tags]
+    return {"wall_s": wall, "to_first_step_s": [r.data.metrics["time/to_first_step_s"] for r in runs],
+            "span_s": (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000}
 
 
 def work(overrides: list[str], workdir: str) -> float:
@@ -149,8 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     overrides = settings(args)
 
-    walls = {(kind, n): [] for kind in ("bare", "platform") for n in (1, args.trials)}
-    starts = {"bare": [], "platform": []}
+    runs = {"bare": [], "platform": []}
     works = []
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as workdir:
         with open(os.path.join(workdir, "space.yaml"), "w") as f:
@@ -158,27 +165,23 @@ def main(argv: list[str] | None = None) -> dict:
         for repeat in range(args.repeats):
             works.append(work(overrides, workdir))
             print(f"repeat {repeat + 1}: one trial's work {works[-1]:.1f}s", flush=True)
-            kinds = ["bare", "platform"] if repeat % 2 == 0 else ["platform", "bare"]
-            for n in (1, args.trials):
-                for kind in kinds:
-                    measured = measure(kind, n, overrides, workdir, f"bench-{n}-{repeat}")
-                    walls[kind, n].append(measured["wall_s"])
-                    starts[kind] += measured["to_first_step_s"]
-                    print(f"repeat {repeat + 1}: {kind} sweep of {n} trial(s) {measured['wall_s']:.1f}s", flush=True)
+            for kind in (["bare", "platform"] if repeat % 2 == 0 else ["platform", "bare"]):
+                runs[kind].append(measure(kind, args.trials, overrides, workdir, f"bench-{repeat}"))
+                print(f"repeat {repeat + 1}: {kind} sweep of {args.trials} trials {runs[kind][-1]['wall_s']:.1f}s",
+                      flush=True)
 
     one_trial = median(works)
     summary = {"work_per_trial_s": one_trial, "trials": args.trials}
     rows = []
     for kind in ("bare", "platform"):
-        slope = median([(b - a) / (args.trials - 1) for a, b in zip(walls[kind, 1], walls[kind, args.trials])])
-        wall = median(walls[kind, args.trials])
+        per_trial = median([r["span_s"] / args.trials for r in runs[kind]])
         summary[kind] = {
-            "sweep_wall_s": wall,
-            "wall_over_work": wall / (args.trials * one_trial),
-            "seconds_per_trial": slope,
-            "overhead_per_trial_s": slope - one_trial,
-            "fixed_s": median(walls[kind, 1]) - slope,
-            "to_first_step_s": median(starts[kind]),
+            "sweep_wall_s": median([r["wall_s"] for r in runs[kind]]),
+            "wall_over_work": median([r["wall_s"] / (args.trials * one_trial) for r in runs[kind]]),
+            "seconds_per_trial": per_trial,
+            "overhead_per_trial_s": per_trial - one_trial,
+            "fixed_s": median([r["wall_s"] - r["span_s"] for r in runs[kind]]),
+            "to_first_step_s": median([s for r in runs[kind] for s in r["to_first_step_s"]]),
         }
         s = summary[kind]
         rows.append([{"bare": "bare Ray Tune + Train", "platform": "platform.tune"}[kind], s["sweep_wall_s"],
@@ -192,8 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"over bare Ray (target: overhead under 5 s per trial)")
     result = {"benchmark": "sweep_overhead",
               "command": "python -m benchmarks.sweep_overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "settings": vars(args), "summary": summary,
-              "walls": {f"{kind}-{n}": v for (kind, n), v in walls.items()}, "work_s": works}
+              "settings": vars(args), "summary": summary, "runs": runs, "work_s": works}
     save(result, args.out)
     return result
 

@@ -77,9 +77,9 @@ class DataConfig:
     cache_dir: str = ""  # default: $DEEPLENSE_CACHE or ~/.cache/deeplense
     classes: list = field(default_factory=lambda: ["no", "sphere", "vort"])
     shard_size: int = bounded(2048, 1)
-    # A worker whose share of a split is at most this many MB (on disk) holds it in memory after
-    # one pass, reshuffled each epoch; a larger split streams through Ray Data every epoch.
-    in_memory_mb: float = bounded(2048.0, 0.0)
+    # A split of at most this many MB (on disk) is read once into Ray's object store, one shared
+    # copy per node, and reshuffled there each epoch; a larger one streams through Ray Data.
+    in_memory_mb: float = bounded(1024.0, 0.0)
 
 
 @dataclass
@@ -135,6 +135,9 @@ class TuneConfig:
     # How a trial ASHA stops early is told to Optuna: pruned (its per-epoch values kept; TPE ranks
     # it after the trials that ran to the end), or complete with its last value (Ray's default).
     stopped_trials: str = choice("pruned", ["pruned", "complete"])
+    # Random trials before TPE models the results; 0: a third of tune.num_samples, from 2 to 10
+    # (Optuna's own 10 would leave a default sweep of 4 trials all random).
+    startup_trials: int = bounded(0, 0)
 
 
 @dataclass

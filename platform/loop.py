@@ -110,36 +110,37 @@ def evaluate(model, task, cfg, device, dtype, world_size, val_batches) -> tuple[
     return gather_outputs(chunks, world_size), first_batch
 
 
-def shard_batches(split: str, loop_config: dict, cfg, world_size: int):
-    """``batches(shuffle_seed)``: one epoch of numpy batches of this worker's shard of ``split``.
+def shard_batches(split: str, loop_config: dict, cfg, rank: int, world_size: int):
+    """``batches(shuffle_seed)``: one epoch of numpy batches of this worker's share of ``split``.
 
-    A shard that fits in ``data.in_memory_mb`` is read through Ray Data once and then served
-    from memory, in a fresh permutation of the whole shard each epoch (seeded, so a run resumed
-    mid-epoch skips exactly the batches it trained): no pipeline to start per epoch and per
-    evaluation, which on small data costs more than the steps. A larger one streams from Ray
-    Data every epoch, shuffled in a local buffer. ``shuffle_seed=None``: in order (evaluation).
+    A split held in the object store (``train.put_in_memory``) is sliced here, every
+    ``world_size``-th row from ``rank`` on, equal shares as DDP needs (zero-copy views of the
+    node's one shared copy), and served in a fresh seeded permutation each epoch: a run resumed
+    mid-epoch skips exactly the batches it trained. Any other split streams from its Ray Data
+    shard every epoch, shuffled in a local buffer. ``shuffle_seed=None``: in order (evaluation).
     """
-    shard = ray.train.get_dataset_shard(split)
     batch_size = cfg.train.batch_size
-    in_memory = loop_config["split_bytes"][split] / world_size <= cfg.data.in_memory_mb * 2**20
-    rows: dict[str, np.ndarray] = {}
+    ref = loop_config["in_memory"].get(split)
+    if ref is None:
+        shard = ray.train.get_dataset_shard(split)
 
-    def batches(shuffle_seed: int | None):
-        if not in_memory:
+        def streamed(shuffle_seed: int | None):
             shuffle = {} if shuffle_seed is None else {"local_shuffle_seed": shuffle_seed, "local_shuffle_buffer_size":
                                                        min(loop_config["train_rows"], 4 * batch_size)}
-            yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", **shuffle)
-            return
-        if not rows:
-            parts = list(shard.iter_batches(batch_size=max(batch_size, 1024), batch_format="numpy"))
-            rows.update({k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {})
-        n = len(rows["image"]) if rows else 0
-        order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else None
-        for start in range(0, n, batch_size):
-            picked = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
-            yield {k: v[picked] for k, v in rows.items()}
+            return shard.iter_batches(batch_size=batch_size, batch_format="numpy", **shuffle)
 
-    return batches
+        return streamed
+    rows = ray.get(ref)
+    share = len(rows["image"]) // world_size
+    rows = {k: v[rank:share * world_size:world_size] for k, v in rows.items()}
+
+    def from_memory(shuffle_seed: int | None):
+        order = np.random.default_rng(shuffle_seed).permutation(share) if shuffle_seed is not None else np.arange(share)
+        for start in range(0, share, batch_size):
+            picked = order[start:start + batch_size]
+            yield {k: v[picked] for k, v in rows.items()}  # a copy: the shared rows are read-only
+
+    return from_memory
 
 
 def _autocast(device, dtype):
@@ -224,8 +225,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.save(best_state, os.path.join(folder, BEST_FILE))
         return ray.train.Checkpoint.from_directory(folder)
 
-    train_batches = shard_batches("train", loop_config, cfg, world_size)
-    val_batches = shard_batches("val", loop_config, cfg, world_size)
+    train_batches = shard_batches("train", loop_config, cfg, rank, world_size)
+    val_batches = shard_batches("val", loop_config, cfg, rank, world_size)
     first_step_at = None  # wall clock when a fresh run's first batch is in hand
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()

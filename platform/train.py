@@ -25,11 +25,28 @@ def storage_path(cfg) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
+def put_in_memory(cfg, shards: dict) -> dict:
+    """Splits of at most ``data.in_memory_mb``, read once into Ray's object store: {split: ObjectRef}.
+
+    Every worker on a node then reads the same shared-memory copy (zero-copy numpy), and a run
+    starts no Ray Data pipeline for them: no reading tasks and coordinators per trial and per
+    epoch, which on small data cost more than the training. Larger splits stream through Ray
+    Data. A sweep puts its splits once, for all its trials.
+    """
+    import ray
+
+    limit = cfg.data.in_memory_mb * 2**20
+    return {split: ray.put(shards_lib.in_memory(s)) for split, s in shards.items()
+            if sum(f["bytes"] for f in s.manifest["files"]) <= limit}
+
+
 def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tracking_uri: str, callbacks=(),
-                 started_at: float | None = None):
+                 in_memory: dict | None = None, started_at: float | None = None):
     """A TorchTrainer for one run of ``cfg``: the one code path for a laptop and a GPU cluster.
 
-    ``started_at``: when the run (a sweep's trial) began, for ``time/to_first_step_s``; default now.
+    ``in_memory``: splits already in the object store (``put_in_memory``); the others stream
+    through Ray Data. ``started_at``: when the run (a sweep's trial) began, for
+    ``time/to_first_step_s``; default now.
     """
     import ray.data
 
@@ -49,7 +66,7 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": tracking_uri,
         "train_rows": shards["train"].num_rows,
-        "split_bytes": {split: sum(f["bytes"] for f in s.manifest["files"]) for split, s in shards.items()},
+        "in_memory": dict(in_memory or {}),
         "started_at": started_at or time.time(),  # start-up to the first step: time/to_first_step_s
     }
     return TorchTrainer(
@@ -65,7 +82,7 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             callbacks=list(callbacks),
         ),
-        datasets={split: ray.data.read_parquet(s.files) for split, s in shards.items()},
+        datasets={split: ray.data.read_parquet(s.files) for split, s in shards.items() if split not in (in_memory or {})},
     )
 
 
@@ -125,7 +142,8 @@ def train_and_log(cfg, task, shards, client, run_id: str, uri: str, name: str, r
     """One Train run into the MLflow run ``run_id``: params, config, per-epoch metrics, the best model."""
     tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
-    result = make_trainer(cfg, shards, name=name, mlflow_run_id=run_id, tracking_uri=uri).fit()
+    result = make_trainer(cfg, shards, name=name, mlflow_run_id=run_id, tracking_uri=uri,
+                          in_memory=put_in_memory(cfg, shards)).fit()
     if result.error:
         raise result.error
     version = log_best_model(client, run_id, cfg, task, shards["val"], register)

@@ -14,13 +14,13 @@ import sys
 
 from platform import cli, cluster, pretrained, registry, space as space_lib, tracking
 from platform import config as config_lib
-from platform.train import default_name, log_best_model, make_trainer, open_run, storage_path
+from platform.train import default_name, log_best_model, make_trainer, open_run, put_in_memory, storage_path
 
 FAILURE_TAG = "platform.failure"  # why a trial failed, in one line
 
 
-def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: str, parent: str, sweep: str,
-              init_tags: dict) -> None:
+def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: str, experiment: str, parent: str,
+              sweep: str, init_tags: dict) -> None:
     """One Tune trial: validate the sampled values, open its nested MLflow run, fit one TorchTrainer."""
     import time
 
@@ -47,7 +47,7 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, uri: str, experiment: 
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
     tracking.set_tags(client, run_id, {"platform.driver_node": ray.get_runtime_context().get_node_id()})
     trainer = make_trainer(cfg, shards, name=f"{sweep}-{trial_id}", mlflow_run_id=run_id, tracking_uri=uri,
-                           callbacks=[epoch_reports()], started_at=started_at)
+                           callbacks=[epoch_reports()], in_memory=in_memory, started_at=started_at)
     result = fit_within(trainer, cfg.tune.trial_timeout_s)
     if result.error:
         raise result.error
@@ -131,8 +131,8 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     from platform.searcher import TruthfulOptunaSearch
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=config_lib.to_dict(cfg), shards=shards, uri=uri, experiment=experiment,
-                             parent=parent, sweep=sweep, init_tags=init_tags or {}),
+        tune.with_parameters(run_trial, base=config_lib.to_dict(cfg), shards=shards, in_memory=put_in_memory(cfg, shards),
+                             uri=uri, experiment=experiment, parent=parent, sweep=sweep, init_tags=init_tags or {}),
         cluster.trial_resources())
     if resume in ("auto", "force"):
         # Finished trials stay finished; unfinished ones go on from their Train checkpoints;
@@ -154,7 +154,8 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     # A continued study (same tune.name) goes on from its trials; a fresh seed keeps it from
     # drawing the same first points again.
     seed = cfg.tune.seed + earlier
-    sampler = (optuna.samplers.TPESampler(seed=seed) if cfg.tune.search == "tpe"
+    startup = cfg.tune.startup_trials or min(10, max(2, cfg.tune.num_samples // 3))
+    sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup) if cfg.tune.search == "tpe"
                else optuna.samplers.RandomSampler(seed=seed))
     search = TruthfulOptunaSearch(
         space=space_lib.define_by_run(space),

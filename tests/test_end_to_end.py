@@ -155,5 +155,11 @@ def test_tune_mae_sweep(tmp_path):
     study = optuna.load_study(study_name="sweep-a",
                               storage=f"sqlite:///{tmp_path / 'ray_results' / 'sweep-a' / 'optuna.db'}")
     assert len(study.trials) == 3
+    # Optuna hears what happened: a trial ASHA stopped is pruned (keeping its epochs' values), not complete.
+    children = [r for r in runs_of(client, "deeplense-mae") if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    stopped = [c for c in children if c.data.tags.get("platform.stopped_early") == "true"]
+    states = [t.state.name for t in study.trials]
+    assert states.count("PRUNED") == len(stopped) and states.count("COMPLETE") == 3 - len(stopped), states
+    assert all(t.intermediate_values for t in study.trials)
     points = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(points)) == 3, points

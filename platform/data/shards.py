@@ -195,6 +195,13 @@ def read(shards: Shards) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return decode_images(batch), {**plain, **{c: decode_images(batch, c) for c in image_columns}}
 
 
+def in_memory(shards: Shards) -> dict[str, np.ndarray]:
+    """Every row of a split as columns of one array each, images decoded to (N, C, H, W) float32:
+    the form a worker slices batches from when the split is held in Ray's object store."""
+    images, columns = read(shards)
+    return {"image": images, **columns}
+
+
 def _all_rows(shards: Shards) -> dict[str, np.ndarray]:
     table = pa.concat_tables([pq.read_table(f) for f in shards.files])
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
@@ -207,8 +214,13 @@ def head(shards: Shards, rows: int) -> dict[str, np.ndarray]:
 
 
 def decode_images(batch: dict, column: str = "image") -> np.ndarray:
-    """An image column of a numpy batch (``image`` or a second one) as one float32 array (B, C, H, W)."""
+    """An image column of a numpy batch (``image`` or a second one) as one float32 array (B, C, H, W).
+
+    A batch of rows held in memory (``in_memory``) has it decoded already: returned as it is.
+    """
     images = batch[column]
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return images
     prefix = "" if column == "image" else column + "_"
     c, h, w = (int(batch[prefix + k][0]) for k in ("channels", "height", "width"))
     return np.frombuffer(b"".join(images), dtype=np.float32).reshape(len(images), c, h, w)

@@ -1,0 +1,71 @@
+"""Each benchmark once, on a tiny size: it runs, and its JSON holds the figures BENCHMARKS.md quotes.
+
+The figures themselves are measured by running the benchmarks (BENCHMARKS.md), never asserted here:
+these machines are shared and their timings noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.helpers import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def bench(name: str, tmp_path, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    result = run_cli(f"benchmarks.{name}", *args, f"--out={out}", cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"wrote {out}" in result.stdout
+    return json.loads(out.read_text())
+
+
+def positive(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+def test_simulator_benchmark(tmp_path):
+    sizes = bench("simulator", tmp_path, "--images=8", "--repeats=1")["sizes"]
+    assert set(sizes) == {"64x64", "150x150"} and positive(*(s["median_images_per_s"] for s in sizes.values()))
+
+
+def test_training_overhead_benchmark(tmp_path):
+    s = bench("train_overhead", tmp_path, "--num-train=64", "--num-val=32", "--epochs=2", "--batch-size=32",
+              "--repeats=1", f"--cache={tmp_path / 'cache'}")["summary"]
+    assert positive(s["steady_state_ratio"], s["plain_samples_per_s"], s["platform_samples_per_s"],
+                    s["platform_wall_s"], s["platform_to_first_step_s"])
+
+
+def test_data_throughput_benchmark(tmp_path):
+    s = bench("data_throughput", tmp_path, "--images=64", "--epochs=2", "--batch-size=32", "--steps=1",
+              f"--cache={tmp_path / 'cache'}")["summary"]
+    assert s["size"] == "150x150"
+    assert positive(s["streamed_images_per_s"], s["in_memory_images_per_s"], s["consumed_images_per_s"])
+
+
+def test_sweep_overhead_benchmark(tmp_path):
+    s = bench("sweep_overhead", tmp_path, "--trials=2", "--num-train=32", "--num-val=16", "--epochs=1",
+              "--repeats=1", f"--cache={tmp_path / 'cache'}")["summary"]
+    for kind in ("bare", "platform"):
+        assert positive(s[kind]["sweep_wall_s"], s[kind]["seconds_per_trial"], s[kind]["to_first_step_s"])
+
+
+def test_search_efficiency_benchmark(tmp_path):
+    result = bench("search_efficiency", tmp_path, "--seeds", "0", "--budget=3", "--epochs=1", "--num-train=48",
+                   "--num-val=30", "--arms", "random", "tpe+asha", "--target=0.5", f"--cache={tmp_path / 'cache'}")
+    for arm in ("random", "tpe+asha"):
+        trace = result["traces"][arm]["0"]
+        assert 1 <= len(trace) <= 3 and all(0 <= v <= 1 for v in trace)
+        assert result["summary"][arm]["best_at_budget"] == [max(trace)]
+
+
+def test_memory_benchmark(tmp_path):
+    result = bench("memory", tmp_path, "--share-rows=512", f"--cache={tmp_path / 'cache'}", "--sweep-args",
+                   "tune.num_samples=1", "train.epochs=1", "data.num_train=48", "data.num_val=30", "model.depth=1",
+                   "model.embed_dim=32", "model.num_heads=2")
+    assert positive(result["sweep"]["driver"]["rss_mb"], result["sweep"]["RayTrainWorker"]["uss_mb"])
+    assert result["two_workers"]["512"]["RayTrainWorker"]["processes"] >= 2
