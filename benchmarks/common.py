@@ -51,8 +51,8 @@ def run(args: list[str], cwd: str, **env: str) -> tuple[float, str]:
 
 
 def table(header: list[str], rows: list[list]) -> str:
-    cells = [[f"{c:.3g}" if isinstance(c, float) and abs(c) < 100 else f"{c:.0f}" if isinstance(c, float) else str(c)
-              for c in row] for row in rows]
+    cells = [["-" if c is None else f"{c:.3g}" if isinstance(c, float) and abs(c) < 100
+              else f"{c:.0f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]

@@ -39,7 +39,8 @@ def kind(process: psutil.Process, driver: int) -> str | None:
 
 
 def sample(args: list[str], cwd: str, interval: float) -> dict:
-    """Run a command; peak RSS and USS in MB per kind of process (the largest single process of each kind)."""
+    """Run a command; peak RSS and USS in MB per kind of process (the largest single process of each
+    kind), and the peak of all its processes' USS summed."""
     peaks: dict[str, dict] = {}
     process = subprocess.Popen(args, cwd=cwd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -49,18 +50,28 @@ def sample(args: list[str], cwd: str, interval: float) -> dict:
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
     reader.start()
     while process.poll() is None:
-        for p in psutil.process_iter():
-            name = kind(p, process.pid)
-            if name is None:
-                continue
+        try:  # the command's own processes: its local Ray (raylet, workers) descends from it
+            mine = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        total = 0.0
+        for p in mine:
             try:
                 info = p.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            total += info.uss / 2**20
+            name = kind(p, process.pid)
+            if name is None:
                 continue
             peak = peaks.setdefault(name, {"rss_mb": 0.0, "uss_mb": 0.0, "pids": set()})
             peak["rss_mb"] = max(peak["rss_mb"], info.rss / 2**20)
             peak["uss_mb"] = max(peak["uss_mb"], info.uss / 2**20)
             peak["pids"].add(p.pid)
+        # Everything the command runs (Ray's own servers too), each page counted once.
+        everything = peaks.setdefault("all processes (USS summed)", {"rss_mb": None, "uss_mb": 0.0, "pids": set()})
+        everything["uss_mb"] = max(everything["uss_mb"], total)
+        everything["pids"].update(p.pid for p in mine)
         time.sleep(interval)
     reader.join(5)
     if process.returncode:

@@ -51,7 +51,7 @@ def trace(db: str, sweep: str) -> list[float]:
     experiment = client.get_experiment_by_name(f"deeplense-{TASK}").experiment_id
     events = []
     for run_ in client.search_runs([experiment], filter_string=f"tags.`platform.sweep` = '{sweep}'"):
-        if "platform.trial" in run_.data.tags:
+        if "platform.trial_id" in run_.data.tags:
             events += [(m.timestamp, m.step, m.value) for m in client.get_metric_history(run_.info.run_id, METRIC)]
     return [value for _, _, value in sorted(events)]
 
