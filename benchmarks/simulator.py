@@ -9,14 +9,14 @@ each repetition and the median is reported, so a busy moment of a shared machine
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
+import sys
 import time
 
 import torch
 
+from benchmarks.common import ROOT, save
 from platform.data.simulate import _preset, simulate
 
 # (name in the table, preset): model_ii renders 64x64, model_i 150x150.
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results/simulator.json")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "simulator.json"))
     args = parser.parse_args(argv)
 
     for _, preset in SIZES:
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "benchmark": "simulator",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+        "command": "python -m benchmarks.simulator " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "threads": torch.get_num_threads(),
         "images_per_repeat": args.images,
         "repeats": args.repeats,
         "sizes": {name: {"preset": preset, "n_pix": _preset(preset).n_pix,
@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'size':>9} {'preset':>9} {'subhalos':>9} {'images/s (median)':>18}")
     for name, row in result["sizes"].items():
         print(f"{name:>9} {row['preset']:>9} {str(tuple(row['subhalos'])):>9} {row['median_images_per_s']:>18.0f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    save(result, args.out)
     return result
 
 
