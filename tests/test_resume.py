@@ -74,11 +74,11 @@ def test_a_killed_sweep_resumes_with_the_same_command(tmp_path):
         steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/loss")]
         assert sorted(steps) == list(range(1, EPOCHS + 1)), (trial_id, steps)
     (unfinished,) = killed_at
-    # From its last checkpoint, not from scratch: the last logged epoch, or the one before it
-    # when the signal came between logging an epoch and checkpointing it.
+    # From a checkpoint, not from scratch, and never past what it logged. Not always the last
+    # logged epoch: rank 0 logs each epoch to MLflow at once, while Ray Train's controller
+    # registers the epoch's checkpoint at its next poll; fast epochs can outrun it.
     resumed_from = [int(e) for e in re.findall(r"resuming from epoch (\d+)", again.stdout)]
-    assert len(resumed_from) == 1 and 1 <= resumed_from[0] and killed_at[unfinished] - resumed_from[0] in (0, 1), \
-        (killed_at, again.stdout[-4000:])
+    assert len(resumed_from) == 1 and 1 <= resumed_from[0] <= killed_at[unfinished], (killed_at, again.stdout[-4000:])
     # The finished trial did not run again: the second run trained only the rest of the other.
     trained = len(re.findall(rf"\[mae\] epoch \d+/{EPOCHS} ", again.stdout))
     assert trained == EPOCHS - resumed_from[0], again.stdout[-4000:]
