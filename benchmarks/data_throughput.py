@@ -34,24 +34,24 @@ def worker_loop(config: dict) -> None:
     import torch
 
     from platform import config as config_lib, registry
-    from platform.loop import shard_batches
+    from platform.loop import ray_train_session, shard_batches
 
     task = registry.get(TASK)
     cfg = config_lib.from_dict(config["cfg"])
+    session = ray_train_session()
     rates: dict[str, list[float]] = {"streamed": [], "in_memory": []}
     for kind, in_memory in (("streamed", {}), ("in_memory", config["refs"])):
         started = time.perf_counter()  # the first epoch includes setting the loader up
-        batches = shard_batches("train", {**config, "in_memory": in_memory}, cfg, 0, 1)
+        batches = shard_batches("train", {**config, "in_memory": in_memory}, cfg, session)
         for epoch in range(config["epochs"]):
             images = 0
             for numpy_batch in batches(epoch):
                 images += len(task.collate(numpy_batch, cfg, True)["image"])
             rates[kind].append(images / (time.perf_counter() - started))
             started = time.perf_counter()
-    cfg = config_lib.from_dict(config["cfg"])
     model = task.build_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters())
-    batch = task.collate(next(iter(shard_batches("val", {**config, "in_memory": config["refs"]}, cfg, 0, 1)(None))),
+    batch = task.collate(next(iter(shard_batches("val", {**config, "in_memory": config["refs"]}, cfg, session)(None))),
                          cfg, True)
     consumed = []
     for block in range(4):  # the first block warms up

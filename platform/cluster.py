@@ -128,9 +128,10 @@ def check_fits(scaling, address: str = "") -> None:
     from ray._private.utils import get_num_cpus
 
     cpus = get_num_cpus()
-    need = scaling.num_workers * scaling.cpus_per_worker
+    workers = processes(scaling.num_workers)
+    need = workers * scaling.cpus_per_worker
     if need + DATA_CPUS > cpus:
-        fix = (f"lower them (e.g. scaling.cpus_per_worker={(cpus - DATA_CPUS) / scaling.num_workers:g})"
+        fix = (f"lower them (e.g. scaling.cpus_per_worker={(cpus - DATA_CPUS) / workers:g})"
                if cpus > DATA_CPUS else "use a machine with more CPUs")
         raise ConfigError(
             f"scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker={scaling.cpus_per_worker:g} "
@@ -140,9 +141,9 @@ def check_fits(scaling, address: str = "") -> None:
         import torch
 
         gpus = torch.cuda.device_count()
-        if scaling.num_workers * scaling.gpus_per_worker > gpus:
+        if workers * scaling.gpus_per_worker > gpus:
             raise ConfigError(
-                f"scaling.use_gpu=true needs {scaling.num_workers * scaling.gpus_per_worker:g} GPUs but this machine "
+                f"scaling.use_gpu=true needs {workers * scaling.gpus_per_worker:g} GPUs but this machine "
                 f"has {gpus}; set scaling.use_gpu=false or ray.address of a cluster with GPUs")
 
 
@@ -155,15 +156,23 @@ def _stay_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def trial_resources() -> dict:
-    """What one Tune trial function (a Ray Train driver) asks for: no CPU, on a safe node.
+def processes(num_workers: int) -> int:
+    """Processes that train in one run: ``scaling.num_workers=0`` trains in the run's own process."""
+    return max(num_workers, 1)
 
-    Where no node advertises ``trial_driver``, a memory-only bundle: even 0.01 CPU would
-    leave the last CPU fractional, and Ray Data's read tasks (a whole CPU each) would
-    never be scheduled.
+
+def trial_resources(scaling) -> dict:
+    """What one Tune trial function asks for.
+
+    A Ray Train driver (``scaling.num_workers`` >= 1): no CPU, on a safe node. Where no node
+    advertises ``trial_driver``, a memory-only bundle: even 0.01 CPU would leave the last CPU
+    fractional, and Ray Data's read tasks (a whole CPU each) would never be scheduled.
+    A trial that trains in its own process (``scaling.num_workers=0``): one worker's resources.
     """
     import ray
 
+    if scaling.num_workers == 0:
+        return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) > 0:
         return {TRIAL_DRIVER_RESOURCE: 1}
     return {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
@@ -174,6 +183,7 @@ def max_concurrent_trials(num_workers: int, cpus_per_worker: float, use_gpu: boo
     import ray
 
     total = ray.cluster_resources()
+    num_workers = processes(num_workers)
     # Keep CPUs free for Ray Data's read tasks: Train workers holding every CPU starve the
     # pipeline that feeds them, and the whole sweep hangs.
     spare = DATA_CPUS if total.get("CPU", 0) > num_workers * cpus_per_worker else 0

@@ -105,7 +105,9 @@ class TrainConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = bounded(1, 1)
+    # 0: no worker processes: the run trains in its own process (Ray Train's local mode) and a
+    # sweep's trial processes are reused from trial to trial; the fast way to sweep small models.
+    num_workers: int = bounded(1, 0)
     use_gpu: bool = False
     cpus_per_worker: float = bounded(1.0, 0.0, None, low_open=True)
     gpus_per_worker: float = bounded(1.0, 0.0, None, low_open=True)

@@ -12,11 +12,13 @@ Host syncs are kept to one per epoch (the running loss is summed on the device),
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 import ray
@@ -110,7 +112,7 @@ def evaluate(model, task, cfg, device, dtype, world_size, val_batches) -> tuple[
     return gather_outputs(chunks, world_size), first_batch
 
 
-def shard_batches(split: str, loop_config: dict, cfg, rank: int, world_size: int):
+def shard_batches(split: str, loop_config: dict, cfg, session: Session):
     """``batches(shuffle_seed)``: one epoch of numpy batches of this worker's share of ``split``.
 
     A split held in the object store (``train.put_in_memory``) is sliced here, every
@@ -122,7 +124,7 @@ def shard_batches(split: str, loop_config: dict, cfg, rank: int, world_size: int
     batch_size = cfg.train.batch_size
     ref = loop_config["in_memory"].get(split)
     if ref is None:
-        shard = ray.train.get_dataset_shard(split)
+        shard = session.dataset_shard(split)
 
         def streamed(shuffle_seed: int | None):
             shuffle = {} if shuffle_seed is None else {"local_shuffle_seed": shuffle_seed, "local_shuffle_buffer_size":
@@ -130,6 +132,7 @@ def shard_batches(split: str, loop_config: dict, cfg, rank: int, world_size: int
             return shard.iter_batches(batch_size=batch_size, batch_format="numpy", **shuffle)
 
         return streamed
+    rank, world_size = session.rank, session.world_size
     rows = ray.get(ref)
     share = len(rows["image"]) // world_size
     rows = {k: v[rank:share * world_size:world_size] for k, v in rows.items()}
@@ -143,16 +146,63 @@ def shard_batches(split: str, loop_config: dict, cfg, rank: int, world_size: int
     return from_memory
 
 
+@dataclasses.dataclass
+class Session:
+    """What the loop needs from whoever runs it: a Ray Train worker's context, or a Tune trial
+    that trains in its own process (``scaling.num_workers=0``)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    report: Callable  # (metrics, checkpoint=None, checkpoint_dir_name=None)
+    get_checkpoint: Callable  # () -> the checkpoint to resume from, or None
+    checkpoint_from: Callable  # folder -> a checkpoint report() takes
+    dataset_shard: Callable  # split -> this worker's Ray Data shard of a split not held in memory
+    prepare_model: Callable  # (model, DDP options) -> the model to train
+
+
+def ray_train_session() -> Session:
+    """Inside a Ray Train worker (or Ray Train's local mode, for ``platform.train``)."""
+    context = ray.train.get_context()
+    return Session(
+        rank=context.get_world_rank(), world_size=context.get_world_size(), device=ray.train.torch.get_device(),
+        report=ray.train.report, get_checkpoint=ray.train.get_checkpoint,
+        checkpoint_from=ray.train.Checkpoint.from_directory, dataset_shard=ray.train.get_dataset_shard,
+        prepare_model=lambda model, ddp: ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp))
+
+
+def tune_trial_session(cfg, datasets: dict) -> Session:
+    """Inside a Tune trial's own process: Ray forbids Ray Train's calls there, and has no use for
+    them: one process, no DDP. Tune stores the checkpoints and restarts the trial from them."""
+    from ray import tune
+
+    # Ray gave the trial its GPU (CUDA_VISIBLE_DEVICES): the first one visible is it.
+    device = torch.device("cuda", 0) if cfg.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    return Session(
+        rank=0, world_size=1, device=device,
+        report=lambda metrics, checkpoint=None, checkpoint_dir_name=None: tune.report(metrics, checkpoint=checkpoint),
+        get_checkpoint=tune.get_checkpoint, checkpoint_from=tune.Checkpoint.from_directory,
+        dataset_shard=datasets.__getitem__, prepare_model=lambda model, ddp: model.to(device))
+
+
 def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's entry point, on each worker."""
+    run_loop(loop_config, ray_train_session())
+
+
+def run_loop(loop_config: dict, session: Session) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = config_lib.from_dict(loop_config["cfg"])
     task = registry.get(cfg.task)
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    rank, world_size, device = session.rank, session.world_size, session.device
+    report, get_checkpoint = session.report, session.get_checkpoint
+    in_process = cfg.scaling.num_workers == 0
+    if in_process:  # a Ray Train worker gets these threads from its resources; this process trains itself
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     run_id, client = loop_config.get("mlflow_run_id"), None
     if rank == 0 and run_id:
         client = tracking.MlflowClient(loop_config["tracking_uri"])
@@ -168,9 +218,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     torch.manual_seed(cfg.train.seed)  # same init everywhere; DDP broadcasts rank 0's anyway
     np.random.seed(cfg.train.seed + rank)
-    device = ray.train.torch.get_device()
     model = task.build_model(cfg)
-    if not ray.train.get_checkpoint():  # a resumed run has its own weights already
+    if not get_checkpoint():  # a resumed run has its own weights already
         new = pretrained.initialise(model, task, cfg, loop_config["tracking_uri"])
         if new is not None and rank == 0:
             say(f"[{cfg.task}] initialised from {cfg.init_from}; {len(new)} tensors not in it: "
@@ -178,7 +227,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # A task that leaves some parameters without gradients in some steps (a frozen warm-up)
     # needs DDP to look for them; it costs a graph traversal per step, so only on request.
     ddp_options = {"find_unused_parameters": True} if task.find_unused_parameters else None
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options)
+    model = session.prepare_model(model, ddp_options)
     optimizer = build_optimizer(model, cfg.train)
     dtype = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -190,7 +239,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_epoch, best, best_epoch, best_state = 0, None, 0, None
     skip_steps, partial = 0, None  # a checkpoint taken mid-epoch (a preemption) resumes at its step
     logged_epochs: set[int] = set()  # epochs already on the MLflow run, from before a restart
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(os.path.join(folder, STATE_FILE), map_location=device, weights_only=True)
@@ -211,22 +260,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
             logged_epochs = {m.step for m in client.get_metric_history(run_id, "epoch")}
 
     # A spot VM's SIGTERM becomes a warning read at the next check, not the end of the process.
-    check_every = cfg.train.preemption_check_steps
+    # In-process runs have no worker to restart: Tune restarts the trial from its last epoch.
+    check_every = 0 if in_process else cfg.train.preemption_check_steps
     if check_every and (why := preemption.catch_sigterm()):
         say(f"[{cfg.task}] rank {rank}: SIGTERM will end this worker without a checkpoint ({why})")
     saved_for_drain = False
 
-    def save_state(folder: str, epoch: int, step: int = 0, partial_sums: dict | None = None) -> ray.train.Checkpoint:
+    def save_state(folder: str, epoch: int, step: int = 0, partial_sums: dict | None = None):
         """Rank 0's checkpoint: ``epoch`` epochs done, and ``step`` steps into the next when mid-epoch."""
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                  "epoch": epoch, "step": step, "partial": partial_sums, "best": best, "best_epoch": best_epoch}
         torch.save(state, os.path.join(folder, STATE_FILE))
         torch.save(best_state, os.path.join(folder, BEST_FILE))
-        return ray.train.Checkpoint.from_directory(folder)
+        return session.checkpoint_from(folder)
 
-    train_batches = shard_batches("train", loop_config, cfg, rank, world_size)
-    val_batches = shard_batches("val", loop_config, cfg, rank, world_size)
+    train_batches = shard_batches("train", loop_config, cfg, session)
+    val_batches = shard_batches("val", loop_config, cfg, session)
+    deadline = loop_config.get("deadline")  # an in-process trial's tune.trial_timeout_s
     first_step_at = None  # wall clock when a fresh run's first batch is in hand
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
@@ -238,6 +289,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 loss_sum += partial["loss_sum"]
                 samples = int(partial["samples"])
         for numpy_batch in train_batches(cfg.train.seed * 1000 + epoch * 10 + rank):
+            if deadline and time.time() > deadline:
+                raise TimeoutError(f"the trial ran past tune.trial_timeout_s={cfg.tune.trial_timeout_s:g} and was stopped")
             if epoch == start_epoch and steps < skip_steps:  # trained before the preemption
                 steps += 1
                 continue
@@ -272,7 +325,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     with tempfile.TemporaryDirectory() as folder:
                         saved = save_state(folder, epoch, steps, partial_sums) if rank == 0 else None
                         # Not an epoch's result: platform.tune does not pass it on to Tune.
-                        ray.train.report({PREEMPTION_KEY: f"{warned} in epoch {epoch + 1} at step {steps}"},
+                        report({PREEMPTION_KEY: f"{warned} in epoch {epoch + 1} at step {steps}"},
                                          checkpoint=saved, checkpoint_dir_name=f"epoch-{epoch:04d}-step-{steps:06d}")
                     if rank == 0:
                         say(f"[{cfg.task}] preemption warning ({warned}): checkpoint saved in epoch "
@@ -320,7 +373,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 say(f"[{cfg.task}] epoch {epoch + 1}/{cfg.train.epochs} train/loss={train_loss:.4f} "
                       f"{metric_key}={metrics[metric_key]:.4f} {int(totals[2].item())} samples on {world_size} "
                       f"worker(s) in {epoch_time:.1f}s ({metrics['train/samples_per_s']:.0f}/s)")
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+            report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 
 
 def log_best(client, run_id, task, cfg, model, batch, outputs, device, best_epoch, folder) -> None:

@@ -40,28 +40,15 @@ def put_in_memory(cfg, shards: dict) -> dict:
             if sum(f["bytes"] for f in s.manifest["files"]) <= limit}
 
 
-def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tracking_uri: str, callbacks=(),
-                 in_memory: dict | None = None, started_at: float | None = None):
-    """A TorchTrainer for one run of ``cfg``: the one code path for a laptop and a GPU cluster.
+def loop_config(cfg, shards: dict, *, mlflow_run_id: str | None, tracking_uri: str, in_memory: dict | None = None,
+                started_at: float | None = None) -> dict:
+    """What the training loop (``platform.loop``) gets, on every worker.
 
     ``in_memory``: splits already in the object store (``put_in_memory``); the others stream
     through Ray Data. ``started_at``: when the run (a sweep's trial) began, for
     ``time/to_first_step_s``; default now.
     """
-    import ray.data
-
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from platform.loop import train_loop_per_worker
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-    scaling = cfg.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker
-    loop_config = {
+    return {
         "cfg": config_lib.to_dict(cfg),
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": tracking_uri,
@@ -69,9 +56,36 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
         "in_memory": dict(in_memory or {}),
         "started_at": started_at or time.time(),  # start-up to the first step: time/to_first_step_s
     }
+
+
+def streamed(shards: dict, in_memory: dict | None) -> dict:
+    """Ray Datasets of the splits not held in the object store."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return {split: ray.data.read_parquet(s.files) for split, s in shards.items() if split not in (in_memory or {})}
+
+
+def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tracking_uri: str, callbacks=(),
+                 in_memory: dict | None = None, started_at: float | None = None):
+    """A TorchTrainer for one run of ``cfg``: the one code path for a laptop and a GPU cluster.
+
+    ``scaling.num_workers=0``: Ray Train's local mode, the loop in this process. See ``loop_config``
+    for ``in_memory`` and ``started_at``.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from platform.loop import train_loop_per_worker
+
+    scaling = cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=loop_config(cfg, shards, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri,
+                                      in_memory=in_memory, started_at=started_at),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(
@@ -82,7 +96,7 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             callbacks=list(callbacks),
         ),
-        datasets={split: ray.data.read_parquet(s.files) for split, s in shards.items() if split not in (in_memory or {})},
+        datasets=streamed(shards, in_memory),
     )
 
 

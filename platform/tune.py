@@ -14,7 +14,8 @@ import sys
 
 from platform import cli, cluster, pretrained, registry, space as space_lib, tracking
 from platform import config as config_lib
-from platform.train import default_name, log_best_model, make_trainer, open_run, put_in_memory, storage_path
+from platform.train import (default_name, log_best_model, loop_config, make_trainer, open_run, put_in_memory,
+                            storage_path, streamed)
 
 FAILURE_TAG = "platform.failure"  # why a trial failed, in one line
 
@@ -46,11 +47,21 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
     tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
     tracking.set_tags(client, run_id, {"platform.driver_node": ray.get_runtime_context().get_node_id()})
-    trainer = make_trainer(cfg, shards, name=f"{sweep}-{trial_id}", mlflow_run_id=run_id, tracking_uri=uri,
-                           callbacks=[epoch_reports()], in_memory=in_memory, started_at=started_at)
-    result = fit_within(trainer, cfg.tune.trial_timeout_s)
-    if result.error:
-        raise result.error
+    if cfg.scaling.num_workers == 0:
+        # Trains right here, in the trial's own process, which Tune keeps for the next trial.
+        from platform.loop import run_loop, tune_trial_session
+
+        config = loop_config(cfg, shards, mlflow_run_id=run_id, tracking_uri=uri, in_memory=in_memory,
+                             started_at=started_at)
+        if cfg.tune.trial_timeout_s:  # checked at each step: a thread left running would outlive the trial
+            config["deadline"] = started_at + cfg.tune.trial_timeout_s
+        run_loop(config, tune_trial_session(cfg, streamed(shards, in_memory)))
+    else:
+        trainer = make_trainer(cfg, shards, name=f"{sweep}-{trial_id}", mlflow_run_id=run_id, tracking_uri=uri,
+                               callbacks=[epoch_reports()], in_memory=in_memory, started_at=started_at)
+        result = fit_within(trainer, cfg.tune.trial_timeout_s)
+        if result.error:
+            raise result.error
     tracking.end_run(client, run_id, "FINISHED", only_if_running=True)
 
 
@@ -133,7 +144,7 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config_lib.to_dict(cfg), shards=shards, in_memory=put_in_memory(cfg, shards),
                              uri=uri, experiment=experiment, parent=parent, sweep=sweep, init_tags=init_tags or {}),
-        cluster.trial_resources())
+        cluster.trial_resources(cfg.scaling))
     if resume in ("auto", "force"):
         # Finished trials stay finished; unfinished ones go on from their Train checkpoints;
         # the searcher (and with it the Optuna study) comes back from the saved state.
@@ -176,14 +187,21 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
                                   grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
                                   reduction_factor=cfg.tune.reduction_factor)
     s = cfg.scaling
+    in_process = s.num_workers == 0
     concurrent = cfg.tune.max_concurrent or cluster.max_concurrent_trials(
         s.num_workers, s.cpus_per_worker, s.use_gpu, s.gpus_per_worker)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
                                     num_samples=cfg.tune.num_samples,
-                                    max_concurrent_trials=min(concurrent, cfg.tune.num_samples)),
-        run_config=tune.RunConfig(name=sweep, storage_path=storage_path(cfg)),
+                                    max_concurrent_trials=min(concurrent, cfg.tune.num_samples),
+                                    # Trials that train in their own process (scaling.num_workers=0) keep
+                                    # it from trial to trial: no new process importing torch each time.
+                                    reuse_actors=in_process),
+        # ... and Tune, not Ray Train, restarts them from their checkpoints.
+        run_config=tune.RunConfig(name=sweep, storage_path=storage_path(cfg),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if in_process else 0),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
     )
 
 

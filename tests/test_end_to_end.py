@@ -57,6 +57,23 @@ def test_train_classification(tmp_path):
     assert np.asarray(scores).shape == (5, 3)
 
 
+def test_train_in_its_own_process(tmp_path):
+    """scaling.num_workers=0: Ray Train's local mode, the loop in the command's own process."""
+    db = tmp_path / "mlflow.db"
+    result = run_cli("platform.train", "task=classification", "model.name=resnet10t", "train.epochs=2",
+                     "scaling.num_workers=0", "mlflow.register_model=false", *tiny(tmp_path / "cache", db),
+                     cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = runs_of(client, "deeplense-classification")
+    assert run.info.status == "FINISHED" and run.data.params["scaling.num_workers"] == "0"
+    assert len(run.data.tags["platform.worker_pids"].split(",")) == 1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/auc_macro")] == [1, 2]
+    assert "checkpoints/best_model.pt" in artifact_paths(client, run.info.run_id)
+    assert any(p.startswith("model") for p in artifact_paths(client, run.info.run_id)) or \
+        client.search_logged_models([run.info.experiment_id])
+
+
 def test_train_on_two_ddp_workers_is_one_run(tmp_path):
     db = tmp_path / "mlflow.db"
     # Half a CPU each, so Ray Data keeps a CPU for reading on this 2-core machine. The data
@@ -163,3 +180,36 @@ def test_tune_mae_sweep(tmp_path):
     assert all(t.intermediate_values for t in study.trials)
     points = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(points)) == 3, points
+
+
+def test_tune_trials_train_in_one_reused_process(tmp_path):
+    """scaling.num_workers=0: each trial trains in Tune's trial process, and Tune keeps that
+    process for the next trial (no new process importing torch each time). ASHA still stops
+    trials, MLflow and Optuna hear of it, and Tune keeps each trial's checkpoints."""
+    db = tmp_path / "mlflow.db"
+    result = run_cli("platform.tune", "task=classification", "model.name=resnet10t", "scaling.num_workers=0",
+                     "tune.num_samples=4", "tune.max_concurrent=1", "train.epochs=3", "tune.name=inproc",
+                     *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "4 trials (0 failed)" in result.stdout
+
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = runs_of(client, "deeplense-classification")
+    (parent,) = [r for r in runs if r.data.tags.get("platform.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags["platform.worker_pids"] for c in children}) == 1  # one process for all four
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/auc_macro")]
+        assert steps == list(range(1, len(steps) + 1)) and steps, steps
+        assert "checkpoints/best_model.pt" in artifact_paths(client, child.info.run_id)
+        trial_dir, = (tmp_path / "ray_results" / "inproc").glob(f"run_trial_{child.data.tags['platform.trial_id']}_*")
+        assert list(trial_dir.glob("checkpoint_*/state.pt")), list(trial_dir.iterdir())
+    assert parent.data.tags["platform.best_run_id"] in {c.info.run_id for c in children}
+
+    import optuna
+
+    study = optuna.load_study(study_name="inproc",
+                              storage=f"sqlite:///{tmp_path / 'ray_results' / 'inproc' / 'optuna.db'}")
+    stopped = [c for c in children if c.data.tags.get("platform.stopped_early") == "true"]
+    assert [t.state.name for t in study.trials].count("PRUNED") == len(stopped)

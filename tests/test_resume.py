@@ -30,13 +30,19 @@ def runs(client):
             {r.data.tags["platform.trial_id"]: r for r in found if "mlflow.parentRunId" in r.data.tags})
 
 
-def test_a_killed_sweep_resumes_with_the_same_command(tmp_path):
+# Trials on a Ray Train worker, and in the trial's own process: there, with no process to start,
+# a trial of 48 images is over in 2 s, before the sweep could be caught part-way; more data slows it.
+@pytest.mark.parametrize("workers, more", [("1", []), ("0", ["data.num_train=4096"])])
+def test_a_killed_sweep_resumes_with_the_same_command(tmp_path, workers, more):
+    def args(*extra):
+        return sweep(tmp_path, f"scaling.num_workers={workers}", *more, *extra)
+
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    driver = start_cli("platform.tune", *sweep(tmp_path), cwd=str(tmp_path))
+    driver = start_cli("platform.tune", *args(), cwd=str(tmp_path))
     try:
         deadline = time.time() + 400
         while time.time() < deadline:  # one trial finished, the next one part-way
-            time.sleep(2)
+            time.sleep(0.5)
             try:
                 _, trials = runs(client)
             except Exception:
@@ -62,7 +68,7 @@ def test_a_killed_sweep_resumes_with_the_same_command(tmp_path):
     done_before = {tid for tid, t in trials.items() if t.info.status == "FINISHED"}
     killed_at = {tid: int(t.data.metrics["epoch"]) for tid, t in trials.items() if t.info.status == "KILLED"}
 
-    again = run_cli("platform.tune", *sweep(tmp_path), cwd=str(tmp_path))
+    again = run_cli("platform.tune", *args(), cwd=str(tmp_path))
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "resuming sweep resumable" in again.stdout and "2 trials (0 failed)" in again.stdout
 
@@ -89,17 +95,17 @@ def test_a_killed_sweep_resumes_with_the_same_command(tmp_path):
     assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
     # What a new command with that name may and may not do, each refused in one line before any work.
-    finished = run_cli_here("platform.tune", *sweep(tmp_path), cwd=str(tmp_path))
+    finished = run_cli_here("platform.tune", *args(), cwd=str(tmp_path))
     assert finished.returncode == 2 and "tune.name=resumable has finished" in finished.stderr
-    never = run_cli_here("platform.tune", *sweep(tmp_path, "tune.resume=never"), cwd=str(tmp_path))
+    never = run_cli_here("platform.tune", *args("tune.resume=never"), cwd=str(tmp_path))
     assert never.returncode == 2 and "tune.name=resumable exists already" in never.stderr
     (tmp_path / "other.yaml").write_text("search:\n  model.mask_ratio: {uniform: [0.1, 0.2]}\n")
-    changed = run_cli_here("platform.tune", *sweep(tmp_path, "tune.resume=force", f"tune.space={tmp_path / 'other.yaml'}"),
+    changed = run_cli_here("platform.tune", *args("tune.resume=force", f"tune.space={tmp_path / 'other.yaml'}"),
                            cwd=str(tmp_path))
     assert changed.returncode == 2 and "was started with another search space (model.decoder_depth" in changed.stderr
-    longer = run_cli_here("platform.tune", *sweep(tmp_path, "tune.resume=force", "train.epochs=5"), cwd=str(tmp_path))
+    longer = run_cli_here("platform.tune", *args("tune.resume=force", "train.epochs=5"), cwd=str(tmp_path))
     assert longer.returncode == 2 and "was started with train.epochs=3; this command has train.epochs=5" in longer.stderr
-    missing = run_cli_here("platform.tune", *sweep(tmp_path, "tune.resume=force", "tune.name=nothing-here"),
+    missing = run_cli_here("platform.tune", *args("tune.resume=force", "tune.name=nothing-here"),
                            cwd=str(tmp_path))
     assert missing.returncode == 2 and "there is no sweep named nothing-here to resume" in missing.stderr
     for result in (finished, never, changed, longer, missing):
