@@ -4,6 +4,8 @@ It owns what a task should not care about: devices, DDP, mixed precision, clippi
 the learning-rate schedule, checkpoint and resume, gathering evaluation outputs over
 workers, reporting to Ray and logging to MLflow (rank 0 only). The task supplies
 ``build_model``, ``collate``, ``train_step``, ``eval_step``, ``evaluate`` and ``plots``.
+It runs on Ray Train's workers, or (``scaling.num_workers=0``) in the run's own process: the
+``Session`` says which, and where its reports and checkpoints go.
 
 Host syncs are kept to one per epoch (the running loss is summed on the device), plus one every
 ``train.preemption_check_steps`` steps, where the ranks agree whether to checkpoint early.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -113,7 +116,8 @@ def evaluate(model, task, cfg, device, dtype, world_size, val_batches) -> tuple[
 
 
 def shard_batches(split: str, loop_config: dict, cfg, session: Session):
-    """``batches(shuffle_seed)``: one epoch of numpy batches of this worker's share of ``split``.
+    """``batches(shuffle_seed, skip=0)``: one epoch of numpy batches of this worker's share of
+    ``split``, from batch ``skip`` on.
 
     A split held in the object store (``train.put_in_memory``) is sliced here, every
     ``world_size``-th row from ``rank`` on, equal shares as DDP needs (zero-copy views of the
@@ -126,10 +130,10 @@ def shard_batches(split: str, loop_config: dict, cfg, session: Session):
     if ref is None:
         shard = session.dataset_shard(split)
 
-        def streamed(shuffle_seed: int | None):
+        def streamed(shuffle_seed: int | None, skip: int = 0):
             shuffle = {} if shuffle_seed is None else {"local_shuffle_seed": shuffle_seed, "local_shuffle_buffer_size":
                                                        min(loop_config["train_rows"], 4 * batch_size)}
-            return shard.iter_batches(batch_size=batch_size, batch_format="numpy", **shuffle)
+            return itertools.islice(shard.iter_batches(batch_size=batch_size, batch_format="numpy", **shuffle), skip, None)
 
         return streamed
     rank, world_size = session.rank, session.world_size
@@ -137,9 +141,9 @@ def shard_batches(split: str, loop_config: dict, cfg, session: Session):
     share = len(rows["image"]) // world_size
     rows = {k: v[rank:share * world_size:world_size] for k, v in rows.items()}
 
-    def from_memory(shuffle_seed: int | None):
+    def from_memory(shuffle_seed: int | None, skip: int = 0):
         order = np.random.default_rng(shuffle_seed).permutation(share) if shuffle_seed is not None else np.arange(share)
-        for start in range(0, share, batch_size):
+        for start in range(skip * batch_size, share, batch_size):
             picked = order[start:start + batch_size]
             yield {k: v[picked] for k, v in rows.items()}  # a copy: the shared rows are read-only
 
@@ -281,19 +285,17 @@ def run_loop(loop_config: dict, session: Session) -> None:
     first_step_at = None  # wall clock when a fresh run's first batch is in hand
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
-        started, loss_sum, samples, steps = time.perf_counter(), torch.zeros((), device=device), 0, 0
+        started, loss_sum, samples = time.perf_counter(), torch.zeros((), device=device), 0
         seconds_before = 0.0  # this epoch's training time before a preemption, when resumed mid-epoch
         if partial and epoch == start_epoch:
             seconds_before = partial["seconds"]
             if rank == 0:  # the sums over every rank up to the preemption, counted once
                 loss_sum += partial["loss_sum"]
                 samples = int(partial["samples"])
-        for numpy_batch in train_batches(cfg.train.seed * 1000 + epoch * 10 + rank):
+        steps = skip_steps if epoch == start_epoch else 0  # the batches trained before a preemption
+        for numpy_batch in train_batches(cfg.train.seed * 1000 + epoch * 10 + rank, steps):
             if deadline and time.time() > deadline:
                 raise TimeoutError(f"the trial ran past tune.trial_timeout_s={cfg.tune.trial_timeout_s:g} and was stopped")
-            if epoch == start_epoch and steps < skip_steps:  # trained before the preemption
-                steps += 1
-                continue
             if first_step_at is None and epoch == 0 and not skip_steps:
                 first_step_at = time.time()
             batch = to_device(task.collate(numpy_batch, cfg, True), device)
@@ -326,7 +328,7 @@ def run_loop(loop_config: dict, session: Session) -> None:
                         saved = save_state(folder, epoch, steps, partial_sums) if rank == 0 else None
                         # Not an epoch's result: platform.tune does not pass it on to Tune.
                         report({PREEMPTION_KEY: f"{warned} in epoch {epoch + 1} at step {steps}"},
-                                         checkpoint=saved, checkpoint_dir_name=f"epoch-{epoch:04d}-step-{steps:06d}")
+                               checkpoint=saved, checkpoint_dir_name=f"epoch-{epoch:04d}-step-{steps:06d}")
                     if rank == 0:
                         say(f"[{cfg.task}] preemption warning ({warned}): checkpoint saved in epoch "
                             f"{epoch + 1} at step {steps}")

@@ -152,12 +152,16 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def train_and_log(cfg, task, shards, client, run_id: str, uri: str, name: str, register: bool) -> tuple[float, str | None]:
-    """One Train run into the MLflow run ``run_id``: params, config, per-epoch metrics, the best model."""
+def train_and_log(cfg, task, shards, client, run_id: str, uri: str, name: str, register: bool,
+                  in_memory: dict | None = None) -> tuple[float, str | None]:
+    """One Train run into the MLflow run ``run_id``: params, config, per-epoch metrics, the best model.
+
+    ``in_memory``: the splits already in the object store; default: put them there now.
+    """
     tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
     result = make_trainer(cfg, shards, name=name, mlflow_run_id=run_id, tracking_uri=uri,
-                          in_memory=put_in_memory(cfg, shards)).fit()
+                          in_memory=put_in_memory(cfg, shards) if in_memory is None else in_memory).fit()
     if result.error:
         raise result.error
     version = log_best_model(client, run_id, cfg, task, shards["val"], register)
@@ -180,13 +184,14 @@ def compare_with_random_init(cfg, task, shards, uri: str, name: str, source) -> 
     with cli.ends_run(client, parent):
         tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))
         best, runs = {}, {}
+        in_memory = put_in_memory(cfg, shards)  # the same data for both runs: in the object store once
         for label, run_cfg, tags in (("pretrained", cfg, source.tags()), ("random_init", baseline, {})):
             runs[label] = tracking.start_run(client, experiment, f"{name}-{label}",
                                              {tracking.TASK_TAG: cfg.task, "platform.init": label, **tags}, parent)
             with cli.ends_run(client, runs[label]):
                 register = cfg.mlflow.register_model and label == "pretrained"
                 best[label], _ = train_and_log(run_cfg, task, shards, client, runs[label], uri, f"{name}-{label}",
-                                               register)
+                                               register, in_memory)
         histories = {label: [(m.step, m.value) for m in client.get_metric_history(run, metric)]
                      for label, run in runs.items()}
         tracking.log_metrics(client, parent, {f"{label}/best_{objective}": v for label, v in best.items()}, step=0)
