@@ -48,7 +48,7 @@ def test_data_throughput_benchmark(tmp_path):
 
 
 def test_sweep_overhead_benchmark(tmp_path):
-    s = bench("sweep_overhead", tmp_path, "--trials=2", "--num-train=32", "--num-val=16", "--epochs=1",
+    s = bench("sweep_overhead", tmp_path, "--trials=1", "--num-train=32", "--num-val=16", "--epochs=1",
               "--repeats=1", f"--cache={tmp_path / 'cache'}")["summary"]
     for kind in ("bare", "platform", "bare_in_process", "platform_in_process"):
         assert positive(s[kind]["sweep_wall_s"], s[kind]["seconds_per_trial"], s[kind]["to_first_step_s"])

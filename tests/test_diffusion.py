@@ -189,7 +189,8 @@ def test_tune_diffusion_through_the_cli(tmp_path):
     db = tmp_path / "mlflow.db"
     # The registered test extractor stands in for Inception (no weights here); `auto` falling back
     # to the offline proxy is test_feature_extractor_auto_never_downloads.
-    result = run_cli("platform.tune", "task=diffusion", "tune.num_samples=1", "train.epochs=2", "tune.name=dd",
+    result = run_cli("platform.tune", "task=diffusion", "scaling.num_workers=0",
+                     "tune.num_samples=1", "train.epochs=2", "tune.name=dd",
                      *SMALL_CLI, *PLUGGED, *tiny(tmp_path / "cache", db), cwd=str(tmp_path),
                      env={"TORCH_HOME": str(tmp_path / "torch")})
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

@@ -56,7 +56,8 @@ def test_a_negative_pos_weight_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_tune_lens_finding_through_the_cli(tmp_path):
     db = tmp_path / "mlflow.db"
-    result = run_cli("platform.tune", "task=lens_finding", "tune.num_samples=1", "train.epochs=2", "tune.name=lf",
+    result = run_cli("platform.tune", "task=lens_finding", "scaling.num_workers=0",
+                     "tune.num_samples=1", "train.epochs=2", "tune.name=lf",
                      *TINY, f"data.cache_dir={tmp_path}/cache", f"mlflow.tracking_uri=sqlite:///{db}", cwd=str(tmp_path))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "1 trials (0 failed)" in result.stdout and "loss.pos_weight = " in result.stdout

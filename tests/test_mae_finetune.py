@@ -66,7 +66,8 @@ def test_pretrain_then_finetune_both_heads_linked_in_mlflow(tmp_path):
     (mae_version,) = client.search_model_versions("name='mae'")
 
     # The README's chain: the second sweep names the first one's registered model and nothing else about it.
-    sweep = run_cli("platform.tune", "task=mae_finetune", "init_from=models:/mae/latest", "tune.num_samples=1",
+    sweep = run_cli("platform.tune", "task=mae_finetune", "scaling.num_workers=0",
+                    "init_from=models:/mae/latest", "tune.num_samples=1",
                     "train.epochs=2", "tune.name=ft", *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
     out = sweep.stdout + sweep.stderr
     assert sweep.returncode == 0, out[-4000:]

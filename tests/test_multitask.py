@@ -45,7 +45,8 @@ def test_bad_multitask_settings_are_one_line(tmp_path, setting, message):
 @pytest.mark.slow
 def test_tune_multitask_then_regression_from_its_encoder(tmp_path):
     db = tmp_path / "mlflow.db"
-    sweep = run_cli("platform.tune", "task=multitask", "tune.num_samples=1", "train.epochs=2", "tune.name=mt",
+    sweep = run_cli("platform.tune", "task=multitask", "scaling.num_workers=0",
+                    "tune.num_samples=1", "train.epochs=2", "tune.name=mt",
                     "model.encoder=resnet10t", *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
     assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-4000:]
     client = MlflowClient(f"sqlite:///{db}")

@@ -197,7 +197,8 @@ METRICS = ("accuracy", "auc_macro", "auc_no", "auc_sphere", "auc_vort", "loss", 
 @pytest.mark.slow
 def test_tune_pinn_through_the_cli(tmp_path):
     db = tmp_path / "mlflow.db"
-    sweep = run_cli("platform.tune", "task=pinn", "tune.num_samples=1", "train.epochs=2", "tune.name=pinn",
+    sweep = run_cli("platform.tune", "task=pinn", "scaling.num_workers=0",
+                    "tune.num_samples=1", "train.epochs=2", "tune.name=pinn",
                     "physics.lens_model=sie", "physics.shear=true", *TINY, *tiny(tmp_path / "cache", db),
                     cwd=str(tmp_path))
     assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-4000:]

@@ -239,7 +239,8 @@ def test_bad_superres_settings_are_one_line(tmp_path, setting, message):
 def test_tune_superres_on_a_pairs_folder_through_the_cli(tmp_path):
     db = tmp_path / "mlflow.db"
     write_pairs(tmp_path / "pairs", n=40)
-    sweep = run_cli("platform.tune", "task=superres", "tune.num_samples=1", "train.epochs=2", "tune.name=sr",
+    sweep = run_cli("platform.tune", "task=superres", "scaling.num_workers=0",
+                    "tune.num_samples=1", "train.epochs=2", "tune.name=sr",
                     f"data.path={tmp_path}/pairs", "degrade.val_fraction=0.25", *SMALL, *tiny(tmp_path / "cache", db),
                     cwd=str(tmp_path))
     assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-4000:]
