@@ -143,6 +143,15 @@ class TuneConfig:
 
 
 @dataclass
+class PlotsConfig:
+    # Of the best weights, at the end of a run, over the first plots.samples validation images:
+    gradcam: bool = True  # Grad-CAM heatmaps, correct and misclassified images of each class (classifiers)
+    embeddings: bool = True  # a t-SNE map of the encoder's features (tasks with an encoder)
+    samples: int = bounded(256, 8)
+    gradcam_per_class: int = bounded(3, 1)  # images of each class, correct ones and misclassified ones
+
+
+@dataclass
 class MlflowConfig:
     tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
     experiment: str = ""  # default: deeplense-<task>
@@ -159,6 +168,7 @@ CORE_SECTIONS = {
     "train": TrainConfig,
     "scaling": ScalingConfig,
     "tune": TuneConfig,
+    "plots": PlotsConfig,
     "mlflow": MlflowConfig,
     "ray": RayConfig,
 }
@@ -246,11 +256,16 @@ def _one_line(error: OmegaConfBaseException, key: str, value: Any) -> ConfigErro
 def build(task_name: str, layers: list[dict[str, Any]]) -> Any:
     """A validated config object for ``task_name`` with ``layers`` of dotted overrides applied in order."""
     task = registry.get(task_name)
-    schema = schema_for(task)
+    return build_from(schema_for(task), [task.defaults, *layers], task_name)
+
+
+def build_from(schema: type, layers: list[dict[str, Any]], task_name: str | None = None) -> Any:
+    """A validated ``schema`` object with ``layers`` of dotted overrides applied in order: the
+    same strictness for a command's config that is not a task's (``platform.report``)."""
     conf = OmegaConf.structured(schema)
-    for layer in [task.defaults, *layers]:
+    for layer in layers:
         for key, value in layer.items():
-            if key == "task":
+            if key == "task" and task_name is not None:
                 if value != task_name:
                     raise ConfigError(f"task={value} conflicts with task={task_name}")
                 continue

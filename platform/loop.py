@@ -14,6 +14,7 @@ Host syncs are kept to one per epoch (the running loss is summed on the device),
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import math
@@ -101,18 +102,23 @@ def gather_outputs(chunks: list[dict], world_size: int) -> dict[str, np.ndarray]
     return {k: np.concatenate([d[k] for d in everyone if d]) for k in keys}
 
 
-def evaluate(model, task, cfg, device, dtype, world_size, val_batches) -> tuple[dict[str, np.ndarray], dict]:
-    """Gathered eval outputs of the whole val split, and this worker's first collated val batch."""
+def evaluate(model, task, cfg, device, dtype, world_size, val_batches,
+             keep_rows: int = 0) -> tuple[dict[str, np.ndarray], dict, dict]:
+    """Gathered eval outputs of the whole val split, this worker's first collated val batch, and
+    its first ``keep_rows`` val rows as read (one numpy batch)."""
     model.eval()
-    chunks, first_batch = [], None
+    chunks, first_batch, kept = [], None, []
     with torch.no_grad(), _autocast(device, dtype):
         for numpy_batch in val_batches:
+            if sum(len(b["image"]) for b in kept) < keep_rows:
+                kept.append(numpy_batch)
             batch = task.collate(numpy_batch, cfg, False)
             first_batch = first_batch or batch
             out = task.eval_step(model, to_device(batch, device), cfg)
             chunks.append({k: v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
                            for k, v in out.items()})
-    return gather_outputs(chunks, world_size), first_batch
+    rows = {k: np.concatenate([b[k] for b in kept])[:keep_rows] for k in kept[0]} if kept else {}
+    return gather_outputs(chunks, world_size), first_batch, rows
 
 
 def shard_batches(split: str, loop_config: dict, cfg, session: Session):
@@ -283,6 +289,7 @@ def run_loop(loop_config: dict, session: Session) -> None:
     val_batches = shard_batches("val", loop_config, cfg, session)
     deadline = loop_config.get("deadline")  # an in-process trial's tune.trial_timeout_s
     first_step_at = None  # wall clock when a fresh run's first batch is in hand
+    epoch_times: list[float] = []  # this process's epochs, evaluation and logging included: the ETA
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
         started, loss_sum, samples = time.perf_counter(), torch.zeros((), device=device), 0
@@ -346,7 +353,9 @@ def run_loop(loop_config: dict, session: Session) -> None:
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"train/loss became {train_loss} in epoch {epoch + 1}; lower train.lr or enable train.grad_clip")
 
-        outputs, plot_batch = evaluate(model, task, cfg, device, dtype, world_size, val_batches(None))
+        last = epoch + 1 == cfg.train.epochs
+        outputs, plot_batch, view_rows = evaluate(model, task, cfg, device, dtype, world_size, val_batches(None),
+                                                  keep_rows=cfg.plots.samples if last and rank == 0 else 0)
         metrics = {f"val/{k}": float(v) for k, v in task.evaluate(outputs, cfg).items()}
         metrics.update({
             "train/loss": train_loss,
@@ -372,10 +381,48 @@ def run_loop(loop_config: dict, session: Session) -> None:
                     tracking.log_metrics(client, run_id, metrics, step=epoch + 1)
                     if improved:
                         log_best(client, run_id, task, cfg, model, plot_batch, outputs, device, best_epoch, folder)
-                say(f"[{cfg.task}] epoch {epoch + 1}/{cfg.train.epochs} train/loss={train_loss:.4f} "
-                      f"{metric_key}={metrics[metric_key]:.4f} {int(totals[2].item())} samples on {world_size} "
-                      f"worker(s) in {epoch_time:.1f}s ({metrics['train/samples_per_s']:.0f}/s)")
-            report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+                epoch_times.append(time.perf_counter() - started)
+                eta = (cfg.train.epochs - epoch - 1) * float(np.median(epoch_times))
+                say(f"[{cfg.task}] epoch {epoch + 1}/{cfg.train.epochs}  {steps / max(epoch_time, 1e-9):.1f} steps/s  "
+                    f"train/loss {train_loss:.4f}  {metric_key} {metrics[metric_key]:.4f} "
+                    f"(best {best:.4f})  {int(totals[2].item())} samples on {world_size} "
+                    f"worker{'s' if world_size > 1 else ''} in {epoch_time:.1f}s  ETA {format_duration(eta)}")
+                if client and last:  # before the last report: Tune may then stop the trial
+                    log_model_views(client, run_id, task, cfg, model, best_state, view_rows, device)
+            report(shown_first(metrics, objective), checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+
+
+def shown_first(metrics: dict, objective: str) -> dict:
+    """The metrics with the task's own first: Ray Tune's console table shows a trial's first four."""
+    others = [k for k in metrics if k.startswith("val/") and k != f"val/{objective}"]
+    first = [f"val/{objective}", f"best/{objective}", "train/loss", *others[:1]]
+    return {**{k: metrics[k] for k in first if k in metrics}, **metrics}
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def log_model_views(client, run_id, task, cfg, model, best_state, rows: dict, device) -> None:
+    """Grad-CAM and the embedding map of the run's best weights (``platform.explain``) over ``rows``
+    (this worker's first validation rows), once, at the run's end."""
+    from platform import explain
+
+    if not explain.wanted(task, cfg) or best_state is None:
+        return
+
+    def best_model():
+        best = copy.deepcopy(unwrap(model))
+        best.load_state_dict(best_state)
+        return best
+
+    started = time.perf_counter()
+    figures, why = explain.log_views(client, run_id, best_model, task, cfg, rows, device)
+    if why:
+        say(f"[{cfg.task}] warning: Grad-CAM / embedding figures failed ({why}); the run goes on")
+    elif figures:
+        say(f"[{cfg.task}] {', '.join(figures)} of the best epoch logged in {time.perf_counter() - started:.1f}s")
 
 
 def log_best(client, run_id, task, cfg, model, batch, outputs, device, best_epoch, folder) -> None:

@@ -49,6 +49,13 @@ class Task:
                   model unwrapped from DDP: weight averages (EMA) and the like
     find_unused_parameters  True when some trainable parameters get no gradient in some steps
                   (an encoder frozen for a warm-up): DDP must then look for them
+    gradcam       (model, cfg) -> ``platform.explain.GradCamTarget`` (the classifier and its target
+                  layer) or None: Grad-CAM heatmaps of the run's best model (``plots.gradcam``)
+    embed         (model, collated batch, cfg) -> features (B, D) of the task's encoder: a t-SNE map
+                  of the validation images (``plots.embeddings``), coloured by the data column
+                  ``embedding_colour`` (``label``: the class; or a truth parameter, ``theta_e``)
+    references    what the DeepLense community published for this task, shown beside the best runs
+                  by ``python -m platform.report``: ``platform.report.Reference`` records
     """
 
     name: str
@@ -74,6 +81,10 @@ class Task:
     # Settings of the random-initialisation baseline (train.compare_random_init) beyond clearing
     # init_from: {"encoder.freeze": False}, since a frozen random encoder is no baseline.
     random_init: dict = field(default_factory=dict)
+    gradcam: Optional[Callable[..., Any]] = None
+    embed: Optional[Callable[..., Any]] = None
+    embedding_colour: str = "label"
+    references: tuple = ()
     description: str = ""
 
     def __post_init__(self):
@@ -83,6 +94,21 @@ class Task:
     def objective(self, cfg) -> str:
         """The name of the metric this config's runs optimise."""
         return self.metric(cfg) if callable(self.metric) else self.metric
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A number the DeepLense community published for a task, shown beside the best runs by
+    ``python -m platform.report``, with what it takes to compare it: the data and the protocol."""
+
+    metric: str  # the platform's metric it sits beside (the task's objective, without val/)
+    value: float
+    definition: str  # what the number is: "macro one-vs-rest ROC AUC", "PSNR (dB)"
+    model: str
+    data: str  # simulated (which model / preset, image size) or real (which survey); how many images
+    protocol: str  # the split it was measured on, and anything else that differs from this platform's
+    source: str  # author, project or paper, year
+    url: str
 
 
 _TASKS: dict[str, Task] = {}

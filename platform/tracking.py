@@ -22,6 +22,11 @@ RUN_NAME_TAG = "mlflow.runName"
 TRIAL_TAG = "platform.trial_id"
 SWEEP_TAG = "platform.sweep"
 TASK_TAG = "platform.task"
+KIND_TAG = "platform.kind"  # "sweep" or "comparison" on a parent run
+SPACE_TAG = "platform.space"  # a sweep's search space (JSON), on its parent run
+STOPPED_TAG = "platform.stopped_early"  # "true" on a trial the scheduler stopped before its last epoch
+FAILURE_TAG = "platform.failure"  # why a trial failed, in one line
+VIEWS_TAG = "platform.views"  # the Grad-CAM / embedding figures a run drew at its end ("none": its task has none)
 # A key whose last part names a secret (db_password, api_token, aws_secret, access_key, key).
 _SECRET = re.compile(r"pass(word|wd)?|token|secret|credential|(^|_)key(s)?($|_)|apikey", re.IGNORECASE)
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.I)

@@ -100,13 +100,26 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
     )
 
 
-def log_best_model(client, run_id: str, cfg, task, val_shards, register: bool) -> str | None:
-    """Load the run's best weights and log them as an MLflow PyTorch model (registered under the task's name)."""
+def log_best_model(client, run_id: str, cfg, task, val_shards, register: bool, with_views: bool = False) -> str | None:
+    """Load the run's best weights and log them as an MLflow PyTorch model (registered under the task's name).
+
+    ``with_views``: also its Grad-CAM and embedding figures, which the training loop logs at a
+    run's last epoch (a sweep's best trial may have been stopped before it).
+    """
+    import copy
+
     import torch
+
+    from platform import explain
 
     path = tracking.download(client, run_id, "checkpoints/best_model.pt")
     model = task.build_model(cfg)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if with_views:
+        rows = shards_lib.head(val_shards, cfg.plots.samples)
+        _, why = explain.log_views(client, run_id, lambda: copy.deepcopy(model), task, cfg, rows, torch.device("cpu"))
+        if why:
+            print(f"warning: Grad-CAM / embedding figures of run {run_id} failed ({why})", file=sys.stderr)
     example = task.input_example(task.collate(shards_lib.head(val_shards, 2), cfg, False))
     return tracking.log_model(client, run_id, model, example, task.name if register else None)
 
@@ -180,7 +193,7 @@ def compare_with_random_init(cfg, task, shards, uri: str, name: str, source) -> 
     baseline = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)),
                                             {"init_from": "", **task.random_init}])
     objective, metric = task.objective(cfg), f"val/{task.objective(cfg)}"
-    client, experiment, parent = open_run(cfg, uri, name, {"platform.kind": "comparison", **source.tags()})
+    client, experiment, parent = open_run(cfg, uri, name, {tracking.KIND_TAG: "comparison", **source.tags()})
     with cli.ends_run(client, parent):
         tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))
         best, runs = {}, {}

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from platform import data
 from platform.config import bounded
 from platform.data.augment import AugmentConfig, batch_images
+from platform.explain import timm_features, timm_target
 from platform.metrics import classification_metrics
 from platform.plots import confusion_matrix_figure, roc_figure
-from platform.registry import Task, register
+from platform.registry import Reference, Task, register
 
 
 @dataclass
@@ -77,6 +78,14 @@ def plots(model, batch: dict, outputs: dict, cfg) -> dict:
     }
 
 
+def gradcam(model, cfg):
+    return timm_target(model)  # a ResNet's last stage; a timm ViT's last block, with its reshape
+
+
+def embed(model, batch: dict, cfg) -> torch.Tensor:
+    return timm_features(model, batch["image"])  # (B, D)
+
+
 register(Task(
     name="classification",
     config=ClassificationConfig,
@@ -89,5 +98,18 @@ register(Task(
     metric="auc_macro",
     mode="max",
     plots=plots,
+    gradcam=gradcam,
+    embed=embed,
+    references=(
+        Reference("auc_macro", 0.9942, "micro-average one-vs-rest ROC AUC over the 3 classes (not macro)", "ResNet-18",
+                  "simulated Model F (Alexander et al. 2020's Model A), 150x150: no / sphere / vortex",
+                  "held-out test set: 75,000 training and 7,500 test images, a third of each per class",
+                  "A. Singh, ML4SCI DeepLense GSoC 2021",
+                  "https://github.com/ML4SCI/DeepLense/blob/main/Equivariant_Neural_Networks_for_DeepLense_Apoorva_Singh/Results/Readme.md"),
+        Reference("accuracy", 0.9941, "accuracy over the 3 classes", "CvT (convolutional vision transformer)",
+                  "simulated Model II (64x64, Euclid-like), 30,000 images per class",
+                  "a held-out test set (its size not stated)", "K. Sachdev, ML4SCI DeepLense GSoC 2022-23",
+                  "https://github.com/ML4SCI/DeepLense/blob/main/Transformers_Classification_DeepLense_Kartik_Sachdev/README.md"),
+    ),
     description="substructure classification (no / sphere / vort), timm ResNet",
 ))

@@ -366,6 +366,10 @@ def plots(model, batch: dict, outputs: dict, cfg) -> dict:
     return {"reconstructions.png": image_rows_figure(rows, f"mask ratio {cfg.model.mask_ratio:.2f}")}
 
 
+def embed(model: MaskedAutoencoder, batch: dict, cfg) -> torch.Tensor:
+    return model.forward_features(batch["image"])  # (B, D): every patch seen, mean-pooled
+
+
 register(Task(
     name="mae",
     config=MAEConfig,
@@ -378,6 +382,7 @@ register(Task(
     metric="loss",
     mode="min",
     plots=plots,
+    embed=embed,
     defaults={"train.lr": 1.5e-3, "train.weight_decay": 0.05, "train.batch_size": 64},
     description="masked-autoencoder pretraining (ViT encoder, light decoder)",
 ))

@@ -17,6 +17,7 @@ hands to ``regression`` (with the same ``encoder.arch``).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from platform import data
 from platform.config import ConfigError, bounded
 from platform.data.augment import AugmentConfig, batch_images
+from platform.explain import Logits, timm_features, timm_target
 from platform.metrics import classification_metrics
 from platform.plots import confusion_matrix_figure, image_rows_figure, roc_figure
 from platform.registry import Task, register
@@ -135,6 +137,14 @@ def plots(model, batch: dict, outputs: dict, cfg) -> dict:
     }
 
 
+def gradcam(model: MultitaskNet, cfg):
+    return timm_target(Logits(model, operator.itemgetter(0)), model.encoder)  # the class logits, not the image
+
+
+def embed(model: MultitaskNet, batch: dict, cfg) -> torch.Tensor:
+    return timm_features(model.encoder, batch["image"])  # (B, D): what both heads read
+
+
 register(Task(
     name="multitask",
     config=MultitaskConfig,
@@ -147,5 +157,7 @@ register(Task(
     metric="auc_macro",
     mode="max",
     plots=plots,
+    gradcam=gradcam,
+    embed=embed,
     description="shared timm encoder: substructure classification + image reconstruction",
 ))

@@ -85,12 +85,13 @@ class Regressor(nn.Module):
                 if name.startswith(("decoder", "mask_token")):
                     p.requires_grad_(False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) -> (B, 7)
+    def features(self, images: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) -> (B, D)
         if isinstance(self.encoder, MaskedAutoencoder):
-            features = self.encoder.forward_features(images)  # (B, D)
-        else:
-            features = self.encoder(images)  # (B, D)
-        return self.head(features)
+            return self.encoder.forward_features(images)
+        return self.encoder(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) -> (B, 7)
+        return self.head(self.features(images))
 
 
 def build_model(cfg) -> Regressor:
@@ -190,6 +191,10 @@ def plots(model, batch: dict, outputs: dict, cfg) -> dict:
     return {"predicted_vs_true.png": figure}
 
 
+def embed(model: Regressor, batch: dict, cfg) -> torch.Tensor:
+    return model.features(batch["image"])  # (B, D)
+
+
 register(Task(
     name="regression",
     config=RegressionConfig,
@@ -202,6 +207,8 @@ register(Task(
     metric="mae_mean",
     mode="min",
     plots=plots,
+    embed=embed,
+    embedding_colour="theta_e",  # the Einstein radius: the map should order the images by it
     init_weights=init_weights,
     inherit={"encoder.mae.": "model."},  # a mae run's encoder size (used with encoder.arch=mae)
     random_init={"encoder.freeze": False},  # train.compare_random_init: a frozen random encoder is no baseline

@@ -37,7 +37,7 @@ from platform.config import ConfigError, bounded
 from platform.data import DataError, simulate
 from platform.data.augment import AugmentConfig
 from platform.plots import image_rows_figure, power_spectrum_figure
-from platform.registry import Task, register
+from platform.registry import Reference, Task, register
 
 # Bump when degrade() changes, so cached pairs are rebuilt.
 DEGRADE_VERSION = 1
@@ -333,6 +333,12 @@ register(Task(
     mode="max",
     plots=plots,
     input_example=lambda batch: batch["lr"][:2].numpy(),
+    references=tuple(
+        Reference("psnr", value, definition, model, "simulated DeepLense Model I images (LR and HR sizes, scale not stated)",
+                  "test split not stated", "P. Reddy, ML4SCI DeepLense GSoC 2023",
+                  "https://github.com/ML4SCI/DeepLense/blob/main/Super_Resolution_Pranath_Reddy/README.md")
+        for value, definition, model in ((30.50, "PSNR (dB); MSE 0.00089, SSIM 0.570", "RCAN"),
+                                         (24.78, "PSNR (dB); MSE 0.00333, SSIM 0.303", "bilinear interpolation"))),
     defaults={"data.preset": "model_i", "data.num_train": 128, "data.num_val": 32, "train.batch_size": 16,
               "train.weight_decay": 0.0},
     description="super-resolution (simulated or real LR/HR pairs), SRResNet with L1 loss, PSNR/SSIM against bicubic",

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,3 +80,13 @@ def overfit_losses(task, cfg, batch: dict, steps: int = 20, epoch: int = 0, lr: 
             task.after_step(model, cfg)
         losses.append(loss.item())
     return losses
+
+
+def assert_figure(client, run_id: str, path: str) -> None:
+    """``path`` on the run is a real figure: a PNG that decodes, of a readable size, not blank."""
+    import matplotlib.image
+    import numpy as np
+
+    image = matplotlib.image.imread(client.download_artifacts(run_id, path, tempfile.mkdtemp()))  # (H, W, 4)
+    assert image.shape[0] >= 200 and image.shape[1] >= 200, (path, image.shape)
+    assert float(np.asarray(image)[..., :3].std()) > 0.05, f"{path} is blank"

@@ -86,7 +86,7 @@ def test_train_on_two_ddp_workers_is_one_run(tmp_path):
     assert result.returncode == 0, out[-4000:]
     assert "world_size=2" in out
     # Each worker reads its own half of the 48 training images; the epoch covers all of them.
-    assert "epoch 2/2" in out and "48 samples on 2 worker(s)" in out
+    assert "epoch 2/2" in out and "48 samples on 2 workers" in out
 
     client = MlflowClient(f"sqlite:///{db}")
     (run,) = runs_of(client, "deeplense-mae")  # rank 0 logs; never one run per worker

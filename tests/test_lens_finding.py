@@ -10,7 +10,7 @@ from platform import config, registry
 from platform.data import shards as shards_lib
 from platform.data.lenses import simulate_lenses
 from platform.metrics import binary_metrics
-from tests.helpers import overfit_losses, run_cli, run_cli_here
+from tests.helpers import assert_figure, overfit_losses, run_cli, run_cli_here
 
 # Tiny, and with enough lenses in validation for an AUC: 30 images at 1:4.
 TINY = ["data.num_train=48", "data.num_val=30", "sim.val_positive_fraction=0.2", "train.batch_size=16",
@@ -71,4 +71,5 @@ def test_tune_lens_finding_through_the_cli(tmp_path):
         history = client.get_metric_history(trial.info.run_id, f"val/{metric}")
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
     plots = {a.path for a in client.list_artifacts(trial.info.run_id, "plots")}
-    assert plots == {"plots/roc.png", "plots/pr.png"}
+    assert plots == {"plots/roc.png", "plots/pr.png", "plots/gradcam.png", "plots/embeddings.png"}
+    assert_figure(client, trial.info.run_id, "plots/gradcam.png")

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from platform import config, registry
 from platform.data import shards as shards_lib
-from tests.helpers import overfit_losses, run_cli, run_cli_here, tiny
+from tests.helpers import assert_figure, overfit_losses, run_cli, run_cli_here, tiny
 
 MAE_SIZE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32",
             "model.decoder_depth=1"]
@@ -80,8 +80,9 @@ def test_pretrain_then_finetune_both_heads_linked_in_mlflow(tmp_path):
     for metric in ("auc_macro", "accuracy", "auc_no", "auc_sphere", "auc_vort"):
         history = client.get_metric_history(trial.info.run_id, f"val/{metric}")
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
-    assert {a.path for a in client.list_artifacts(trial.info.run_id, "plots")} == {"plots/roc.png",
-                                                                                  "plots/confusion_matrix.png"}
+    assert {a.path for a in client.list_artifacts(trial.info.run_id, "plots")} == {
+        "plots/roc.png", "plots/confusion_matrix.png", "plots/gradcam.png", "plots/embeddings.png"}
+    assert_figure(client, trial.info.run_id, "plots/gradcam.png")  # the ViT's tokens laid out as a grid
 
     result = run_cli("platform.train", "task=mae_finetune", "head=superres", f"init_from={mae_version.run_id}",
                      "train.epochs=1", "data.preset=model_ii", *tiny(tmp_path / "cache", db), cwd=str(tmp_path))

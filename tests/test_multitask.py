@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from platform import config, registry
 from platform.data import shards as shards_lib
-from tests.helpers import overfit_losses, run_cli, run_cli_here, tiny
+from tests.helpers import assert_figure, overfit_losses, run_cli, run_cli_here, tiny
 
 
 def test_the_decoder_rebuilds_the_input_size_and_the_loss_weights_reconstruction(tmp_path):
@@ -57,7 +57,9 @@ def test_tune_multitask_then_regression_from_its_encoder(tmp_path):
         history = client.get_metric_history(trial.info.run_id, f"val/{metric}")
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
     plots = {a.path for a in client.list_artifacts(trial.info.run_id, "plots")}
-    assert plots == {"plots/roc.png", "plots/confusion_matrix.png", "plots/reconstructions.png"}
+    assert plots == {"plots/roc.png", "plots/confusion_matrix.png", "plots/reconstructions.png", "plots/gradcam.png",
+                     "plots/embeddings.png"}
+    assert_figure(client, trial.info.run_id, "plots/gradcam.png")
 
     # The registered multitask model's encoder starts a regression run.
     result = run_cli("platform.train", "task=regression", "train.epochs=1", "init_from=models:/multitask/latest",

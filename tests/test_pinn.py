@@ -11,7 +11,7 @@ from platform import config, registry
 from platform import lensing as L
 from platform.data import shards as shards_lib
 from tasks.pinn import PhysicsConfig, lens_parameters, physics_loss, physics_weight, reconstruct
-from tests.helpers import overfit_losses, run_cli, run_cli_here, tiny
+from tests.helpers import assert_figure, overfit_losses, run_cli, run_cli_here, tiny
 
 f64 = torch.float64
 TINY = ["model.backbone=resnet10t", "model.source_channels=4", "physics.source_pixels=16"]
@@ -214,4 +214,5 @@ def test_tune_pinn_through_the_cli(tmp_path):
         history = client.get_metric_history(trial.info.run_id, f"val/{metric}")
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
     plots = {a.path for a in client.list_artifacts(trial.info.run_id, "plots")}
-    assert plots == {"plots/lensing.png", "plots/roc.png"}
+    assert plots == {"plots/lensing.png", "plots/roc.png", "plots/gradcam.png", "plots/embeddings.png"}
+    assert_figure(client, trial.info.run_id, "plots/gradcam.png")

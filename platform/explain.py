@@ -1,0 +1,277 @@
+"""What a trained model looks at and how it arranges the data: Grad-CAM heatmaps and a 2-D map
+of its embeddings, logged as figures of the run that trained it.
+
+A task says where to look: ``Task.gradcam`` gives the classifier and its target layer (a ViT
+with the reshape transform that lays its tokens back out as a grid), ``Task.embed`` the
+encoder's features and ``Task.embedding_colour`` the column that colours them (the class, or a
+truth parameter such as ``theta_e``). Grad-CAM is pytorch-grad-cam's; the map is scikit-learn's
+t-SNE after a PCA to at most 50 dimensions.
+
+Both are computed once per run, on its best weights, over the first ``plots.samples``
+validation images its rank 0 reads: on one worker, with the split in Ray's object store (the
+default for small splits), the same images in the same order for every run and trial of a
+sweep; under DDP rank 0's share; streamed through Ray Data, in the order the pipeline yields
+them. A binary finder's image counts as predicted a lens above 0.5 (not the F1-tuned threshold).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from platform.plots import plt
+
+
+@dataclass
+class GradCamTarget:
+    """What Grad-CAM explains: ``model`` maps images (B, C, H, W) to class logits (B, K), or to one
+    logit (B, 1) for a binary finder; ``layers`` are the modules whose activations it weighs."""
+
+    model: nn.Module
+    layers: list
+    reshape_transform: Optional[Callable] = None  # a ViT's tokens (B, P+L, D) -> (B, D, h, w)
+    # (H, W) of the images -> the layers for that size, when the size decides (a CNN's stage)
+    layers_for: Optional[Callable] = None
+
+
+class Logits(nn.Module):
+    """A model whose forward returns more than logits (a tuple, a dict), seen as one that returns them."""
+
+    def __init__(self, model: nn.Module, pick: Callable):
+        super().__init__()
+        self.model, self.pick = model, pick
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.model(images))
+
+
+def tokens_to_map(grid: tuple[int, int], prefix_tokens: int) -> Callable:
+    """A ViT's block output (B, prefix + h*w, D) -> (B, D, h, w), the cls (and register) tokens dropped."""
+
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:
+        b, _, d = tokens.shape
+        return tokens[:, prefix_tokens:, :].reshape(b, grid[0], grid[1], d).permute(0, 3, 1, 2)
+
+    return reshape
+
+
+def vit_target(model: nn.Module, blocks, grid: tuple[int, int], prefix_tokens: int = 1) -> GradCamTarget:
+    """The last block's first norm: the usual Grad-CAM layer of a ViT (its output still varies
+    per token; the final norm's gradient reaches only the pooled or cls token)."""
+    return GradCamTarget(model, [blocks[-1].norm1], tokens_to_map(tuple(grid), prefix_tokens))
+
+
+MIN_GRID = 8  # the coarsest heatmap worth drawing: 8x8 cells over the image
+
+
+def timm_target(model: nn.Module, backbone: Optional[nn.Module] = None) -> GradCamTarget:
+    """``model``'s Grad-CAM target where ``backbone`` (default: ``model`` itself) is a timm model.
+
+    A CNN: its deepest feature stage whose map is still at least 8x8 for the images at hand
+    (a ResNet's ``layer4`` is 2x2 on 64x64 lensing images, a heatmap of quadrants; ``layer2``
+    is 8x8 there, ``layer3`` 10x10 on 150x150). A timm ViT: its last block, as a patch grid.
+    """
+    backbone = backbone if backbone is not None else model
+    if hasattr(backbone, "blocks") and hasattr(backbone, "patch_embed"):
+        return vit_target(model, backbone.blocks, backbone.patch_embed.grid_size,
+                          getattr(backbone, "num_prefix_tokens", 1))
+    stages = backbone.feature_info  # [{"module": "layer1", "reduction": 4}, ...], shallow to deep
+
+    def layers_for(size: tuple[int, int]) -> list:
+        fine = [s for s in stages if min(size) / s["reduction"] >= MIN_GRID] or stages[:1]
+        return [backbone.get_submodule(fine[-1]["module"])]
+
+    return GradCamTarget(model, [backbone.get_submodule(stages[-1]["module"])], layers_for=layers_for)
+
+
+def timm_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A timm model's pooled features before its classifier: (B, C, H, W) -> (B, D)."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def _display(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> (H, W) in [0, 1]: the bands averaged, stretched to the image's own range."""
+    image = image.mean(axis=0)
+    low, high = image.min(), image.max()
+    return (image - low) / (high - low) if high > low else np.zeros_like(image)
+
+
+def predictions(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, its probability) per image; one logit is a binary finder, class 1 above 0.5."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        positive = torch.sigmoid(logits[:, 0])
+        predicted = (positive > 0.5).long()
+        return predicted.cpu().numpy(), torch.where(predicted == 1, positive, 1 - positive).cpu().numpy()
+    probs = logits.softmax(dim=1)
+    confidence, predicted = probs.max(dim=1)
+    return predicted.cpu().numpy(), confidence.cpu().numpy()
+
+
+def pick_examples(labels: np.ndarray, predicted: np.ndarray, classes: list[str], per_class: int) -> dict:
+    """{(class, correct?): [row indices]}: the first ``per_class`` correctly classified and the first
+    ``per_class`` misclassified images of each true class, in the split's order."""
+    chosen = {}
+    for k in range(len(classes)):
+        for correct in (True, False):
+            rows = np.flatnonzero((labels == k) & ((predicted == k) == correct))
+            chosen[k, correct] = rows[:per_class].tolist()
+    return chosen
+
+
+def gradcam_maps(target: GradCamTarget, images: torch.Tensor, explained: np.ndarray) -> np.ndarray:
+    """Grad-CAM heatmaps (N, H, W) in [0, 1] of images (N, C, H, W), each for its class in ``explained``."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget, ClassifierOutputTarget
+
+    with torch.no_grad():
+        binary = target.model(images[:1]).shape[1] == 1
+    as_target = BinaryClassifierOutputTarget if binary else ClassifierOutputTarget
+    images = images.detach().clone().requires_grad_(True)  # gradients flow even through a frozen encoder
+    layers = target.layers_for(tuple(images.shape[-2:])) if target.layers_for else target.layers
+    with torch.enable_grad(), GradCAM(model=target.model, target_layers=layers,
+                                      reshape_transform=target.reshape_transform) as cam:
+        return cam(input_tensor=images, targets=[as_target(int(k)) for k in explained])
+
+
+def gradcam_figure(target: GradCamTarget, images: torch.Tensor, labels: np.ndarray, classes: list[str],
+                   per_class: int):
+    """One row per true class: up to ``per_class`` correct, then up to ``per_class`` misclassified
+    images, each under the heatmap of the class the model predicted for it."""
+    target.model.eval()
+    predicted, confidence = [], []
+    with torch.no_grad():
+        for start in range(0, len(images), 64):  # until every class has its correct and misclassified examples
+            p, c = predictions(target.model(images[start:start + 64]))  # from logits (n, K) or (n, 1)
+            predicted.append(p)
+            confidence.append(c)
+            seen = np.concatenate(predicted)
+            if all(len(v) == per_class for v in pick_examples(labels[:len(seen)], seen, classes, per_class).values()):
+                break
+    predicted, confidence = np.concatenate(predicted), np.concatenate(confidence)
+    labels = labels[:len(predicted)]
+    chosen = pick_examples(labels, predicted, classes, per_class)
+    order = [i for rows in chosen.values() for i in rows]
+    heat = dict(zip(order, gradcam_maps(target, images[order], predicted[order]))) if order else {}
+
+    shown = images.detach().float().cpu().numpy()
+    columns = 2 * per_class
+    figure, axes = plt.subplots(len(classes), columns, figsize=(1.7 * columns, 1.9 * len(classes) + 0.5),
+                                squeeze=False)
+    for k, name in enumerate(classes):
+        for correct in (True, False):
+            rows = chosen[k, correct]
+            for slot in range(per_class):
+                ax = axes[k, slot + (0 if correct else per_class)]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if slot >= len(rows):
+                    ax.set_frame_on(False)
+                    continue
+                i = rows[slot]
+                ax.imshow(_display(shown[i]), cmap="gray")
+                ax.imshow(heat[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+                verdict = "" if correct else f"as {classes[predicted[i]]} "
+                ax.set_title(f"{verdict}{confidence[i]:.2f}", fontsize=8, color="green" if correct else "red")
+        axes[k, 0].set_ylabel(f"true {name}")
+    for correct, column in ((True, 0), (False, per_class)):
+        axes[0, column].annotate("correct" if correct else "misclassified", (0, 1.35), xycoords="axes fraction",
+                                 fontsize=10, weight="bold")
+    figure.suptitle("Grad-CAM: where the predicted class's evidence lies (probability above each image)",
+                    fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def project_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(N, D) -> (N, 2): PCA to at most 50 dimensions (t-SNE's cost grows with them), then t-SNE."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    features = np.asarray(features, dtype=np.float64)
+    n = len(features)
+    components = min(50, features.shape[1], n - 1)
+    reduced = PCA(n_components=components, random_state=seed).fit_transform(features) if components < features.shape[1] else features
+    perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
+    # 500 iterations (sklearn's default is 1000): a few hundred points have settled by then, in half the time.
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500,
+                random_state=seed).fit_transform(reduced)
+
+
+def embedding_figure(points: np.ndarray, colour: Optional[np.ndarray], colour_by: str,
+                     classes: Optional[list[str]]):
+    """The 2-D map, coloured by class (a legend) or by a truth parameter (a colour bar)."""
+    figure, ax = plt.subplots(figsize=(5, 4.4))
+    if colour is None:
+        ax.scatter(points[:, 0], points[:, 1], s=8, alpha=0.7)
+    elif classes is not None:
+        for k, name in enumerate(classes):
+            here = colour.astype(np.int64) == k
+            ax.scatter(points[here, 0], points[here, 1], s=8, alpha=0.7, label=f"{name} ({int(here.sum())})")
+        ax.legend(loc="best", fontsize=8)
+    else:
+        dots = ax.scatter(points[:, 0], points[:, 1], s=8, alpha=0.8, c=colour, cmap="viridis")
+        figure.colorbar(dots, ax=ax, label=colour_by)
+    ax.set(xticks=[], yticks=[], title=f"validation embeddings (t-SNE, {len(points)} images), by {colour_by}")
+    ax.title.set_fontsize(9)
+    figure.tight_layout()
+    return figure
+
+
+def wanted(task, cfg) -> bool:
+    """Whether a run of this task and config draws any view: the task can, and ``plots.*`` asks."""
+    return bool((cfg.plots.gradcam and task.gradcam) or (cfg.plots.embeddings and task.embed))
+
+
+def log_views(client, run_id: str, make_model: Callable, task, cfg, rows: dict,
+              device: torch.device) -> tuple[list[str], Optional[str]]:
+    """Draw the views of ``make_model()`` (the best weights, a model the caller hands over) and log
+    them on the run, tagged ``platform.views``. Returns (the figures' names, None), or ([], why) in one
+    line, tagged ``platform.views_error``: a figure must never fail a run whose training succeeded."""
+    from platform import tracking
+
+    try:
+        figures = model_views(make_model(), task, cfg, rows, device)
+        tracking.log_figures(client, run_id, figures)
+        tracking.set_tags(client, run_id, {tracking.VIEWS_TAG: ",".join(figures) or "none"})
+        return list(figures), None
+    except Exception as error:
+        why = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        tracking.set_tags(client, run_id, {"platform.views_error": why})
+        return [], why
+
+
+def model_views(model: nn.Module, task, cfg, rows: dict, device: torch.device) -> dict:
+    """{"gradcam.png", "embeddings.png"} as the task and ``plots.*`` ask, for ``model`` (its best
+    weights, a copy the caller owns: it is put in eval mode) on ``rows``, a numpy batch of
+    validation rows."""
+    figures = {}
+    wants_gradcam = cfg.plots.gradcam and task.gradcam is not None
+    wants_embeddings = cfg.plots.embeddings and task.embed is not None
+    if not wanted(task, cfg) or not len(rows.get("image", ())):
+        return figures
+    model = model.to(device).eval()
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in task.collate(rows, cfg, False).items()}
+    classes = list(cfg.data.classes)
+    labels = rows.get("label")
+    if wants_gradcam and labels is not None:
+        target = task.gradcam(model, cfg)
+        if target is not None:
+            figures["gradcam.png"] = gradcam_figure(target, batch["image"], np.asarray(labels).astype(np.int64),
+                                                    classes, cfg.plots.gradcam_per_class)
+    if wants_embeddings and len(rows["image"]) >= 5:
+        step = cfg.train.batch_size
+        with torch.no_grad():
+            chunks = [task.embed(model, {k: v[i:i + step] for k, v in batch.items()}, cfg).float().cpu()
+                      for i in range(0, len(rows["image"]), step)]
+        features = torch.cat(chunks).reshape(len(rows["image"]), -1).numpy()  # (N, D)
+        colour_by = task.embedding_colour
+        colour = np.asarray(rows[colour_by]) if colour_by in rows else None
+        figures["embeddings.png"] = embedding_figure(
+            project_2d(features, cfg.train.seed), colour, colour_by if colour is not None else "nothing",
+            classes if colour_by == "label" else None)
+    return figures
