@@ -85,10 +85,14 @@ def read_split(class_dirs: list[tuple[int, str]], channels: int | None = None) -
 
     ``channels=None`` takes the first file's; every file must then match it.
     """
+    from platform.data.shards import progress
+
     images, labels, paths = [], [], []
     shape = None
-    for label, folder in class_dirs:
-        for path in _npy_files(folder):
+    files = [(label, path) for label, folder in class_dirs for path in _npy_files(folder)]
+    with progress(len(files), f"reading {os.path.dirname(os.path.dirname(files[0][1])) if files else ''}",
+                  unit="file") as bar:
+        for label, path in files:
             image = _as_chw(load_npy(path), path, channels)  # (C, H, W)
             if shape is None:
                 shape = image.shape
@@ -97,6 +101,7 @@ def read_split(class_dirs: list[tuple[int, str]], channels: int | None = None) -
             images.append(image)
             labels.append(label)
             paths.append(path)
+            bar.update()
     return np.stack(images), np.asarray(labels, dtype=np.int64), paths
 
 

@@ -98,7 +98,9 @@ def simulate_lenses(n: int, positive_fraction: float, seed: int) -> tuple[np.nda
     images = np.empty((n, len(BANDS), N_PIX, N_PIX), dtype=np.float32)
     truth = {"label": labels, **{k: np.zeros(n, dtype=np.float32) for k in ("theta_e", "source_x", "source_y")}}
     x, y = lensing.pixel_grid(N_PIX, PIXEL_SCALE, dtype=torch.float32)  # (H, W)
-    with torch.inference_mode():
+    from platform.data.shards import progress
+
+    with torch.inference_mode(), progress(n, f"simulating lens_finding (seed {seed})") as bar:
         for block, start in enumerate(range(0, n, SEED_BLOCK)):
             stop = min(start + SEED_BLOCK, n)
             g = _block_generator(seed, "lens_finding", block)
@@ -116,4 +118,5 @@ def simulate_lenses(n: int, positive_fraction: float, seed: int) -> tuple[np.nda
             truth["theta_e"][start:stop] = np.where(lens, d["theta_e"].numpy(), 0.0)
             truth["source_x"][start:stop] = radius * np.cos(d["source_direction"].numpy())
             truth["source_y"][start:stop] = radius * np.sin(d["source_direction"].numpy())
+            bar.update(stop - start)
     return images, truth

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -32,6 +33,17 @@ MANIFEST = "manifest.json"
 
 class DataError(ValueError):
     """Bad or missing data: the message is one line naming the file and what is wrong."""
+
+
+PROGRESS_MIN_ROWS = 1000  # data work on fewer rows takes seconds: no bar
+
+
+def progress(total: int, desc: str, unit: str = "img"):
+    """A progress bar on stderr (rate and time left) for data work that takes a while."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=2.0, dynamic_ncols=True,
+                disable=total < PROGRESS_MIN_ROWS)
 
 
 @dataclass(frozen=True)
@@ -209,7 +221,13 @@ def _all_rows(shards: Shards) -> dict[str, np.ndarray]:
 
 def head(shards: Shards, rows: int) -> dict[str, np.ndarray]:
     """The first ``rows`` rows as a numpy batch, in the form Ray Data hands to ``collate``."""
-    table = pq.read_table(shards.files[0]).slice(0, rows)
+    tables, count = [], 0
+    for path in shards.files:  # usually the first file holds them all
+        tables.append(pq.read_table(path).slice(0, rows - count))
+        count += tables[-1].num_rows
+        if count >= rows:
+            break
+    table = pa.concat_tables(tables)
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 

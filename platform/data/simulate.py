@@ -308,7 +308,9 @@ def simulate(preset: str, n: int, seed: int, chunk_size: int = 256) -> tuple[np.
     truth["n_subhalos"] = np.zeros(n, dtype=np.int64)
     x, y = lensing.pixel_grid(p.n_pix, p.pixel_scale, dtype=torch.float32)  # (H, W)
 
-    with torch.inference_mode():
+    from platform.data.shards import progress
+
+    with torch.inference_mode(), progress(n, f"simulating {preset} (seed {seed})") as bar:
         for block, start in enumerate(range(0, n, SEED_BLOCK)):
             stop = min(start + SEED_BLOCK, n)
             g = _block_generator(seed, preset, block)
@@ -323,6 +325,7 @@ def simulate(preset: str, n: int, seed: int, chunk_size: int = 256) -> tuple[np.
             noisy = lensing.add_noise(clean, g, poisson_scale=counts, gaussian_sigma=d32["noise_sigma"])
             images[start:stop, 0] = _minmax(noisy).numpy()
             _fill_truth(truth, slice(start, stop), p, d, labels[start:stop])
+            bar.update(stop - start)
     return images, truth
 
 
