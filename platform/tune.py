@@ -12,12 +12,12 @@ import re
 import signal
 import sys
 
-from platform import cli, cluster, pretrained, registry, space as space_lib, tracking
+from platform import cli, cluster, insight, pretrained, registry, space as space_lib, tracking
 from platform import config as config_lib
 from platform.train import (default_name, log_best_model, loop_config, make_trainer, open_run, put_in_memory,
                             storage_path, streamed)
 
-FAILURE_TAG = "platform.failure"  # why a trial failed, in one line
+FAILURE_TAG = tracking.FAILURE_TAG
 
 
 def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: str, experiment: str, parent: str,
@@ -63,6 +63,17 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
         if result.error:
             raise result.error
     tracking.end_run(client, run_id, "FINISHED", only_if_running=True)
+
+
+def explain_sweep(client, parent: str, objective: str, task, sweep: str) -> None:
+    """The sweep's insight on its parent run (``platform.insight``); a failure there is a warning:
+    the sweep's results stand, and the same command draws them again."""
+    try:
+        for line in insight.log_sweep_insight(client, parent, objective, task.mode):
+            print(f"note: {line}")
+    except Exception as error:
+        print(f"warning: the sweep's insight failed ({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
+              f"retry with python -m platform.insight task={task.name} tune.name={sweep}", file=sys.stderr)
 
 
 def epoch_reports():
@@ -218,7 +229,7 @@ def finish_trial_runs(client, experiment: str, sweep: str, results, epochs: int)
             continue  # the parent
         if trial_id in errors and errors[trial_id] is None:
             if run.data.metrics.get("epoch", 0) < epochs:
-                tracking.set_tags(client, run.info.run_id, {"platform.stopped_early": "true"})
+                tracking.set_tags(client, run.info.run_id, {tracking.STOPPED_TAG: "true"})
             if run.info.status != "FINISHED":
                 tracking.end_run(client, run.info.run_id, "FINISHED")
         elif trial_id in errors:
@@ -250,7 +261,7 @@ def best_trial_run(client, experiment: str, parent: str, metric: str, mode: str)
     return run_id, value
 
 
-SPACE_TAG = "platform.space"  # the sweep's search space, so a resume can refuse a changed one
+SPACE_TAG = tracking.SPACE_TAG  # the sweep's search space, so a resume can refuse a changed one
 
 
 def space_fingerprint(space) -> str:
@@ -280,13 +291,16 @@ CHANGEABLE_ON_RESUME = ("ray.", "mlflow.", "tune.resume", "tune.num_samples", "t
                         "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.placement_strategy")
 
 
-def setting_change(recorded: dict[str, str], cfg) -> str | None:
+def setting_change(recorded: dict[str, str], cfg, searched=()) -> str | None:
     """The first setting this command gives another value than the sweep's parent run recorded, or None.
 
-    Keys the sweep did not record (a newer platform's) are not compared; the space is compared apart.
+    Keys the sweep did not record (a newer platform's) are not compared; the space is compared
+    apart (a searched key's param on the parent is the best trial's value).
     """
     now = tracking.public_params(config_lib.flatten(config_lib.to_dict(cfg)))
     for key in sorted(recorded):
+        if key in searched:
+            continue
         if not key.startswith(CHANGEABLE_ON_RESUME) and key in now and now[key] != recorded[key]:
             return f"{key}={recorded[key]}; this command has {key}={now[key]}"
     return None
@@ -298,7 +312,7 @@ def sweep_parent(client, experiment_name: str, sweep: str):
     if experiment is None:
         return None
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{tracking.SWEEP_TAG}` = '{sweep}' "
-                                                                         f"and tags.`platform.kind` = 'sweep'",
+                                                                         f"and tags.`{tracking.KIND_TAG}` = 'sweep'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
@@ -338,7 +352,7 @@ def resume_plan(cfg, client, experiment_name: str, sweep: str, space) -> tuple[s
         raise config_lib.ConfigError(f"tune.name={sweep} was started with another search space "
                                      f"({_space_change(recorded, space_fingerprint(space))}); resume it with its own "
                                      f"space, or start a new sweep with another tune.name")
-    change = setting_change(parent.data.params, cfg) if parent is not None else None
+    change = setting_change(parent.data.params, cfg, space.params) if parent is not None else None
     if change:
         raise config_lib.ConfigError(f"tune.name={sweep} was started with {change}; resume it with its own "
                                      f"settings, or start a new sweep with another tune.name")
@@ -383,13 +397,15 @@ def main(argv: list[str]) -> int:
         doing = "adding trials to" if resume == "extend" else "resuming"
         print(f"{doing} sweep {sweep} ({sweep_path(cfg, sweep)}; MLflow parent run {parent})", flush=True)
     else:
-        client, experiment, parent = open_run(cfg, uri, sweep, {tracking.SWEEP_TAG: sweep, "platform.kind": "sweep",
+        client, experiment, parent = open_run(cfg, uri, sweep, {tracking.SWEEP_TAG: sweep, tracking.KIND_TAG: "sweep",
                                                                 SPACE_TAG: space_fingerprint(space), **init_tags})
     objective = task.objective(cfg)
     metric = f"val/{objective}"
     with cli.ends_run(client, parent):
         if not resume:
-            tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))
+            # The searched keys are left for the best trial's values, at the end (insight).
+            tracking.log_params(client, parent, {k: v for k, v in config_lib.flatten(config_lib.to_dict(cfg)).items()
+                                                 if k not in space.params})
             tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
         # A SIGTERM (ray job stop, a cluster going down) is a Ctrl+C to Tune: it stops the
         # trials, saves the sweep's state and returns, so the same command resumes it.
@@ -416,15 +432,22 @@ def main(argv: list[str]) -> int:
         # agree even when a stopped trial logged one more epoch than Tune saw.
         best_run, value = best_trial_run(client, experiment, parent, f"best/{objective}", task.mode)
         if best_run is None:
+            explain_sweep(client, parent, objective, task, sweep)  # its trials table says why each failed
             raise cli.CommandFailed(f"no trial of sweep {sweep} finished with {metric}; see the trial errors above")
         best_params = client.get_run(best_run).data
         best_trial = best_params.tags[tracking.TRIAL_TAG]
         sampled = {key: config_lib.load_yaml(best_params.params[key]) for key in space.params}
         best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), sampled])
-        version = log_best_model(client, best_run, best_cfg, task, shards["val"], cfg.mlflow.register_model)
+        from platform.explain import wanted
+
+        # A best trial that ASHA stopped before its last epoch has not drawn its Grad-CAM and embedding figures.
+        views_missing = wanted(task, cfg) and tracking.VIEWS_TAG not in best_params.tags
+        version = log_best_model(client, best_run, best_cfg, task, shards["val"], cfg.mlflow.register_model,
+                                 with_views=views_missing)
         tracking.log_metrics(client, parent, {f"best/{objective}": value}, step=0)
         tracking.set_tags(client, parent, {"platform.best_run_id": best_run, "platform.best_trial": best_trial,
                                             "platform.registered_version": version or ""})
+        explain_sweep(client, parent, objective, task, sweep)
         print(f"\n{len(results)} trials ({len(failed)} failed). Best trial {best_trial}: {metric} = {value:.4f}")
         for key, v in sorted(sampled.items()):
             print(f"  {key} = {v}")

@@ -1,0 +1,229 @@
+"""A sweep that explains itself, on its MLflow parent run; ``python -m platform.insight`` for a finished one.
+
+    python -m platform.insight task=classification tune.name=classification-20261122-100342
+
+Everything is read from MLflow alone (the trial runs nested under the parent, the search
+space recorded on it), so it works wherever the store is, after the cluster is gone:
+
+- ``trials.csv`` and ``trials.parquet``: one row per trial (its sampled parameters, final and
+  best value of the objective, state, epochs run, wall time, why it failed);
+- Optuna's optimisation history, hyperparameter importances (fANOVA) and parallel coordinates,
+  drawn from a study rebuilt from those rows;
+- the best trial's parameters and metrics as the parent's own, so MLflow's compare view lines
+  up sweeps side by side.
+
+Trials ASHA stopped early are in the figures with the best value they reached, marked so in
+the table: on a small sweep they are most of the trials, and what they reached is what the
+scheduler judged them on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import warnings
+
+from platform import cli, registry, tracking
+from platform import config as config_lib
+
+BEST_PARAMS_TAG = "platform.best_params"
+
+
+def recorded_space(parent) -> dict:
+    """{dotted key: (distribution, arguments)} of the sweep, from its parent run."""
+    return {k: tuple(v) for k, v in json.loads(parent.data.tags.get(tracking.SPACE_TAG, '{"search": {}}'))["search"].items()}
+
+
+def trial_state(run) -> str:
+    if run.info.status == "FINISHED":
+        return "STOPPED_EARLY" if run.data.tags.get(tracking.STOPPED_TAG) == "true" else "COMPLETE"
+    return run.info.status  # FAILED, KILLED, RUNNING
+
+
+def trial_rows(client, parent, objective: str) -> list[dict]:
+    """One dict per trial run nested under ``parent``, oldest first."""
+    space = recorded_space(parent)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=10000)
+    rows = []
+    for number, run in enumerate(r for r in runs if tracking.TRIAL_TAG in r.data.tags):
+        metrics, params = run.data.metrics, run.data.params
+        end = run.info.end_time or run.info.start_time
+        rows.append({
+            "number": number,
+            "trial_id": run.data.tags[tracking.TRIAL_TAG],
+            "run_id": run.info.run_id,
+            "state": trial_state(run),
+            "epochs": int(metrics.get("epoch", 0)),
+            f"final_val/{objective}": metrics.get(f"val/{objective}", math.nan),
+            f"best/{objective}": metrics.get(f"best/{objective}", math.nan),
+            "duration_s": round((end - run.info.start_time) / 1000, 1),
+            **{key: config_lib.load_yaml(params[key]) if key in params else None for key in space},
+            "failure": run.data.tags.get(tracking.FAILURE_TAG, ""),
+        })
+    return rows
+
+
+def rebuilt_study(rows: list[dict], space: dict, objective: str, mode: str):
+    """An in-memory Optuna study of the trials that reached a value (stopped early ones too)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    distributions = {}
+    for key, (kind, args) in space.items():
+        if kind == "choice":
+            distributions[key] = CategoricalDistribution(args)
+        elif kind == "int":
+            distributions[key] = IntDistribution(int(args[0]), int(args[1]))
+        else:
+            distributions[key] = FloatDistribution(float(args[0]), float(args[1]), log=kind == "loguniform")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for row in rows:
+        value = row[f"best/{objective}"]
+        params = {key: row[key] for key in space}
+        if not math.isfinite(value) or any(v is None for v in params.values()):
+            continue
+        if any(d.choices.count(params[k]) == 0 for k, d in distributions.items() if isinstance(d, CategoricalDistribution)):
+            continue  # a value outside the recorded choices (a hand-edited run): not this space's trial
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value,
+                                                  user_attrs={"state": row["state"], "trial_id": row["trial_id"]}))
+    return study
+
+
+def sweep_figures(study, objective: str) -> tuple[dict, list[str]]:
+    """Optuna's three figures, and a line for each one this study cannot have (too few trials)."""
+    import optuna.visualization.matplotlib as ovm
+
+    figures, skipped = {}, []
+    trials = len(study.trials)
+    stopped = sum(t.user_attrs.get("state") == "STOPPED_EARLY" for t in study.trials)
+    note = f"{trials} trials, {stopped} stopped early (at their best value)" if stopped else f"{trials} trials"
+    searched = len(study.trials[0].distributions) if trials else 0
+    plans = {
+        "optimization_history.png": (1, lambda: ovm.plot_optimization_history(study, target_name=f"best/{objective}")),
+        "param_importances.png": (2, lambda: ovm.plot_param_importances(study)),
+        "parallel_coordinate.png": (2, lambda: ovm.plot_parallel_coordinate(study, target_name=f"best/{objective}")),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's matplotlib plots are marked experimental
+        for name, (needs, draw) in plans.items():
+            if trials < needs or (name == "param_importances.png" and searched < 1):
+                skipped.append(f"{name}: needs {needs} trials with a value, the sweep has {trials}")
+                continue
+            try:
+                axes = draw()
+            except Exception as error:  # fANOVA on trials that all scored the same: no variance to split
+                skipped.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+                continue
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+            figure.set_size_inches(9.0 if name == "parallel_coordinate.png" else 6.5, 4.5)
+            figure.suptitle(f"{name[:-4].replace('_', ' ')}: {note}", fontsize=9)
+            figure.tight_layout()
+            figures[name] = figure
+    return figures, skipped
+
+
+def write_table(rows: list[dict], folder: str) -> list[str]:
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    paths = [os.path.join(folder, "trials.csv"), os.path.join(folder, "trials.parquet")]
+    table.to_csv(paths[0], index=False)
+    # Parquet wants one type per column: a choice of mixed values is stored as text.
+    table.astype({c: str for c in table.columns if table[c].dtype == object}).to_parquet(paths[1], index=False)
+    return paths
+
+
+def best_row(rows: list[dict], objective: str, mode: str) -> dict | None:
+    scored = [r for r in rows if r["state"] in ("COMPLETE", "STOPPED_EARLY") and math.isfinite(r[f"best/{objective}"])]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda r: r[f"best/{objective}"])
+
+
+def sweep_objective(client, parent) -> str | None:
+    """The metric a finished sweep optimised, as its trials logged it (best/<metric>)."""
+    from platform.report import objective_of
+
+    trials = client.search_runs([parent.info.experiment_id],
+                                filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'", max_results=20)
+    return next((objective_of(t) for t in trials if objective_of(t)), None)
+
+
+def log_sweep_insight(client, parent_id: str, objective: str, mode: str) -> list[str]:
+    """Trials table, Optuna figures and the best trial's params and metrics, on the parent run;
+    ``objective`` is the metric the sweep optimised (``val/`` left off), ``mode`` min or max.
+
+    Returns lines worth printing (what is missing and why).
+    """
+    parent = client.get_run(parent_id)
+    space = recorded_space(parent)
+    rows = trial_rows(client, parent, objective)
+    notes = []
+    with tempfile.TemporaryDirectory() as folder:
+        if rows:
+            for path in write_table(rows, folder):
+                tracking.log_file(client, parent_id, path, "")
+
+    counts = {state: sum(r["state"] == state for r in rows) for state in ("COMPLETE", "STOPPED_EARLY", "FAILED", "KILLED")}
+    sweep_metrics = {"sweep/trials": len(rows), "sweep/complete": counts["COMPLETE"],
+                     "sweep/stopped_early": counts["STOPPED_EARLY"], "sweep/failed": counts["FAILED"],
+                     "sweep/killed": counts["KILLED"]}
+    best = best_row(rows, objective, mode)
+    if best is not None:
+        best_run = client.get_run(best["run_id"])
+        # Its last epoch's validation metrics, and the best value of the objective it reached.
+        sweep_metrics.update({k: v for k, v in best_run.data.metrics.items() if k.startswith(("val/", "best/"))})
+        sampled = {key: best[key] for key in space}
+        recorded = parent.data.params
+        # MLflow params never change: a sweep extended later whose best trial changed keeps
+        # its first values there; the tag and the metrics always name the current best.
+        new = {k: v for k, v in sampled.items() if k not in recorded}
+        tracking.log_params(client, parent_id, new)
+        changed = [k for k in sampled if k in recorded and recorded[k] != str(sampled[k])]
+        if changed:
+            notes.append(f"the parent run already had params {', '.join(changed)} with other values (MLflow params "
+                         f"never change); tag {BEST_PARAMS_TAG} and the metrics hold the best trial's")
+        tracking.set_tags(client, parent_id, {BEST_PARAMS_TAG: json.dumps(sampled, default=str)})
+    tracking.log_metrics(client, parent_id, sweep_metrics, step=0)
+
+    # The figures last: the table, params and metrics are there even if one cannot be drawn.
+    figures, skipped = sweep_figures(rebuilt_study(rows, space, objective, mode), objective)
+    tracking.log_figures(client, parent_id, figures, folder="sweep")
+    return notes + skipped
+
+
+def main(argv: list[str]) -> int:
+    task_name, overrides = config_lib.parse_cli(argv)
+    cfg = config_lib.build(task_name, [overrides])
+    task = registry.get(cfg.task)
+    if not cfg.tune.name:
+        raise config_lib.ConfigError("platform.insight needs tune.name=<the sweep's name> (its MLflow parent run's "
+                                     "name, printed when the sweep started)")
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    experiment_name = cfg.mlflow.experiment or f"deeplense-{cfg.task}"
+    if not tracking.store_exists(uri):
+        raise config_lib.ConfigError(f"mlflow.tracking_uri={uri}: no MLflow store there")
+    client = tracking.MlflowClient(uri)
+    from platform.tune import sweep_parent
+
+    parent = sweep_parent(client, experiment_name, cfg.tune.name)
+    if parent is None:
+        raise config_lib.ConfigError(f"tune.name={cfg.tune.name}: no sweep of that name in experiment "
+                                     f"{experiment_name} of {uri}")
+    # The sweep's own objective: a setting may choose it (mae_finetune's head), and this command's may differ.
+    objective = sweep_objective(client, parent) or task.objective(cfg)
+    for line in log_sweep_insight(client, parent.info.run_id, objective, task.mode):
+        print(f"note: {line}")
+    print(f"sweep {cfg.tune.name}: trials table and figures logged on MLflow parent run {parent.info.run_id}")
+    print(cli.ui_hint(uri))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, sys.argv[1:]))
