@@ -71,7 +71,8 @@ def usage() -> str:
     from platform import registry
 
     return (
-        "usage: python -m platform.{train,tune,data} task=NAME [section.key=value ...]\n"
+        "usage: python -m platform.{train,tune,data,insight} task=NAME [section.key=value ...]\n"
+        "       python -m platform.report [mlflow.tracking_uri=...] [report.out=report]\n"
         f"tasks: {', '.join(registry.names())}\n"
         "examples: task=mae train.epochs=5 scaling.num_workers=4 scaling.use_gpu=true tune.num_samples=50\n"
         "see README.md for every key"
