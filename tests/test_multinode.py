@@ -73,6 +73,12 @@ def logged_epochs_and_pids(client, at_least: int, not_pids=()):
     return None
 
 
+def events(output: str) -> str:
+    """The lines of a run's output that tell its failures and resumes apart."""
+    wanted = ("resuming", "preemption", "SIGTERM", "Preempted", "drain", "Drain", "failed", "died", "epoch ")
+    return "\n".join(line for line in output.splitlines() if any(w in line for w in wanted))[-12000:]
+
+
 def test_a_sigtermed_then_a_killed_worker_resume_where_they_stopped_as_one_run(tmp_path, two_nodes):
     """A spot VM's SIGTERM: a checkpoint at the next step, the run resumes at that step. Then a
     SIGKILL (no warning): the run resumes from its last epoch's checkpoint. One MLflow run throughout."""
@@ -96,13 +102,18 @@ def test_a_sigtermed_then_a_killed_worker_resume_where_they_stopped_as_one_run(t
     finally:
         if process.poll() is None:
             process.kill()
+    (tmp_path / "output.log").write_text(output)
     assert process.returncode == 0, output[-4000:]
 
     resumed = re.findall(r"resuming from epoch (\d+)(?: step (\d+))?", output)
     assert len(resumed) == 2, output[-4000:]
     (after_sigterm, at_step), (after_kill, no_step) = [(int(e), int(s or 0)) for e, s in resumed]
     assert at_step > 0 and f"checkpoint saved in epoch {after_sigterm + 1} at step {at_step}" in output
-    assert no_step == 0 and after_sigterm < after_kill < epochs
+    # A SIGKILL saves nothing: the run resumes from the last checkpoint before it, an epoch's. Once
+    # in a full suite's run the resume was at step 1 of the next epoch: a rank that Ray stops while it
+    # is alive (SIGTERM) saves its step first. Then the run must have printed that checkpoint.
+    assert after_sigterm < after_kill < epochs, events(output)
+    assert no_step == 0 or f"checkpoint saved in epoch {after_kill + 1} at step {no_step}" in output, events(output)
     for epoch in range(1, after_kill + 1):  # nothing before the last checkpoint was trained twice
         assert len(re.findall(rf"\[mae\] epoch {epoch}/{epochs} ", output)) == 1, (epoch, output[-4000:])
 
