@@ -295,11 +295,14 @@ def setting_change(recorded: dict[str, str], cfg, searched=()) -> str | None:
     """The first setting this command gives another value than the sweep's parent run recorded, or None.
 
     Keys the sweep did not record (a newer platform's) are not compared; the space is compared
-    apart (a searched key's param on the parent is the best trial's value).
+    apart (a searched key's param on the parent is the best trial's value). Nor is a key this
+    command leaves unset (None, []) that the sweep recorded filled in from its data, as pinn's
+    physics.pixel_scale or regression's targets.mean: the data fills it in the same way again.
     """
-    now = tracking.public_params(config_lib.flatten(config_lib.to_dict(cfg)))
+    flat = config_lib.flatten(config_lib.to_dict(cfg))
+    now = tracking.public_params(flat)
     for key in sorted(recorded):
-        if key in searched:
+        if key in searched or (flat.get(key) in (None, []) and recorded[key] not in ("None", "[]")):
             continue
         if not key.startswith(CHANGEABLE_ON_RESUME) and key in now and now[key] != recorded[key]:
             return f"{key}={recorded[key]}; this command has {key}={now[key]}"
@@ -453,7 +456,7 @@ def main(argv: list[str]) -> int:
             print(f"  {key} = {v}")
         print(f"MLflow parent run {parent}, best run {best_run}"
               + (f", registered model {task.name} version {version}" if version else ""))
-        print(cli.ui_hint(uri))
+        print(cli.ui_hint(uri, experiment, parent))
     return 0
 
 
