@@ -61,10 +61,17 @@ def ends_run(client, run_id: str):
     tracking.end_run(client, run_id, "FINISHED", only_if_running=True)
 
 
-def ui_hint(uri: str) -> str:
-    if uri.startswith("sqlite:"):
-        return f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1   then open http://127.0.0.1:5000"
-    return f"MLflow UI:  {uri}"
+def ui_hint(uri: str, experiment: str, run_id: str) -> str:
+    """How to see ``run_id`` in the MLflow UI: the server to start for a local store, and the page."""
+    from platform import tracking
+
+    base = tracking.ui_base(uri)
+    if base is None:  # a hosted store (databricks://...): its own UI
+        return f"MLflow UI:  {tracking.redact(uri)}"
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow UI:  {tracking.ui_link(base, experiment, run_id)}"
+    return (f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1   then open "
+            f"{tracking.ui_link(base, experiment, run_id)}")
 
 
 def usage() -> str:

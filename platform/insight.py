@@ -221,7 +221,7 @@ def main(argv: list[str]) -> int:
     for line in log_sweep_insight(client, parent.info.run_id, objective, task.mode):
         print(f"note: {line}")
     print(f"sweep {cfg.tune.name}: trials table and figures logged on MLflow parent run {parent.info.run_id}")
-    print(cli.ui_hint(uri))
+    print(cli.ui_hint(uri, parent.info.experiment_id, parent.info.run_id))
     return 0
 
 

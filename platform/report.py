@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 
@@ -160,7 +159,7 @@ def markdown(rows: list[Row], ui_url: str, store: str, notes: list[str]) -> str:
             kind = f"sweep, {r.runs} trials" if r.kind == "sweep" else r.kind
             others = ", ".join(f"{k[4:]} {_number(v)}" for k, v in list(r.metrics.items())[:4])
             params = ", ".join(f"{k}={_number(v)}" for k, v in r.params.items())
-            link = f"{ui_url.rstrip('/')}/#/experiments/{r.experiment_id}/runs/{r.run_id}"
+            link = tracking.ui_link(ui_url, r.experiment_id, r.run_id)
             lines.append(f"| {_cell(r.group)} | {kind} | **{_number(r.value)}** | {_cell(others)} | {_cell(params)} "
                          f"| {_cell(r.data)} | [{r.run_id[:8]}]({link}) |")
         lines.append("")
@@ -222,9 +221,7 @@ def main(argv: list[str]) -> int:
         experiment_ids = [experiment.experiment_id]
     else:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    # Links never carry the store's credentials (https://user:token@host).
-    ui_url = cfg.report.ui_url or (re.sub(r"//[^/@]*@", "//", uri) if uri.startswith(("http://", "https://"))
-                                   else "http://127.0.0.1:5000")
+    ui_url = cfg.report.ui_url or tracking.ui_base(uri) or "http://127.0.0.1:5000"
     rows, notes = collect(client, experiment_ids)
     os.makedirs(cfg.report.out, exist_ok=True)
     path = os.path.join(cfg.report.out, "report.md")

@@ -59,6 +59,25 @@ def store_exists(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or os.path.exists(uri[len("sqlite:///"):])
 
 
+# MLflow 3's UI opens in its GenAI mode (traces, judges) unless told otherwise: the tag marks an
+# experiment as model training, and a link with UI_MODE opens the training-runs view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_MODE = "?workflowType=machine_learning"
+
+
+def ui_base(uri: str) -> str | None:
+    """Where the MLflow UI of a tracking URI is: the server itself (without its credentials:
+    https://user:token@host), 127.0.0.1:5000 for a local store (``mlflow ui``), else None."""
+    if uri.startswith(("http://", "https://")):
+        return re.sub(r"//[^/@]*@", "//", uri)
+    return "http://127.0.0.1:5000" if uri.startswith(("sqlite:", "file:", "/")) else None
+
+
+def ui_link(base_url: str, experiment: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment's runs, or of one run, in its model-training mode."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment}" + (f"/runs/{run_id}" if run_id else "") + UI_MODE
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -66,7 +85,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
     except Exception:  # another process created it between our two calls
         return client.get_experiment_by_name(name).experiment_id
 

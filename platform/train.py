@@ -156,12 +156,12 @@ def main(argv: list[str]) -> int:
     name = cfg.train.name or default_name(cfg)
     if cfg.train.compare_random_init:
         return compare_with_random_init(cfg, task, shards, uri, name, source)
-    client, _, run_id = open_run(cfg, uri, name, source.tags() if source else {})
+    client, experiment, run_id = open_run(cfg, uri, name, source.tags() if source else {})
     with cli.ends_run(client, run_id):
         value, version = train_and_log(cfg, task, shards, client, run_id, uri, name, cfg.mlflow.register_model)
         print(f"\nbest val/{task.objective(cfg)} = {value:.4f}   MLflow run {run_id}"
               + (f"   registered model {task.name} version {version}" if version else ""))
-        print(cli.ui_hint(uri))
+        print(cli.ui_hint(uri, experiment, run_id))
     return 0
 
 
@@ -211,7 +211,7 @@ def compare_with_random_init(cfg, task, shards, uri: str, name: str, source) -> 
         tracking.log_figures(client, parent, {"pretrained_vs_random_init.png": curves_figure(histories, metric)})
         tracking.set_tags(client, parent, {f"platform.{label}_run_id": run for label, run in runs.items()})
         print(f"\nbest {metric}: " + "   ".join(f"{label} {v:.4f} (run {runs[label]})" for label, v in best.items()))
-        print(cli.ui_hint(uri))
+        print(cli.ui_hint(uri, experiment, parent))
     return 0
 
 

@@ -1,6 +1,5 @@
 """Configuration: layering, strict validation, one-line errors before any cluster work."""
 
-import os
 import sys
 
 import pytest

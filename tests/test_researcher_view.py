@@ -250,7 +250,7 @@ def test_the_report_holds_the_best_run_of_each_sweep_beside_the_published_number
         assert cells[1] == f"sweep, {trials} trials"
         assert cells[2] == f"**{parent.data.metrics[f'best/{metric}']:.4g}**"
         assert "simulated (model_ii), 48 train / 48 val images" == cells[5]
-        assert cells[6] == f"[{best[:8]}](http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{best})"
+        assert cells[6] == f"[{best[:8]}](http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{best}?workflowType=machine_learning)"
         assert f"## {task}: val/{metric} ({'higher' if metric == 'auc_macro' else 'lower'} is better)" in text
     # Beside each: what was published, with its data and protocol stated.
     assert "| 0.9942 | micro-average one-vs-rest ROC AUC" in text and "simulated Model F" in text
@@ -279,13 +279,13 @@ def post(base: str, endpoint: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-@pytest.mark.slow
-def test_the_mlflow_ui_server_shows_the_sweep(store):
-    """What the UI's pages ask its server for, asked of a real ``mlflow server`` on loopback."""
+@pytest.fixture(scope="module")
+def ui_server(store):
+    """A real ``mlflow server`` on loopback over the store: its base URL."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                              "--backend-store-uri", store["uri"], "--workers", "1"],
-                             cwd=str(store["folder"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               "--backend-store-uri", store["uri"], "--workers", "1"],
+                              cwd=str(store["folder"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -298,38 +298,100 @@ def test_the_mlflow_ui_server_shows_the_sweep(store):
                 pass
             assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
             time.sleep(1)
-        with urllib.request.urlopen(f"{base}/", timeout=30) as response:  # the UI itself
-            assert response.status == 200 and b"<html" in response.read().lower()
-
-        experiment = get(base, "/api/2.0/mlflow/experiments/get-by-name",
-                         experiment_name="deeplense-classification")["experiment"]
-        runs = post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
-                                                           "max_results": 100})["runs"]
-        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
-        (parent,) = [r for r, t in zip(runs, tags) if t.get("platform.kind") == "sweep"]
-        parent_id = parent["info"]["run_id"]
-        nested = [r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent_id]
-        assert len(nested) == 3 and all(r["info"]["status"] == "FINISHED" for r in nested)
-
-        best_id = {t["key"]: t["value"] for t in parent["data"]["tags"]}["platform.best_run_id"]
-        history = get(base, "/api/2.0/mlflow/metrics/get-history", run_id=best_id, metric_key="val/auc_macro")["metrics"]
-        assert [m["step"] for m in history] == [1, 2]
-        plots = {f["path"] for f in get(base, "/api/2.0/mlflow/artifacts/list", run_id=best_id, path="plots")["files"]}
-        assert {"plots/gradcam.png", "plots/embeddings.png", "plots/roc.png", "plots/confusion_matrix.png"} <= plots
-        with urllib.request.urlopen(f"{base}/get-artifact?path=plots/gradcam.png&run_uuid={best_id}", timeout=30) as png:
-            assert png.read(8) == b"\x89PNG\r\n\x1a\n"  # the image the UI's artifact view displays
-        sweep_files = {f["path"] for f in get(base, "/api/2.0/mlflow/artifacts/list", run_id=parent_id)["files"]}
-        assert {"sweep", "trials.csv", "trials.parquet", "sweep.yaml"} <= sweep_files
-
-        model = get(base, "/api/2.0/mlflow/registered-models/get", name="classification")["registered_model"]
-        (version,) = model["latest_versions"]
-        assert version["run_id"] == best_id
+        yield base
     finally:
         server.terminate()
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_server_shows_the_sweep(store, ui_server):
+    """What the UI's pages ask its server for, asked of a real ``mlflow server`` on loopback."""
+    base = ui_server
+    with urllib.request.urlopen(f"{base}/", timeout=30) as response:  # the UI itself
+        assert response.status == 200 and b"<html" in response.read().lower()
+
+    experiment = get(base, "/api/2.0/mlflow/experiments/get-by-name",
+                     experiment_name="deeplense-classification")["experiment"]
+    runs = post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                       "max_results": 100})["runs"]
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    (parent,) = [r for r, t in zip(runs, tags) if t.get("platform.kind") == "sweep"]
+    parent_id = parent["info"]["run_id"]
+    nested = [r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent_id]
+    assert len(nested) == 3 and all(r["info"]["status"] == "FINISHED" for r in nested)
+
+    best_id = {t["key"]: t["value"] for t in parent["data"]["tags"]}["platform.best_run_id"]
+    history = get(base, "/api/2.0/mlflow/metrics/get-history", run_id=best_id, metric_key="val/auc_macro")["metrics"]
+    assert [m["step"] for m in history] == [1, 2]
+    plots = {f["path"] for f in get(base, "/api/2.0/mlflow/artifacts/list", run_id=best_id, path="plots")["files"]}
+    assert {"plots/gradcam.png", "plots/embeddings.png", "plots/roc.png", "plots/confusion_matrix.png"} <= plots
+    with urllib.request.urlopen(f"{base}/get-artifact?path=plots/gradcam.png&run_uuid={best_id}", timeout=30) as png:
+        assert png.read(8) == b"\x89PNG\r\n\x1a\n"  # the image the UI's artifact view displays
+    sweep_files = {f["path"] for f in get(base, "/api/2.0/mlflow/artifacts/list", run_id=parent_id)["files"]}
+    assert {"sweep", "trials.csv", "trials.parquet", "sweep.yaml"} <= sweep_files
+
+    model = get(base, "/api/2.0/mlflow/registered-models/get", name="classification")["registered_model"]
+    (version,) = model["latest_versions"]
+    assert version["run_id"] == best_id
+    # MLflow 3's UI shows an experiment as model training, not GenAI traces, by this tag.
+    assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_each_command_prints_the_link_to_its_run_in_the_ui():
+    from platform import cli
+
+    link = "/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert cli.ui_hint("sqlite:////tmp/m.db", "3", "abc") == (
+        "MLflow UI:  mlflow ui --backend-store-uri sqlite:////tmp/m.db --host 127.0.0.1   then open "
+        f"http://127.0.0.1:5000{link}")
+    assert cli.ui_hint("https://me:s3cret@mlflow.lab.org", "3", "abc") == f"MLflow UI:  https://mlflow.lab.org{link}"
+    assert cli.ui_hint("databricks", "3", "abc") == "MLflow UI:  databricks"
+
+
+def browser() -> str:
+    """Debian's Chromium (.ci/run installs it): nothing is downloaded at test time."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("no chromium on PATH: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("no chromium on PATH (apt-get install chromium): the MLflow UI is not opened in a browser")
+    return found
+
+
+def rendered_text(url: str) -> tuple[str, str]:
+    """A page of the UI as a headless Chromium renders it, its scripts run: (its DOM, the text a person reads)."""
+    result = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                             "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    dom = result.stdout
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", dom, flags=re.S)))
+    return dom, text
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_in_a_browser_shows_the_sweep(store, ui_server):
+    """The link a sweep prints, opened in a headless browser: the parent run with its trials, then
+    the experiment's runs in the model-training view, then the best trial's Grad-CAM image."""
+    client = MlflowClient(store["uri"])
+    parent = parent_of(client, "cls")
+    best = parent.data.tags["platform.best_run_id"]
+    experiment = parent.info.experiment_id
+    printed = re.search(r"then open (http://127\.0\.0\.1:5000/\S+)", store["out"]["cls"]).group(1)
+    assert printed == f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{parent.info.run_id}?workflowType=machine_learning"
+
+    _, text = rendered_text(printed.replace("http://127.0.0.1:5000", ui_server))
+    trials = [r.info.run_name for r in client.search_runs([experiment]) if r.info.run_id != parent.info.run_id]
+    assert "cls" in text and "Child runs" in text and all(name in text for name in trials), text[:3000]
+
+    _, text = rendered_text(f"{ui_server}/#/experiments/{experiment}?workflowType=machine_learning")
+    assert "Run Name" in text and " cls " in text and "4 matching runs" in text, text[:3000]
+
+    dom, _ = rendered_text(f"{ui_server}/#/experiments/{experiment}/runs/{best}/artifacts/plots/gradcam.png"
+                           "?workflowType=machine_learning")
+    assert re.search(r'<img alt="plots/gradcam.png" src="blob:', dom), dom[-3000:]  # the PNG, fetched and shown
 
 
 @pytest.mark.slow
