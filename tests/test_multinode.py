@@ -4,6 +4,7 @@ mid-run (SIGTERM: a checkpoint at the next step; SIGKILL: the last epoch's) and 
 for preemption and replaced, each run resumed where it stopped as one MLflow run; concurrent trials
 writing to one real MLflow server, every step counted."""
 
+import json
 import os
 import re
 import signal
@@ -73,6 +74,16 @@ def logged_epochs_and_pids(client, at_least: int, not_pids=()):
     return None
 
 
+def latest_checkpoint(storage) -> str | None:
+    """The checkpoint Ray Train restarts a run from now: the latest its controller registered (its
+    snapshot in the run's storage). A reported checkpoint counts once every rank's report of it is in."""
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+
+
 def events(output: str) -> str:
     """The lines of a run's output that tell its failures and resumes apart."""
     wanted = ("resuming", "preemption", "SIGTERM", "Preempted", "drain", "Drain", "failed", "died", "epoch ")
@@ -82,8 +93,8 @@ def events(output: str) -> str:
 def test_a_sigtermed_then_a_killed_worker_resume_where_they_stopped_as_one_run(tmp_path, two_nodes):
     """A spot VM's SIGTERM: a checkpoint at the next step, the run resumes at that step. Then a
     SIGKILL (no warning): the run resumes from its last epoch's checkpoint. One MLflow run throughout."""
-    db = tmp_path / "mlflow.db"
-    epochs = 10  # epochs of ~2 s: room for two failures
+    db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results" / "survivor"
+    epochs = 20  # epochs of under a second: room for two failures
     process = start_cli("platform.train", "task=mae", f"train.epochs={epochs}", "train.name=survivor",
                         "train.max_failures=2", "train.preemption_check_steps=1",
                         f"ray.address={two_nodes['address']}", "scaling.num_workers=2",
@@ -95,8 +106,16 @@ def test_a_sigtermed_then_a_killed_worker_resume_where_they_stopped_as_one_run(t
         run_id, pids = wait_for("two epochs", lambda: logged_epochs_and_pids(client, 2))
         assert len(pids) == 2 and set(pids) <= set(train_workers()), (pids, train_workers())
         os.kill(pids[1], signal.SIGTERM)  # rank 1, as a spot VM's shutdown would
-        # The restarted workers (new pids) log two more epochs; then rank 0 is killed outright.
+        stopped_at = int(wait_for("the SIGTERM's checkpoint", lambda: re.fullmatch(
+            r"epoch-(\d{4})-step-\d+", latest_checkpoint(storage) or "")).group(1))
+        # The restarted workers (new pids) train on. Once Ray has registered one of their epoch
+        # checkpoints (it lags the epochs logged: a round counts once every rank's report is in),
+        # rank 0 is killed outright.
         _, new_pids = wait_for("the restarted workers", lambda: logged_epochs_and_pids(client, 5, not_pids=pids))
+        registered = int(wait_for("an epoch checkpoint of the restarted workers", lambda: (
+            (m := re.fullmatch(r"epoch-(\d{4})", latest_checkpoint(storage) or "")) and int(m.group(1)) > stopped_at
+            and m)).group(1))
+        assert process.poll() is None, "the run ended before its second failure"
         os.kill(new_pids[0], signal.SIGKILL)
         output, _ = process.communicate(timeout=600)
     finally:
@@ -108,12 +127,10 @@ def test_a_sigtermed_then_a_killed_worker_resume_where_they_stopped_as_one_run(t
     resumed = re.findall(r"resuming from epoch (\d+)(?: step (\d+))?", output)
     assert len(resumed) == 2, output[-4000:]
     (after_sigterm, at_step), (after_kill, no_step) = [(int(e), int(s or 0)) for e, s in resumed]
-    assert at_step > 0 and f"checkpoint saved in epoch {after_sigterm + 1} at step {at_step}" in output
-    # A SIGKILL saves nothing: the run resumes from the last checkpoint before it, an epoch's. Once
-    # in a full suite's run the resume was at step 1 of the next epoch: a rank that Ray stops while it
-    # is alive (SIGTERM) saves its step first. Then the run must have printed that checkpoint.
-    assert after_sigterm < after_kill < epochs, events(output)
-    assert no_step == 0 or f"checkpoint saved in epoch {after_kill + 1} at step {no_step}" in output, events(output)
+    assert at_step > 0 and after_sigterm == stopped_at
+    assert f"checkpoint saved in epoch {after_sigterm + 1} at step {at_step}" in output
+    # A SIGKILL saves nothing: the run resumes from the last epoch checkpoint Ray registered.
+    assert no_step == 0 and stopped_at < registered <= after_kill < epochs, (registered, events(output))
     for epoch in range(1, after_kill + 1):  # nothing before the last checkpoint was trained twice
         assert len(re.findall(rf"\[mae\] epoch {epoch}/{epochs} ", output)) == 1, (epoch, output[-4000:])
 
