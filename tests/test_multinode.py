@@ -153,7 +153,10 @@ def test_a_node_drained_for_preemption_hands_its_run_to_a_new_node(tmp_path, mon
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
     spot = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
-    db, epochs, deadline_s = tmp_path / "mlflow.db", 9, 15
+    # Enough epochs that the run is still training when the node vanishes (deadline_s after the
+    # drain): at 1 to 2 s an epoch on 2 cores, 9 epochs could all finish inside the deadline, and then
+    # there is no restart to check.
+    db, epochs, deadline_s = tmp_path / "mlflow.db", 24, 15
     process = start_cli("platform.train", "task=mae", f"train.epochs={epochs}", "train.name=drained",
                         "train.preemption_check_steps=1", "scaling.placement_strategy=STRICT_SPREAD",
                         f"ray.address={cluster.address}", "scaling.num_workers=2",
