@@ -144,7 +144,8 @@ class TuneConfig:
 
 @dataclass
 class PlotsConfig:
-    # Of the best weights, at the end of a run, over the first plots.samples validation images:
+    # Of the best weights, at the end of a run, over plots.samples validation images balanced over
+    # the classes (explain.ViewRows):
     gradcam: bool = True  # Grad-CAM heatmaps, correct and misclassified images of each class (classifiers)
     embeddings: bool = True  # a t-SNE map of the encoder's features (tasks with an encoder)
     samples: int = bounded(256, 8)

@@ -7,23 +7,87 @@ encoder's features and ``Task.embedding_colour`` the column that colours them (t
 truth parameter such as ``theta_e``). Grad-CAM is pytorch-grad-cam's; the map is scikit-learn's
 t-SNE after a PCA to at most 50 dimensions.
 
-Both are computed once per run, on its best weights, over the first ``plots.samples``
-validation images its rank 0 reads: on one worker, with the split in Ray's object store (the
-default for small splits), the same images in the same order for every run and trial of a
-sweep; under DDP rank 0's share; streamed through Ray Data, in the order the pipeline yields
-them. A binary finder's image counts as predicted a lens above 0.5 (not the F1-tuned threshold).
+Both are computed once per run, on its best weights, over ``plots.samples`` validation images
+chosen by ``ViewRows``: as even over the classes as the split allows (a lens finder's few lenses
+are all shown, not the two or three among its first 256 images), each class's first in the
+order rank 0 reads them: on one worker, with the split in Ray's object store (the default for
+small splits), the same images for every run and trial of a sweep; under DDP rank 0's share;
+streamed through Ray Data, in the order the pipeline yields them. A binary finder's image counts
+as predicted a lens above 0.5 (not the F1-tuned threshold).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from platform.plots import plt
+
+
+@dataclass
+class ViewRows:
+    """The validation rows the views are drawn on, collected batch by batch as a split is read.
+
+    ``total`` rows, as even over the ``num_classes`` classes as the split allows: each class its
+    share (``total / num_classes``), its first rows in reading order, and the classes with rows to
+    spare filling in for those with fewer. Rows without a label: the first ``total``. Every class
+    keeps at most ``total`` rows while reading, and reading may stop once ``full``.
+    """
+
+    total: int
+    num_classes: int
+    kept: dict = field(default_factory=dict)  # class (-1: unlabelled) -> [(positions (n,), numpy batch)]
+    counts: dict = field(default_factory=dict)  # class -> rows kept
+    seen: int = 0  # rows read so far: positions in reading order
+
+    @property
+    def full(self) -> bool:
+        """Whether more rows can change the choice: each class already has its share."""
+        if -1 in self.counts:
+            return self.counts[-1] >= self.total
+        share = math.ceil(self.total / max(self.num_classes, 1))
+        return len(self.counts) == self.num_classes and min(self.counts.values()) >= share
+
+    def add(self, batch: dict) -> None:
+        n = len(batch["image"])
+        labels = np.asarray(batch["label"]).astype(np.int64) if "label" in batch else np.full(n, -1)
+        for k in np.unique(labels):
+            rows = np.flatnonzero(labels == k)[:self.total - self.counts.get(int(k), 0)]  # (m,)
+            if len(rows):
+                self.kept.setdefault(int(k), []).append((self.seen + rows, {c: v[rows] for c, v in batch.items()}))
+                self.counts[int(k)] = self.counts.get(int(k), 0) + len(rows)
+        self.seen += n
+
+    def rows(self) -> dict:
+        """The chosen rows as one numpy batch, in reading order ({} if none were read)."""
+        if not self.kept:
+            return {}
+        shares, left = {}, self.total
+        share = math.ceil(self.total / max(self.num_classes, 1))
+        # Water-filling, the scarcest class first; a class with its share counts as having just
+        # that, so rows read after ``full`` never change the choice.
+        for i, k in enumerate(sorted(self.counts, key=lambda k: (min(self.counts[k], share), k))):
+            shares[k] = min(self.counts[k], left // (len(self.counts) - i))
+            left -= shares[k]
+        chosen = []  # (positions (m,), numpy batch) of each class's first rows
+        for k, parts in self.kept.items():
+            positions = np.concatenate([p for p, _ in parts])[:shares[k]]
+            chosen.append((positions, {c: np.concatenate([b[c] for _, b in parts])[:shares[k]] for c in parts[0][1]}))
+        order = np.argsort(np.concatenate([p for p, _ in chosen]), kind="stable")  # back to reading order
+        return {c: np.concatenate([b[c] for _, b in chosen])[order] for c in chosen[0][1]}
+
+    def feed(self, batches: Iterable[dict]) -> "ViewRows":
+        """Add ``batches`` until ``full``; returns itself."""
+        for batch in batches:
+            if self.full:
+                break
+            self.add(batch)
+        return self
 
 
 @dataclass
@@ -159,9 +223,9 @@ def gradcam_figure(target: GradCamTarget, images: torch.Tensor, labels: np.ndarr
     heat = dict(zip(order, gradcam_maps(target, images[order], predicted[order]))) if order else {}
 
     shown = images.detach().float().cpu().numpy()
-    columns = 2 * per_class
-    figure, axes = plt.subplots(len(classes), columns, figsize=(1.7 * columns, 1.9 * len(classes) + 0.5),
-                                squeeze=False)
+    columns, header_in = 2 * per_class, 0.75  # inches above the images: the title, then the two column headings
+    height = 1.9 * len(classes) + header_in
+    figure, axes = plt.subplots(len(classes), columns, figsize=(1.7 * columns, height), squeeze=False)
     for k, name in enumerate(classes):
         for correct in (True, False):
             rows = chosen[k, correct]
@@ -171,6 +235,9 @@ def gradcam_figure(target: GradCamTarget, images: torch.Tensor, labels: np.ndarr
                 ax.set_yticks([])
                 if slot >= len(rows):
                     ax.set_frame_on(False)
+                    if slot == 0:  # an empty row half says so, rather than look like a missing figure
+                        ax.text(0.5, 0.5, "none among\nthese images", ha="center", va="center", fontsize=8,
+                                color="gray", transform=ax.transAxes)
                     continue
                 i = rows[slot]
                 ax.imshow(_display(shown[i]), cmap="gray")
@@ -178,12 +245,14 @@ def gradcam_figure(target: GradCamTarget, images: torch.Tensor, labels: np.ndarr
                 verdict = "" if correct else f"as {classes[predicted[i]]} "
                 ax.set_title(f"{verdict}{confidence[i]:.2f}", fontsize=8, color="green" if correct else "red")
         axes[k, 0].set_ylabel(f"true {name}")
-    for correct, column in ((True, 0), (False, per_class)):
-        axes[0, column].annotate("correct" if correct else "misclassified", (0, 1.35), xycoords="axes fraction",
-                                 fontsize=10, weight="bold")
+    # Laid out below a band kept for the headings, so that they never run into each other or the
+    # images' titles, whatever the number of rows.
+    figure.tight_layout(rect=(0, 0, 1, 1 - header_in / height))
     figure.suptitle("Grad-CAM: where the predicted class's evidence lies (probability above each image)",
-                    fontsize=9)
-    figure.tight_layout()
+                    fontsize=9, y=1 - 0.12 / height, va="top")
+    for correct, column in ((True, 0), (False, per_class)):
+        figure.text(axes[0, column].get_position().x0, 1 - 0.42 / height, "correct" if correct else "misclassified",
+                    fontsize=10, weight="bold", va="top")
     return figure
 
 

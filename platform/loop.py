@@ -103,22 +103,24 @@ def gather_outputs(chunks: list[dict], world_size: int) -> dict[str, np.ndarray]
 
 
 def evaluate(model, task, cfg, device, dtype, world_size, val_batches,
-             keep_rows: int = 0) -> tuple[dict[str, np.ndarray], dict, dict]:
+             view_rows: int = 0) -> tuple[dict[str, np.ndarray], dict, dict]:
     """Gathered eval outputs of the whole val split, this worker's first collated val batch, and
-    its first ``keep_rows`` val rows as read (one numpy batch)."""
+    ``view_rows`` of its val rows as read (one numpy batch), chosen by ``explain.ViewRows``."""
+    from platform.explain import ViewRows
+
     model.eval()
-    chunks, first_batch, kept = [], None, []
+    chunks, first_batch = [], None
+    views = ViewRows(view_rows, len(cfg.data.classes))
     with torch.no_grad(), _autocast(device, dtype):
         for numpy_batch in val_batches:
-            if sum(len(b["image"]) for b in kept) < keep_rows:
-                kept.append(numpy_batch)
+            if view_rows and not views.full:
+                views.add(numpy_batch)
             batch = task.collate(numpy_batch, cfg, False)
             first_batch = first_batch or batch
             out = task.eval_step(model, to_device(batch, device), cfg)
             chunks.append({k: v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
                            for k, v in out.items()})
-    rows = {k: np.concatenate([b[k] for b in kept])[:keep_rows] for k in kept[0]} if kept else {}
-    return gather_outputs(chunks, world_size), first_batch, rows
+    return gather_outputs(chunks, world_size), first_batch, views.rows()
 
 
 def shard_batches(split: str, loop_config: dict, cfg, session: Session):
@@ -355,7 +357,7 @@ def run_loop(loop_config: dict, session: Session) -> None:
 
         last = epoch + 1 == cfg.train.epochs
         outputs, plot_batch, view_rows = evaluate(model, task, cfg, device, dtype, world_size, val_batches(None),
-                                                  keep_rows=cfg.plots.samples if last and rank == 0 else 0)
+                                                  view_rows=cfg.plots.samples if last and rank == 0 else 0)
         metrics = {f"val/{k}": float(v) for k, v in task.evaluate(outputs, cfg).items()}
         metrics.update({
             "train/loss": train_loss,

@@ -116,7 +116,9 @@ def log_best_model(client, run_id: str, cfg, task, val_shards, register: bool, w
     model = task.build_model(cfg)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     if with_views:
-        rows = shards_lib.head(val_shards, cfg.plots.samples)
+        # The rows the training loop chose at the run's end, read in the same order.
+        views = explain.ViewRows(cfg.plots.samples, len(cfg.data.classes))
+        rows = views.feed(shards_lib.batches(val_shards, cfg.train.batch_size)).rows()
         _, why = explain.log_views(client, run_id, lambda: copy.deepcopy(model), task, cfg, rows, torch.device("cpu"))
         if why:
             print(f"warning: Grad-CAM / embedding figures of run {run_id} failed ({why})", file=sys.stderr)

@@ -86,6 +86,40 @@ def test_examples_are_the_first_correct_and_misclassified_of_each_class_in_order
                       (2, False): []}
 
 
+def batches_of(labels: np.ndarray, size: int, labelled: bool = True) -> list[dict]:
+    """Numpy batches as a split is read: an image column (here the row's position) and its labels."""
+    rows = np.arange(len(labels))
+    return [{"image": rows[i:i + size], **({"label": labels[i:i + size]} if labelled else {})}
+            for i in range(0, len(labels), size)]
+
+
+def test_the_views_show_every_class_of_an_imbalanced_split():
+    # A lens finder's split: one lens in 25 images. The first 40 images would hold one lens; the
+    # views show all of them, then the first non-lenses, in the order the split was read.
+    labels = (np.arange(200) % 25 == 7).astype(np.int64)  # lenses at 7, 32, 57, ...
+    views = explain.ViewRows(40, num_classes=2).feed(batches_of(labels, 16))
+    rows = views.rows()
+    lenses = np.flatnonzero(labels == 1)
+    assert list(rows["image"]) == sorted([*lenses, *np.flatnonzero(labels == 0)[:40 - len(lenses)]])
+    assert list(rows["label"]) == list(labels[rows["image"]])
+    assert views.seen == 200  # the lenses were scarce: the whole split was read
+
+    # Balanced classes: an even share of each, the first of each, and reading stops once they are there.
+    labels = np.arange(3000) % 3
+    views = explain.ViewRows(30, num_classes=3).feed(batches_of(labels, 8))
+    assert list(views.rows()["image"]) == list(range(30)) and views.seen == 32
+    # A class with fewer rows than its share: the others fill in, rows never beyond what was asked.
+    labels = np.array([2] * 2 + [0, 1] * 30)
+    rows = explain.ViewRows(12, num_classes=3).feed(batches_of(labels, 5)).rows()
+    assert np.bincount(rows["label"]).tolist() == [5, 5, 2] and len(rows["image"]) == 12
+    rows = explain.ViewRows(12, num_classes=3).feed(batches_of(np.array([0] * 20 + [1] * 2), 5)).rows()
+    assert np.bincount(rows["label"]).tolist() == [10, 2]
+    # No labels (a regression's rows colour by a truth parameter): the first rows.
+    rows = explain.ViewRows(10, num_classes=3).feed(batches_of(np.zeros(50), 7, labelled=False)).rows()
+    assert list(rows["image"]) == list(range(10))
+    assert explain.ViewRows(10, num_classes=3).rows() == {}
+
+
 def test_the_embedding_map_keeps_separate_classes_apart():
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.model_selection import cross_val_score

@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -229,6 +230,13 @@ def head(shards: Shards, rows: int) -> dict[str, np.ndarray]:
             break
     table = pa.concat_tables(tables)
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def batches(shards: Shards, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Every row in order, as numpy batches of at most ``batch_size`` rows in the form ``head`` gives."""
+    for path in shards.files:  # a file at a time (data.shard_size rows), local or on object storage, as ``head`` reads
+        for record_batch in pq.read_table(path).to_batches(max_chunksize=batch_size):
+            yield {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in record_batch.schema.names}
 
 
 def decode_images(batch: dict, column: str = "image") -> np.ndarray:
