@@ -13,7 +13,7 @@ are all shown, not the two or three among its first 256 images), each class's fi
 order rank 0 reads them: on one worker, with the split in Ray's object store (the default for
 small splits), the same images for every run and trial of a sweep; under DDP rank 0's share;
 streamed through Ray Data, in the order the pipeline yields them. A binary finder's image counts
-as predicted a lens above 0.5 (not the F1-tuned threshold).
+as predicted a lens above the run's own decision threshold (``decision_threshold``).
 """
 
 from __future__ import annotations
@@ -164,12 +164,12 @@ def _display(image: np.ndarray) -> np.ndarray:
     return (image - low) / (high - low) if high > low else np.zeros_like(image)
 
 
-def predictions(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class, its probability) per image; one logit is a binary finder, class 1 above 0.5."""
+def predictions(logits: torch.Tensor, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, its probability) per image; one logit is a binary finder, class 1 above ``threshold``."""
     logits = logits.float()
     if logits.shape[1] == 1:
         positive = torch.sigmoid(logits[:, 0])
-        predicted = (positive > 0.5).long()
+        predicted = (positive > threshold).long()
         return predicted.cpu().numpy(), torch.where(predicted == 1, positive, 1 - positive).cpu().numpy()
     probs = logits.softmax(dim=1)
     confidence, predicted = probs.max(dim=1)
@@ -203,14 +203,17 @@ def gradcam_maps(target: GradCamTarget, images: torch.Tensor, explained: np.ndar
 
 
 def gradcam_figure(target: GradCamTarget, images: torch.Tensor, labels: np.ndarray, classes: list[str],
-                   per_class: int):
+                   per_class: int, threshold: float = 0.5):
     """One row per true class: up to ``per_class`` correct, then up to ``per_class`` misclassified
-    images, each under the heatmap of the class the model predicted for it."""
+    images, each under the heatmap of the class the model predicted for it (a binary finder's
+    class 1 above ``threshold``)."""
     target.model.eval()
-    predicted, confidence = [], []
+    predicted, confidence, binary = [], [], False
     with torch.no_grad():
         for start in range(0, len(images), 64):  # until every class has its correct and misclassified examples
-            p, c = predictions(target.model(images[start:start + 64]))  # from logits (n, K) or (n, 1)
+            logits = target.model(images[start:start + 64])  # (n, K), or (n, 1) for a binary finder
+            binary = logits.shape[1] == 1
+            p, c = predictions(logits, threshold)
             predicted.append(p)
             confidence.append(c)
             seen = np.concatenate(predicted)
@@ -248,7 +251,8 @@ def gradcam_figure(target: GradCamTarget, images: torch.Tensor, labels: np.ndarr
     # Laid out below a band kept for the headings, so that they never run into each other or the
     # images' titles, whatever the number of rows.
     figure.tight_layout(rect=(0, 0, 1, 1 - header_in / height))
-    figure.suptitle("Grad-CAM: where the predicted class's evidence lies (probability above each image)",
+    rule = f"; {classes[-1]} above p={threshold:.3g}, the run's decision threshold" if binary else ""
+    figure.suptitle(f"Grad-CAM: where the predicted class's evidence lies (probability above each image{rule})",
                     fontsize=9, y=1 - 0.12 / height, va="top")
     for correct, column in ((True, 0), (False, per_class)):
         figure.text(axes[0, column].get_position().x0, 1 - 0.42 / height, "correct" if correct else "misclassified",
@@ -304,7 +308,7 @@ def log_views(client, run_id: str, make_model: Callable, task, cfg, rows: dict,
     from platform import tracking
 
     try:
-        figures = model_views(make_model(), task, cfg, rows, device)
+        figures = model_views(make_model(), task, cfg, rows, device, decision_threshold(client, run_id))
         tracking.log_figures(client, run_id, figures)
         tracking.set_tags(client, run_id, {tracking.VIEWS_TAG: ",".join(figures) or "none"})
         return list(figures), None
@@ -314,10 +318,21 @@ def log_views(client, run_id: str, make_model: Callable, task, cfg, rows: dict,
         return [], why
 
 
-def model_views(model: nn.Module, task, cfg, rows: dict, device: torch.device) -> dict:
+def decision_threshold(client, run_id: str) -> float:
+    """A binary finder's decision threshold: the ``val/threshold`` the run logged at its best epoch
+    (``platform.metrics.binary_metrics``: tuned for F1 on the validation split, the one its
+    precision and recall are measured at), else 0.5. With a weighted loss (lens finding's
+    ``pos_weight``) the probabilities lean to the rare class, and at 0.5 most non-lenses would
+    count as lenses."""
+    epoch = client.get_run(run_id).data.tags.get("platform.best_epoch")
+    at_best = [m.value for m in client.get_metric_history(run_id, "val/threshold") if str(m.step) == epoch]
+    return at_best[-1] if at_best and math.isfinite(at_best[-1]) else 0.5
+
+
+def model_views(model: nn.Module, task, cfg, rows: dict, device: torch.device, threshold: float = 0.5) -> dict:
     """{"gradcam.png", "embeddings.png"} as the task and ``plots.*`` ask, for ``model`` (its best
     weights, a copy the caller owns: it is put in eval mode) on ``rows``, a numpy batch of
-    validation rows."""
+    validation rows; ``threshold``: a binary finder's (``decision_threshold``)."""
     figures = {}
     wants_gradcam = cfg.plots.gradcam and task.gradcam is not None
     wants_embeddings = cfg.plots.embeddings and task.embed is not None
@@ -331,7 +346,7 @@ def model_views(model: nn.Module, task, cfg, rows: dict, device: torch.device) -
         target = task.gradcam(model, cfg)
         if target is not None:
             figures["gradcam.png"] = gradcam_figure(target, batch["image"], np.asarray(labels).astype(np.int64),
-                                                    classes, cfg.plots.gradcam_per_class)
+                                                    classes, cfg.plots.gradcam_per_class, threshold)
     if wants_embeddings and len(rows["image"]) >= 5:
         step = cfg.train.batch_size
         with torch.no_grad():

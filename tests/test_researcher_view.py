@@ -86,6 +86,25 @@ def test_examples_are_the_first_correct_and_misclassified_of_each_class_in_order
                       (2, False): []}
 
 
+def test_a_binary_finder_is_explained_at_its_own_decision_threshold(tmp_path):
+    """Lens finding's weighted loss pushes probabilities up: at 0.5 most non-lenses would be
+    "lenses". The views use the val/threshold the run logged at its best epoch."""
+    from platform import tracking
+
+    logits = torch.logit(torch.tensor([[0.3], [0.6], [0.9]]))  # (3, 1): probabilities of a lens
+    assert explain.predictions(logits)[0].tolist() == [0, 1, 1]
+    predicted, confidence = explain.predictions(logits, threshold=0.8)
+    assert predicted.tolist() == [0, 0, 1] and np.allclose(confidence, [0.7, 0.4, 0.9])
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = tracking.start_run(client, tracking.experiment_id(client, "finder"), "run", {})
+    assert explain.decision_threshold(client, run) == 0.5  # nothing logged yet
+    for epoch, threshold in ((1, 0.3), (2, 0.8), (3, 0.6)):
+        tracking.log_metrics(client, run, {"val/threshold": threshold}, step=epoch)
+    tracking.set_tags(client, run, {"platform.best_epoch": 2})
+    assert explain.decision_threshold(client, run) == pytest.approx(0.8)
+
+
 def batches_of(labels: np.ndarray, size: int, labelled: bool = True) -> list[dict]:
     """Numpy batches as a split is read: an image column (here the row's position) and its labels."""
     rows = np.arange(len(labels))
