@@ -18,8 +18,36 @@ def _environment(env: dict | None) -> dict:
     return {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", **(env or {})}
 
 
+def _existing_store(args) -> None:
+    """A new sqlite store named by ``mlflow.tracking_uri=`` starts as a copy of an empty one made once
+    per session: MLflow's table migrations cost a command and each of its trials seconds on two
+    cores. A store MLflow creates itself is what the commands run without that key see."""
+    import shutil
+
+    for arg in args:
+        if arg.startswith("mlflow.tracking_uri=sqlite:///"):
+            path = arg.split("sqlite:///", 1)[1]
+            if not os.path.exists(path) and os.path.isdir(os.path.dirname(path) or "."):
+                shutil.copyfile(_empty_store(), path)
+
+
+_EMPTY_STORE: list[str] = []
+
+
+def _empty_store() -> str:
+    if not _EMPTY_STORE:
+        from mlflow.tracking import MlflowClient
+
+        path = os.path.join(tempfile.mkdtemp(prefix="empty-store-"), "mlflow.db")
+        MlflowClient(f"sqlite:///{path}").search_experiments()  # creates every table
+        MlflowClient(registry_uri=f"sqlite:///{path}").search_registered_models()
+        _EMPTY_STORE.append(path)
+    return _EMPTY_STORE[0]
+
+
 def run_cli(module: str, *args: str, cwd: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m <module> args...`` from ``cwd``, with the project root on PYTHONPATH as a user's shell would have it."""
+    _existing_store(args)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_environment(env),
                           capture_output=True, text=True, timeout=timeout)
 
@@ -51,6 +79,7 @@ def run_cli_here(module: str, *args: str, cwd: str, env: dict | None = None) -> 
 
 def start_cli(module: str, *args: str, cwd: str, env: dict | None = None) -> subprocess.Popen:
     """``run_cli`` in the background, stdout and stderr together: for a test that acts mid-run."""
+    _existing_store(args)
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=_environment(env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

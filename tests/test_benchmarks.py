@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import ROOT, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # each benchmark starts the local Rays it measures
 
 
 def bench(name: str, tmp_path, *args: str) -> dict:

@@ -4,8 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import secrets
-import tempfile
 import time
 
 import pytest
@@ -75,50 +73,39 @@ def test_workers_on_another_machine_get_the_project_shipped(tmp_path):
     assert seen["file"].endswith(os.path.join("platform", "__init__.py"))
 
 
-def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path):
-    # Ray 2.60 authenticates every request with a token: the cluster and the job client
-    # share one, as a user's head node and laptop would (README: "On a cluster", Ray's token).
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           # An activated virtualenv, as the user's shell has it: the job's `python` is this one.
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-           # Where a job's default MLflow store and results go on the head (else ~/deeplense).
-           "DEEPLENSE_HOME": str(tmp_path / "home")}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    short_temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    # A plain head, no `trial_driver` resource: trial functions then take a memory-only
-    # bundle, and one 1-CPU worker on 2 CPUs still leaves a whole CPU for Ray Data's reads.
-    start = subprocess.run([RAY, "start", "--head", "--port=6391", "--dashboard-host=127.0.0.1",
-                            "--dashboard-port=8291", "--num-cpus=2", f"--temp-dir={short_temp}"],
-                           env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stderr
-    try:
-        # No tracking URI or storage path: the defaults must outlive the job's temporary working dir.
-        db = tmp_path / "home" / "mlflow.db"
-        submit = subprocess.run(
-            [RAY, "job", "submit", "--address", "http://127.0.0.1:8291", "--working-dir", ".", "--no-wait", "--",
-             "python", "-m", "platform.tune", "task=mae", "tune.num_samples=1", "train.epochs=1", "tune.name=job-sweep",
-             "model.depth=1", "model.embed_dim=32", "model.num_heads=2", f"data.cache_dir={tmp_path}/cache",
-             "data.num_train=48", "data.num_val=30", "train.batch_size=16"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-        assert submit.returncode == 0, submit.stdout + submit.stderr
-        job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
-        deadline, status = time.time() + 300, ""
-        while time.time() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
-            time.sleep(5)
-            out = subprocess.run([RAY, "job", "status", "--address", "http://127.0.0.1:8291", job_id],
-                                 env=env, capture_output=True, text=True, timeout=60).stdout
-            status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING") if s in out.upper()), "")
-        logs = subprocess.run([RAY, "job", "logs", "--address", "http://127.0.0.1:8291", job_id],
-                              env=env, capture_output=True, text=True, timeout=60).stdout
-        assert status == "SUCCEEDED", logs[-4000:]
-        assert "1 trials (0 failed)" in logs and f"sqlite:///{db}" in logs
-        assert (tmp_path / "home" / "ray_results" / "job-sweep" / "optuna.db").exists()
-        client = MlflowClient(f"sqlite:///{db}")
-        runs = client.search_runs([client.get_experiment_by_name("deeplense-mae").experiment_id])
-        parent = [r for r in runs if r.data.tags.get("platform.kind") == "sweep"]
-        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-        assert len(parent) == 1 and len(children) == 1 and parent[0].info.status == "FINISHED"
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path, ray_head):
+    """`ray job submit` to a head started apart with `ray start --head` (the session's), as a user
+    submits to a workstation or a cluster's head node, token authentication included."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(name, None)
+    dashboard = ray_head["dashboard"]
+    # No tracking URI or storage path: the defaults must outlive the job's temporary working dir.
+    # They go under $DEEPLENSE_HOME (else ~/deeplense), given here as the job's own environment.
+    db = tmp_path / "home" / "mlflow.db"
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", dashboard, "--working-dir", ".", "--no-wait",
+         "--runtime-env-json", json.dumps({"env_vars": {"DEEPLENSE_HOME": str(tmp_path / "home")}}), "--",
+         "python", "-m", "platform.tune", "task=mae", "tune.num_samples=1", "train.epochs=1", "tune.name=job-sweep",
+         "scaling.num_workers=0",  # the job's path is the point here; Ray Train workers are tested elsewhere
+         "model.depth=1", "model.embed_dim=32", "model.num_heads=2", f"data.cache_dir={tmp_path}/cache",
+         "data.num_train=48", "data.num_val=30", "train.batch_size=16"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
+    deadline, status = time.time() + 300, ""
+    while time.time() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        time.sleep(2)
+        out = subprocess.run([RAY, "job", "status", "--address", dashboard, job_id],
+                             env=env, capture_output=True, text=True, timeout=60).stdout
+        status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING") if s in out.upper()), "")
+    logs = subprocess.run([RAY, "job", "logs", "--address", dashboard, job_id],
+                          env=env, capture_output=True, text=True, timeout=60).stdout
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "1 trials (0 failed)" in logs and f"sqlite:///{db}" in logs
+    assert (tmp_path / "home" / "ray_results" / "job-sweep" / "optuna.db").exists()
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("deeplense-mae").experiment_id])
+    parent = [r for r in runs if r.data.tags.get("platform.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and len(children) == 1 and parent[0].info.status == "FINISHED"

@@ -116,6 +116,7 @@ def test_bad_input_exits_before_any_cluster_work(tmp_path, args, message):
     (["task=mae", "train.epochs=three"], "error: train.epochs=three: Value 'three'"),
     (["task=mae", "ray.address=127.0.0.1:1"], "error: ray.address=127.0.0.1:1: no Ray head answers"),
 ])
+@pytest.mark.slow  # real interpreters
 def test_a_real_process_prints_only_the_one_line(tmp_path, args, message):
     # What the user's terminal shows: no warning or log line from a library beside the error.
     result = run_cli("platform.tune", *args, f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path),

@@ -92,6 +92,7 @@ def test_missing_class_folder_lists_what_is_there(tmp_path):
         data.from_folder(str(root), ["no", "sphere", "vort"], str(tmp_path / "cache"), shard_size=4)
 
 
+@pytest.mark.slow  # real interpreters
 def test_data_cli_converts_a_real_folder_and_previews_it(tmp_path):
     root = make_deeplense_folder(tmp_path / "real", names=("no", "cdm", "axion"))
     result = run_cli("platform.data", "task=classification", f"data.path={root}", f"data.cache_dir={tmp_path}/cache",
@@ -114,6 +115,7 @@ def make_lens_finding_folder(root, per_class=(2, 5)):
     return root
 
 
+@pytest.mark.slow  # real interpreters
 def test_data_cli_converts_a_lens_finding_folder(tmp_path):
     root = make_lens_finding_folder(tmp_path / "lenses")
     result = run_cli("platform.data", "task=classification", f"data.path={root}", "data.classes=[nonlenses,lenses]",
@@ -134,6 +136,7 @@ def test_npz_under_an_npy_name_is_refused(tmp_path):
         data.from_folder(str(root), ["no", "sphere", "vort"], str(tmp_path / "cache"), shard_size=4)
 
 
+@pytest.mark.slow  # real interpreters
 def test_data_cli_simulates(tmp_path):
     result = run_cli("platform.data", "task=classification", "data.preset=model_i", "data.num_train=6",
                      "data.num_val=3", f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path))
@@ -141,6 +144,7 @@ def test_data_cli_simulates(tmp_path):
     assert "train: 6 images (1, 150, 150)" in result.stdout and "val: 3 images (1, 150, 150)" in result.stdout
 
 
+@pytest.mark.slow  # real interpreters
 def test_data_cli_corrupt_file_is_one_line(tmp_path):
     root = make_deeplense_folder(tmp_path / "real")
     (root / "train" / "no" / "0.npy").write_text("not numpy")

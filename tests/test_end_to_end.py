@@ -23,6 +23,7 @@ def artifact_paths(client, run_id, folder=""):
     return paths
 
 
+@pytest.mark.own_ray  # the laptop path: the command starts a local Ray of its own on loopback
 def test_train_classification(tmp_path):
     db = tmp_path / "mlflow.db"
     result = run_cli("platform.train", "task=classification", "train.epochs=2",

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers import run_cli, start_cli, tiny
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # each builds its own several-node cluster
 
 MAE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1"]
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import platform as project_platform
 from tests.helpers import ROOT, run_cli
 
@@ -43,6 +45,7 @@ def test_no_submodule_shadows_a_standard_function():
     assert not ours & set(dir(standard)), ours & set(dir(standard))
 
 
+@pytest.mark.slow  # real interpreters
 def test_bare_pytest_and_python_m_pytest_both_work(tmp_path):
     bin_dir = os.path.dirname(sys.executable)
     for command in ([os.path.join(bin_dir, "pytest")], [sys.executable, "-m", "pytest"]):
@@ -52,6 +55,7 @@ def test_bare_pytest_and_python_m_pytest_both_work(tmp_path):
         assert result.returncode == 0 and "1 passed" in result.stdout, (command, result.stdout, result.stderr)
 
 
+@pytest.mark.slow  # real interpreters
 def test_a_task_from_another_package_through_an_entry_point(tmp_path):
     """A throwaway installed distribution adds a task; nothing in this repository is edited."""
     site = tmp_path / "site"

@@ -1,0 +1,89 @@
+"""What a test session shares, so that the end-to-end tests pay for Ray once, not once per command.
+
+``ray_head``: one Ray head started with ``ray start --head`` on loopback, as a user starts one on a
+workstation or a cluster's head node. Every test marked ``slow`` runs its commands against it
+(``RAY_ADDRESS``), which saves each command a local Ray's start and shutdown (about 12 s on two
+cores). A test about the local Ray a command starts for itself (the laptop path) is marked
+``own_ray``; tests about several nodes build their own ``ray.cluster_utils.Cluster``.
+
+The head is a plain ``ray start --head`` without the ``trial_driver`` resource of ``cluster.yaml``'s
+head: sweeps on it place their trial functions by a memory-only bundle, while the local Rays and the
+multi-node tests advertise ``trial_driver``; both placements stay tested.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+# Ray 2.60 authenticates every request with a token. One per session, shared by every Ray the
+# tests start and every command they run (a head and its clients must agree on it).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """{"address": host:port, "dashboard": http://...} of a Ray head that lives for the session."""
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           # An activated virtualenv, as the user's shell has it: a submitted job's `python` is this one.
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("RAY_ADDRESS", None)
+    log = open(os.path.join(temp, "head.log"), "w")
+    # --block keeps every process of the head in this one process group, so teardown can end them
+    # all without `ray stop`, which would stop every Ray on the machine (the multi-node tests' too).
+    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             f"--temp-dir={temp}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(temp, "ray_current_cluster")) or not _answers(dashboard):
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the session's Ray head did not start:\n{open(log.name).read()[-3000:]}")
+            time.sleep(0.5)
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "temp_dir": temp}
+    finally:
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=grace)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        log.close()
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _slow_tests_share_the_ray_head(request, monkeypatch):
+    """Commands of a ``slow`` test find the session's head through RAY_ADDRESS, as a user's shell on a
+    head node would; ``own_ray`` tests start a local Ray of their own, as on a laptop."""
+    if request.node.get_closest_marker("slow") is None or request.node.get_closest_marker("own_ray") is not None:
+        return
+    monkeypatch.setenv("RAY_ADDRESS", request.getfixturevalue("ray_head")["address"])
