@@ -32,10 +32,16 @@ def median(values) -> float:
 
 
 def environment(**extra: str) -> dict:
-    """A user's shell: the project on PYTHONPATH, and every Ray started here on loopback."""
+    """A user's shell: the project on PYTHONPATH, and every Ray started here on loopback.
+
+    Each command starts its own local Ray, as on a laptop, unless $DEEPLENSE_BENCH_RAY_ADDRESS names a
+    running head: the test suite's smoke runs, which check the code paths, not the figures.
+    """
     env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DEEPLENSE_RESULTS"):
         env.pop(name, None)
+    if os.environ.get("DEEPLENSE_BENCH_RAY_ADDRESS"):
+        env["RAY_ADDRESS"] = os.environ["DEEPLENSE_BENCH_RAY_ADDRESS"]
     return {**env, **extra}
 
 

@@ -6,7 +6,7 @@ worker does not hold its own copy of the dataset.
 1. The default ``python -m platform.tune task=mae`` (its own search space and sizes), sampled
    every ``--interval`` s: peak RSS and peak USS (memory no other process shares) of the driver,
    of each kind of Ray process (a trial's function, the Train controller, the Train worker, ...).
-2. ``python -m platform.train task=mae`` with two workers on this node, over 256 and over
+2. ``python -m platform.train task=mae`` with two workers on this node, over ``--small-rows`` (256) and over
    ``--share-rows`` images: the split sits once in Ray's shared object store, so a worker's USS
    grows far less than the dataset, while its RSS counts the shared pages it reads.
 """
@@ -84,6 +84,8 @@ def sample(args: list[str], cwd: str, interval: float) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep-args", nargs="*", default=[], help="extra key=value for the sweep (tests: tiny sizes)")
+    parser.add_argument("--train-args", nargs="*", default=[], help="extra key=value for the two-worker runs (tests: tiny sizes)")
+    parser.add_argument("--small-rows", type=int, default=256)
     parser.add_argument("--share-rows", type=int, default=8192)
     parser.add_argument("--interval", type=float, default=0.5)
     parser.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", "results", "cache"))
@@ -100,20 +102,20 @@ def main(argv: list[str] | None = None) -> dict:
         from platform import config as config_lib, registry
 
         shared, dataset_mb = {}, {}
-        for rows in (256, args.share_rows):  # the worker's own memory, with a small and a large dataset
+        for rows in (args.small_rows, args.share_rows):  # the worker's own memory, with a small and a large dataset
             cfg = config_lib.build("mae", [{"data.num_train": rows, "data.num_val": 64, "data.cache_dir": args.cache}])
             shards = registry.get("mae").build_data(cfg)
             dataset_mb[rows] = sum(f["bytes"] for f in shards["train"].manifest["files"]) / 2**20
             shared[rows] = sample([sys.executable, "-m", "platform.train", "task=mae", f"data.num_train={rows}",
                                    "data.num_val=64", f"data.cache_dir={args.cache}", "train.epochs=1",
                                    "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", db,
-                                   "mlflow.register_model=false"], workdir, args.interval)
-    small, large = (shared[r]["RayTrainWorker"] for r in (256, args.share_rows))
-    growth = {"dataset_mb": dataset_mb[args.share_rows] - dataset_mb[256],
+                                   "mlflow.register_model=false", *args.train_args], workdir, args.interval)
+    small, large = (shared[r]["RayTrainWorker"] for r in (args.small_rows, args.share_rows))
+    growth = {"dataset_mb": dataset_mb[args.share_rows] - dataset_mb[args.small_rows],
               "worker_rss_mb": large["rss_mb"] - small["rss_mb"], "worker_uss_mb": large["uss_mb"] - small["uss_mb"]}
     print()
-    print(table(["2 workers on one node", "256 images", f"{args.share_rows} images", "growth"], [
-        ["training split on disk, MB", dataset_mb[256], dataset_mb[args.share_rows], growth["dataset_mb"]],
+    print(table(["2 workers on one node", f"{args.small_rows} images", f"{args.share_rows} images", "growth"], [
+        ["training split on disk, MB", dataset_mb[args.small_rows], dataset_mb[args.share_rows], growth["dataset_mb"]],
         ["a worker's peak RSS, MB (shared pages included)", small["rss_mb"], large["rss_mb"], growth["worker_rss_mb"]],
         ["a worker's peak USS, MB (its own memory)", small["uss_mb"], large["uss_mb"], growth["worker_uss_mb"]],
     ]))
