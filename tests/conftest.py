@@ -24,18 +24,14 @@ import time
 
 import pytest
 
+from tests.helpers import free_port
+
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 # Ray 2.60 authenticates every request with a token. One per session, shared by every Ray the
 # tests start and every command they run (a head and its clients must agree on it).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +57,7 @@ def ray_head():
             if head.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"the session's Ray head did not start:\n{open(log.name).read()[-3000:]}")
             time.sleep(0.5)
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "temp_dir": temp}
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}"}
     finally:
         for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import os
@@ -31,18 +32,23 @@ def _existing_store(args) -> None:
                 shutil.copyfile(_empty_store(), path)
 
 
-_EMPTY_STORE: list[str] = []
-
-
+@functools.cache
 def _empty_store() -> str:
-    if not _EMPTY_STORE:
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
-        path = os.path.join(tempfile.mkdtemp(prefix="empty-store-"), "mlflow.db")
-        MlflowClient(f"sqlite:///{path}").search_experiments()  # creates every table
-        MlflowClient(registry_uri=f"sqlite:///{path}").search_registered_models()
-        _EMPTY_STORE.append(path)
-    return _EMPTY_STORE[0]
+    path = os.path.join(tempfile.mkdtemp(prefix="empty-store-"), "mlflow.db")
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates every table
+    MlflowClient(registry_uri=f"sqlite:///{path}").search_registered_models()
+    return path
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now, for a server a test starts."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_cli(module: str, *args: str, cwd: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import run_cli, start_cli, tiny
+from tests.helpers import free_port, run_cli, start_cli, tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # each builds its own several-node cluster
 
@@ -204,14 +204,9 @@ def test_a_node_drained_for_preemption_hands_its_run_to_a_new_node(tmp_path, mon
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on loopback with a database behind it, as cluster.yaml's head runs one."""
-    import socket
-    import subprocess
-    import sys
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
     server = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
