@@ -102,7 +102,7 @@ def test_train_on_two_ddp_workers_is_one_run(tmp_path):
 def test_fp16_trains_through_the_grad_scaler(tmp_path):
     # fp16 goes through the GradScaler (unscale before clipping); bf16 is the two-worker run above.
     db, precision = tmp_path / "mlflow.db", "fp16"
-    result = run_cli("platform.train", "task=mae", "train.epochs=1", f"train.precision={precision}",
+    result = run_cli("platform.train", "task=mae", "train.epochs=1", f"train.precision={precision}", "scaling.num_workers=0",
                      "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
                      *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -127,6 +127,7 @@ def test_a_run_that_fails_ends_failed(tmp_path):
 def test_tune_mae_sweep(tmp_path):
     db = tmp_path / "mlflow.db"
     result = run_cli("platform.tune", "task=mae", "tune.num_samples=2", "train.epochs=2", "tune.name=sweep-a",
+                     "scaling.num_workers=0",
                      "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
                      *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -158,7 +159,7 @@ def test_tune_mae_sweep(tmp_path):
     # A finished sweep is never silently run again: the same name is refused, unless forced,
     # and then it goes on: its Optuna study (TPE sees the earlier trials, and the new trial is
     # not a replay of an earlier point) and its MLflow parent run.
-    same = ["task=mae", "tune.num_samples=1", "train.epochs=2", "tune.name=sweep-a", "model.depth=1",
+    same = ["task=mae", "tune.num_samples=1", "train.epochs=2", "tune.name=sweep-a", "scaling.num_workers=0", "model.depth=1",
             "model.embed_dim=32", "model.num_heads=2", *tiny(tmp_path / "cache", db)]
     refused = run_cli_here("platform.tune", *same, cwd=str(tmp_path))
     assert refused.returncode == 2 and "tune.name=sweep-a has finished" in refused.stderr, refused.stderr

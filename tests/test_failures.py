@@ -24,7 +24,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path)
     # Random search seeded 0 draws the absurd learning rate first, then the sane one.
     space.write_text("search:\n  train.lr: {choice: [1.0e+12, 1.0e-3]}\n")
     result = run_cli("platform.tune", "task=classification", f"tune.space={space}", "tune.search=random",
-                     "tune.num_samples=2", "tune.name=nan", *FAST, *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+                     "tune.num_samples=2", "tune.name=nan", "scaling.num_workers=0", *FAST, *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "2 trials (1 failed)" in result.stdout
     assert "failed: FloatingPointError: train/loss became nan in epoch 1" in result.stdout

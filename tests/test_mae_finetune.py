@@ -59,7 +59,7 @@ def test_bad_finetune_settings_are_one_line(tmp_path, setting, message):
 @pytest.mark.slow
 def test_pretrain_then_finetune_both_heads_linked_in_mlflow(tmp_path):
     db = tmp_path / "mlflow.db"
-    pretrain = run_cli("platform.train", "task=mae", "train.epochs=1", *MAE_SIZE,
+    pretrain = run_cli("platform.train", "task=mae", "train.epochs=1", "scaling.num_workers=0", *MAE_SIZE,
                        *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
     assert pretrain.returncode == 0, (pretrain.stdout + pretrain.stderr)[-3000:]
     client = MlflowClient(f"sqlite:///{db}")
@@ -85,7 +85,7 @@ def test_pretrain_then_finetune_both_heads_linked_in_mlflow(tmp_path):
     assert_figure(client, trial.info.run_id, "plots/gradcam.png")  # the ViT's tokens laid out as a grid
 
     result = run_cli("platform.train", "task=mae_finetune", "head=superres", f"init_from={mae_version.run_id}",
-                     "train.epochs=1", "data.preset=model_ii", *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+                     "train.epochs=1", "data.preset=model_ii", "scaling.num_workers=0", *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     (run,) = client.search_runs([experiment], filter_string="params.head = 'superres'")
     assert run.data.tags["platform.init_run_id"] == mae_version.run_id

@@ -63,7 +63,8 @@ def test_tune_multitask_then_regression_from_its_encoder(tmp_path):
 
     # The registered multitask model's encoder starts a regression run.
     result = run_cli("platform.train", "task=regression", "train.epochs=1", "init_from=models:/multitask/latest",
-                     "encoder.arch=resnet10t", *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+                     "encoder.arch=resnet10t", "scaling.num_workers=0", *tiny(tmp_path / "cache", db),
+                     cwd=str(tmp_path))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     (run,) = client.search_runs([client.get_experiment_by_name("deeplense-regression").experiment_id])
     assert run.data.tags["platform.init_run_id"] == trial.info.run_id

@@ -46,7 +46,7 @@ def test_bad_regression_settings_are_one_line(tmp_path, init_from, message):
 @pytest.mark.slow
 def test_regression_from_a_pretrained_mae_against_a_random_start(tmp_path):
     db = tmp_path / "mlflow.db"
-    pretrain = run_cli("platform.train", "task=mae", "train.epochs=1", *MAE_SIZE, *tiny(tmp_path / "cache", db),
+    pretrain = run_cli("platform.train", "task=mae", "train.epochs=1", "scaling.num_workers=0", *MAE_SIZE, *tiny(tmp_path / "cache", db),
                        cwd=str(tmp_path))
     assert pretrain.returncode == 0, (pretrain.stdout + pretrain.stderr)[-3000:]
     client = MlflowClient(f"sqlite:///{db}")
@@ -55,6 +55,7 @@ def test_regression_from_a_pretrained_mae_against_a_random_start(tmp_path):
     # The encoder's size comes from the mae run: only encoder.arch=mae is said.
     result = run_cli("platform.train", "task=regression", "train.epochs=2", "init_from=models:/mae/latest",
                      "encoder.arch=mae", "encoder.freeze=true", "train.compare_random_init=true", "train.name=cmp",
+                     "scaling.num_workers=0",
                      *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
