@@ -333,8 +333,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     from platform import cli
 
-    sys.exit(cli.run(main, sys.argv[1:]))
+    cli.exit_with(main)

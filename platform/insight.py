@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import warnings
 
@@ -226,4 +225,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, sys.argv[1:]))
+    cli.exit_with(main)

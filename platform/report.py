@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 from platform import cli, registry, tracking
@@ -236,4 +235,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, sys.argv[1:]))
+    cli.exit_with(main)

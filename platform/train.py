@@ -218,4 +218,4 @@ def compare_with_random_init(cfg, task, shards, uri: str, name: str, source) -> 
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, sys.argv[1:]))
+    cli.exit_with(main)

@@ -10,7 +10,6 @@ each split's size, classes and location, and saves a PNG grid of examples per cl
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
@@ -42,4 +41,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, sys.argv[1:]))
+    cli.exit_with(main)
