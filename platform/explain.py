@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from platform.plots import plt
+from platform.plots import pyplot
 
 
 @dataclass
@@ -228,7 +228,7 @@ def gradcam_figure(target: GradCamTarget, images: torch.Tensor, labels: np.ndarr
     shown = images.detach().float().cpu().numpy()
     columns, header_in = 2 * per_class, 0.75  # inches above the images: the title, then the two column headings
     height = 1.9 * len(classes) + header_in
-    figure, axes = plt.subplots(len(classes), columns, figsize=(1.7 * columns, height), squeeze=False)
+    figure, axes = pyplot().subplots(len(classes), columns, figsize=(1.7 * columns, height), squeeze=False)
     for k, name in enumerate(classes):
         for correct in (True, False):
             rows = chosen[k, correct]
@@ -278,7 +278,7 @@ def project_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
 def embedding_figure(points: np.ndarray, colour: Optional[np.ndarray], colour_by: str,
                      classes: Optional[list[str]]):
     """The 2-D map, coloured by class (a legend) or by a truth parameter (a colour bar)."""
-    figure, ax = plt.subplots(figsize=(5, 4.4))
+    figure, ax = pyplot().subplots(figsize=(5, 4.4))
     if colour is None:
         ax.scatter(points[:, 0], points[:, 1], s=8, alpha=0.7)
     elif classes is not None:

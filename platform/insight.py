@@ -96,6 +96,9 @@ def rebuilt_study(rows: list[dict], space: dict, objective: str, mode: str):
 
 def sweep_figures(study, objective: str) -> tuple[dict, list[str]]:
     """Optuna's three figures, and a line for each one this study cannot have (too few trials)."""
+    from platform.plots import pyplot
+
+    pyplot()  # the Agg backend before Optuna's figures: a sweep's driver may have no display
     import optuna.visualization.matplotlib as ovm
 
     figures, skipped = {}, []

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, float]:
     """Accuracy, cross-entropy, macro and per-class one-vs-rest ROC AUC. probs (N, K), labels (N,)."""
+    from sklearn.metrics import roc_auc_score  # on first use: see plots.pyplot
+
     metrics = {
         "accuracy": float((probs.argmax(1) == labels).mean()),
         "loss": float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()),
@@ -30,6 +31,8 @@ def binary_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     on these very outputs (the validation split), as one would before deploying a finder;
     it is reported so it can be reused.
     """
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
     labels = labels.astype(np.int64)
     if not 0 < labels.sum() < len(labels):
         nan = float("nan")

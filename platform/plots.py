@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-import matplotlib
+import functools
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve  # noqa: E402
+import numpy as np
+
+
+@functools.cache
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (workers have no display), imported on first use with
+    sklearn's curves: a sweep's driver and its trial processes never draw, and every process that
+    imports a task would otherwise pay their import (1.4 s on two cores)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
 
 
 def roc_figure(probs: np.ndarray, labels: np.ndarray, classes: list[str]):
-    figure, ax = plt.subplots(figsize=(4.5, 4.5))
+    from sklearn.metrics import roc_curve
+
+    figure, ax = pyplot().subplots(figsize=(4.5, 4.5))
     for k, name in enumerate(classes):
         positives = labels == k
         if 0 < positives.sum() < len(labels):
@@ -25,8 +37,10 @@ def roc_figure(probs: np.ndarray, labels: np.ndarray, classes: list[str]):
 
 
 def confusion_matrix_figure(predicted: np.ndarray, labels: np.ndarray, classes: list[str]):
+    from sklearn.metrics import confusion_matrix
+
     matrix = confusion_matrix(labels, predicted, labels=list(range(len(classes))))
-    figure, ax = plt.subplots(figsize=(4.5, 4))
+    figure, ax = pyplot().subplots(figsize=(4.5, 4))
     ax.imshow(matrix, cmap="Blues")
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, str(count), ha="center", va="center")
@@ -39,7 +53,7 @@ def confusion_matrix_figure(predicted: np.ndarray, labels: np.ndarray, classes: 
 def image_rows_figure(rows: dict[str, np.ndarray], title: str = ""):
     """One row per entry (name -> (N, H, W) images), N columns: e.g. original / masked / reconstructed."""
     n = min(len(v) for v in rows.values())
-    figure, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.6 * len(rows)), squeeze=False)
+    figure, axes = pyplot().subplots(len(rows), n, figsize=(1.6 * n, 1.6 * len(rows)), squeeze=False)
     for r, (name, images) in enumerate(rows.items()):
         for c in range(n):
             axes[r, c].imshow(images[c], cmap="magma")
@@ -54,6 +68,9 @@ def image_rows_figure(rows: dict[str, np.ndarray], title: str = ""):
 
 def binary_curves_figures(scores: np.ndarray, labels: np.ndarray, threshold: float | None = None) -> dict:
     """{"roc.png", "pr.png"} for a binary finder; the PR plot marks the tuned threshold."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    plt = pyplot()
     fpr, tpr, _ = roc_curve(labels, scores)
     roc, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(fpr, tpr)
@@ -75,7 +92,7 @@ def binary_curves_figures(scores: np.ndarray, labels: np.ndarray, threshold: flo
 
 def curves_figure(curves: dict[str, list[tuple[int, float]]], ylabel: str, xlabel: str = "epoch"):
     """One line per label through its (step, value) points: runs compared on one axis."""
-    figure, ax = plt.subplots(figsize=(5, 3.6))
+    figure, ax = pyplot().subplots(figsize=(5, 3.6))
     for label, points in curves.items():
         if points:
             steps, values = zip(*sorted(points))
@@ -108,7 +125,7 @@ def radial_power_spectrum(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def power_spectrum_figure(images: dict[str, np.ndarray], title: str = "radially averaged power spectrum"):
     """One curve per entry (name -> images (N, H, W) or (N, C, H, W)), power on a log scale."""
-    figure, ax = plt.subplots(figsize=(5, 3.8))
+    figure, ax = pyplot().subplots(figsize=(5, 3.8))
     for name, stack in images.items():
         k, power = radial_power_spectrum(stack)
         ax.semilogy(k[1:], power[1:], label=name)  # k = 0 is the mean brightness, not structure

@@ -181,10 +181,10 @@ def markdown(rows: list[Row], ui_url: str, store: str, notes: list[str]) -> str:
 
 def figure(rows: list[Row]):
     """One panel per task: each sweep's or run's best value, published values of the same metric as lines."""
-    from platform.plots import plt
+    from platform.plots import pyplot
 
     panels = sections(rows)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 0.6 + 1.9 * max(1, len(panels))), squeeze=False)
+    fig, axes = pyplot().subplots(len(panels), 1, figsize=(8, 0.6 + 1.9 * max(1, len(panels))), squeeze=False)
     for ax, (task_name, objective, mine) in zip(axes[:, 0], panels):
         mine = mine[::-1]  # best at the top
         ax.barh([r.group for r in mine], [r.value for r in mine], color="tab:blue")

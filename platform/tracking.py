@@ -145,11 +145,11 @@ def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
 
 
 def log_figures(client: MlflowClient, run_id: str, figures: dict, folder: str = "plots") -> None:
-    import matplotlib.pyplot as plt
+    from platform.plots import pyplot
 
     for name, figure in figures.items():
         client.log_figure(run_id, figure, f"{folder}/{name}")
-        plt.close(figure)
+        pyplot().close(figure)
 
 
 def log_file(client: MlflowClient, run_id: str, path: str, folder: str) -> None:

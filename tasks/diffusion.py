@@ -47,7 +47,7 @@ from platform import data
 from platform.config import ConfigError, bounded, choice
 from platform.data.augment import AugmentConfig, batch_images
 from platform.loop import unwrap
-from platform.plots import plt
+from platform.plots import pyplot
 from platform.registry import Task, register
 
 CHANNELS = 1  # the substructure images are single-band
@@ -564,7 +564,7 @@ def image_grid(rows: dict[str, np.ndarray], title: str):
     Not per-image contrast: a sample too bright or without a ring must look it.
     """
     n = min(len(v) for v in rows.values())
-    figure, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.6 * len(rows) + 0.4), squeeze=False)
+    figure, axes = pyplot().subplots(len(rows), n, figsize=(1.6 * n, 1.6 * len(rows) + 0.4), squeeze=False)
     for r, (name, images) in enumerate(rows.items()):
         for c in range(n):
             axes[r, c].imshow(images[c], cmap="magma", vmin=-1, vmax=1)

@@ -50,7 +50,7 @@ from platform.data import simulate
 from platform.data.augment import AugmentConfig, batch_images
 from platform.explain import Logits, timm_target
 from platform.metrics import classification_metrics
-from platform.plots import plt, roc_figure
+from platform.plots import pyplot, roc_figure
 from platform.registry import Reference, Task, register
 
 SCHEDULES = ("constant", "linear", "cosine", "step")
@@ -380,7 +380,7 @@ def lensing_figure(model, batch: dict, cfg, n: int = 6):
         true = _critical_map(_true_lens(truth[:n].float()), x, y, scale) if truth is not None else None
     half, source_half = h * scale / 2, cfg.physics.source_pixels * out["source_scale"] / 2
     grid = x[0].cpu().numpy()
-    figure, axes = plt.subplots(3, len(images), figsize=(2.1 * len(images), 6.6), squeeze=False)
+    figure, axes = pyplot().subplots(3, len(images), figsize=(2.1 * len(images), 6.6), squeeze=False)
     for i in range(len(images)):
         image = images[i, 0].float().cpu().numpy()
         te = float(out["lens"]["theta_e"][i])

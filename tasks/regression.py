@@ -32,7 +32,7 @@ from platform import data
 from platform.config import ConfigError
 from platform.data import DataError
 from platform.data.augment import AugmentConfig, batch_images
-from platform.plots import plt
+from platform.plots import pyplot
 from platform.pretrained import load_matching
 from platform.registry import Task, register
 from tasks.mae import MAEModelConfig, MaskedAutoencoder
@@ -180,7 +180,7 @@ def evaluate(outputs: dict, cfg) -> dict:
 
 def plots(model, batch: dict, outputs: dict, cfg) -> dict:
     predicted, truth = outputs["predicted"], outputs["truth"]
-    figure, axes = plt.subplots(2, 3, figsize=(10, 6.5))
+    figure, axes = pyplot().subplots(2, 3, figsize=(10, 6.5))
     for k, (p, ax) in enumerate(zip(PARAMETERS, axes.flat)):
         ax.scatter(truth[:, k], predicted[:, k], s=6, alpha=0.6)
         lo, hi = float(truth[:, k].min()), float(truth[:, k].max())

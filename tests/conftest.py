@@ -28,6 +28,11 @@ from tests.helpers import free_port
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
+# pytest-xdist runs two test processes on CI's two cores: one torch thread each, or OpenMP's
+# spinning threads fight over the cores (the fast tests take longer on two workers than on one).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Ray 2.60 authenticates every request with a token. One per session, shared by every Ray the
 # tests start and every command they run (a head and its clients must agree on it).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -53,7 +58,8 @@ def ray_head():
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
-        while not os.path.exists(os.path.join(temp, "ray_current_cluster")) or not _answers(dashboard):
+        while (not os.path.exists(os.path.join(temp, "ray_current_cluster")) or not _answers(dashboard)
+               or not _job_agent_registered(address)):
             if head.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"the session's Ray head did not start:\n{open(log.name).read()[-3000:]}")
             time.sleep(0.5)
@@ -66,6 +72,19 @@ def ray_head():
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
         log.close()
+
+
+def _job_agent_registered(address: str) -> bool:
+    """The head's dashboard agent has told the GCS where it listens: until then ``ray job submit``
+    is refused ("No available agent to submit job"), which on a busy machine is seconds after the
+    dashboard answers."""
+    from ray._raylet import GcsClient
+
+    try:
+        return bool(GcsClient(address=address).internal_kv_keys(
+            b"DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX:", namespace=b"dashboard", timeout=2))
+    except Exception:  # the GCS is not up yet
+        return False
 
 
 def _answers(port: int) -> bool:
