@@ -44,6 +44,12 @@ def ray_head():
     """{"address": host:port, "dashboard": http://...} of a Ray head that lives for the session."""
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     port, dashboard = free_port(), free_port()
+    # Ports of their own for the head's servers with fixed defaults (the dashboard agent's 52365, the
+    # Ray client's 10001, ...): each pytest-xdist worker starts a head, and a second agent that
+    # cannot bind leaves its head without a job agent.
+    own_ports = [f"--{name}={free_port()}" for name in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port")]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            # An activated virtualenv, as the user's shell has it: a submitted job's `python` is this one.
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
@@ -53,7 +59,7 @@ def ray_head():
     # all without `ray stop`, which would stop every Ray on the machine (the multi-node tests' too).
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              f"--temp-dir={temp}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                             "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                             "--disable-usage-stats", *own_ports], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
