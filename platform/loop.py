@@ -266,10 +266,11 @@ def run_loop(loop_config: dict, session: Session) -> None:
             where = f" step {skip_steps}" if skip_steps else ""
             shown = f" (best {metric_key}={best:.4f})" if best is not None else ""
             say(f"[{cfg.task}] resuming from epoch {start_epoch}{where}{shown}")
-        if client:
-            # A worker lost after logging an epoch but before its checkpoint trains that epoch
-            # again: its steps stay logged once, as the first attempt logged them.
-            logged_epochs = {m.step for m in client.get_metric_history(run_id, "epoch")}
+    if client:
+        # A worker (or a trial) lost after logging an epoch but before its checkpoint trains that
+        # epoch again, from the last checkpoint or, before the first one, from scratch: its steps
+        # stay logged once, as the first attempt logged them.
+        logged_epochs = {m.step for m in client.get_metric_history(run_id, "epoch")}
 
     # A spot VM's SIGTERM becomes a warning read at the next check, not the end of the process.
     # In-process runs have no worker to restart: Tune restarts the trial from its last epoch.
