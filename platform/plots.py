@@ -9,9 +9,10 @@ import numpy as np
 
 @functools.cache
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (workers have no display), imported on first use with
-    sklearn's curves: a sweep's driver and its trial processes never draw, and every process that
-    imports a task would otherwise pay their import (1.4 s on two cores)."""
+    """matplotlib.pyplot on the Agg backend (workers have no display), imported on first use, as
+    sklearn's curves are: only the process that draws pays for them (1.4 s on two cores): rank 0 of
+    a run at its end, a sweep's driver for its summary figures. The other ranks, the trial
+    processes of Train runs and every command that fails on bad input never import them."""
     import matplotlib
 
     matplotlib.use("Agg")

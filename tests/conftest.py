@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_ports
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
@@ -43,13 +43,11 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 def ray_head():
     """{"address": host:port, "dashboard": http://...} of a Ray head that lives for the session."""
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    port, dashboard = free_port(), free_port()
     # Ports of their own for the head's servers with fixed defaults (the dashboard agent's 52365, the
-    # Ray client's 10001, ...): each pytest-xdist worker starts a head, and a second agent that
-    # cannot bind leaves its head without a job agent.
-    own_ports = [f"--{name}={free_port()}" for name in (
-        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port")]
+    # Ray client's 10001): each pytest-xdist worker starts a head, and a second agent that cannot
+    # bind leaves its head without a job agent. Ray picks the other servers' ports itself.
+    port, dashboard, client_server, agent = free_ports(4)
+    own_ports = [f"--ray-client-server-port={client_server}", f"--dashboard-agent-listen-port={agent}"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            # An activated virtualenv, as the user's shell has it: a submitted job's `python` is this one.
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
