@@ -1,14 +1,16 @@
 """Memory: peak resident memory of the sweep's driver and of a training worker, and proof that a
 worker does not hold its own copy of the dataset.
 
-    python -m benchmarks.memory [--sweep-args ...] [--share-rows 8192]
+    python -m benchmarks.memory [--sweep-args ...] [--share-rows 8192] [--parts sweep workers]
 
 1. The default ``python -m platform.tune task=mae`` (its own search space and sizes), sampled
    every ``--interval`` s: peak RSS and peak USS (memory no other process shares) of the driver,
    of each kind of Ray process (a trial's function, the Train controller, the Train worker, ...).
 2. ``python -m platform.train task=mae`` with two workers on this node, over ``--small-rows`` (256) and over
    ``--share-rows`` images: the split sits once in Ray's shared object store, so a worker's USS
-   grows far less than the dataset, while its RSS counts the shared pages it reads.
+   grows far less than the dataset, while its RSS counts the shared pages it reads. Both runs go
+   to one Ray head the benchmark starts (``ray start --head``): a worker's memory is the same
+   whoever started the head, and one start is half a minute less on two cores.
 """
 
 from __future__ import annotations
@@ -38,20 +40,23 @@ def kind(process: psutil.Process, driver: int) -> str | None:
     return "Ray idle worker" if name in ("IDLE", "") else name.split(".")[0]
 
 
-def sample(args: list[str], cwd: str, interval: float) -> dict:
+def sample(args: list[str], cwd: str, interval: float, head: dict | None = None) -> dict:
     """Run a command; peak RSS and USS in MB per kind of process (the largest single process of each
-    kind), and the peak of all its processes' USS summed."""
+    kind), and the peak of all its processes' USS summed. With ``head`` (``start_head``), the
+    command runs on that Ray head, and the head's processes count as the command's."""
     peaks: dict[str, dict] = {}
-    process = subprocess.Popen(args, cwd=cwd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    env = environment(**({"RAY_ADDRESS": head["address"]} if head else {}))
+    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
     import threading
 
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
     reader.start()
     while process.poll() is None:
-        try:  # the command's own processes: its local Ray (raylet, workers) descends from it
+        try:  # the command's own processes: its local Ray (raylet, workers) descends from it, or from the head
             mine = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+            if head:
+                mine += psutil.Process(head["pid"]).children(recursive=True)
         except psutil.NoSuchProcess:
             break
         total = 0.0
@@ -88,20 +93,76 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small-rows", type=int, default=256)
     parser.add_argument("--share-rows", type=int, default=8192)
     parser.add_argument("--interval", type=float, default=0.5)
+    parser.add_argument("--parts", nargs="+", choices=["sweep", "workers"], default=["sweep", "workers"],
+                        help="1. the sweep's processes, 2. the two-worker runs (default: both)")
     parser.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", "results", "cache"))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "memory.json"))
     args = parser.parse_args(argv)
 
+    result = {"benchmark": "memory",
+              "command": "python -m benchmarks.memory " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "settings": vars(args)}
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as workdir:
         db = f"mlflow.tracking_uri=sqlite:///{os.path.join(workdir, 'mlflow.db')}"
-        sweep = sample([sys.executable, "-m", "platform.tune", "task=mae", f"data.cache_dir={args.cache}", db,
-                        "mlflow.register_model=false", *args.sweep_args], workdir, args.interval)
-        print(table(["task=mae sweep", "peak RSS MB", "peak USS MB", "processes"],
-                    [[name, p["rss_mb"], p["uss_mb"], p["processes"]] for name, p in sweep.items()]))
+        if "sweep" in args.parts:
+            result["sweep"] = sample([sys.executable, "-m", "platform.tune", "task=mae", f"data.cache_dir={args.cache}",
+                                      db, "mlflow.register_model=false", *args.sweep_args], workdir, args.interval)
+            print(table(["task=mae sweep", "peak RSS MB", "peak USS MB", "processes"],
+                        [[name, p["rss_mb"], p["uss_mb"], p["processes"]] for name, p in result["sweep"].items()]))
+        if "workers" in args.parts:
+            result.update(two_workers(args, workdir, db))
+    save(result, args.out)
+    return result
 
-        from platform import config as config_lib, registry
 
-        shared, dataset_mb = {}, {}
+def start_head(folder: str) -> dict:
+    """``ray start --head`` on loopback, every port its own (another Ray on this machine keeps
+    its defaults); {"address", "pid"} once it takes jobs."""
+    import socket
+
+    probes = [socket.socket() for _ in range(4)]
+    for probe in probes:  # held open together: four different free ports
+        probe.bind(("127.0.0.1", 0))
+    port, dashboard, client_server, agent = (probe.getsockname()[1] for probe in probes)
+    for probe in probes:
+        probe.close()
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", f"--temp-dir={folder}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+                             f"--ray-client-server-port={client_server}", f"--dashboard-agent-listen-port={agent}"],
+                            env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: ended as one (stop_head)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(folder, "ray_current_cluster")):
+        if head.poll() is not None or time.time() > deadline:
+            raise SystemExit(f"the benchmark's Ray head did not start (ray start --head, in {folder})")
+        time.sleep(0.5)
+    return {"address": f"127.0.0.1:{port}", "pid": head.pid, "process": head, "folder": folder}
+
+
+def stop_head(head: dict) -> None:
+    import shutil
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head["pid"], sig)
+            head["process"].wait(timeout=10)
+            break
+        except ProcessLookupError:
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    shutil.rmtree(head["folder"], ignore_errors=True)
+
+
+def two_workers(args, workdir: str, db: str) -> dict:
+    """Part 2: a Train worker's peak RSS and USS with a small and with a large training split."""
+    from platform import config as config_lib, registry
+
+    shared, dataset_mb = {}, {}
+    head = start_head(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # Ray's socket paths stay under 108 bytes
+    try:
         for rows in (args.small_rows, args.share_rows):  # the worker's own memory, with a small and a large dataset
             cfg = config_lib.build("mae", [{"data.num_train": rows, "data.num_val": 64, "data.cache_dir": args.cache}])
             shards = registry.get("mae").build_data(cfg)
@@ -109,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
             shared[rows] = sample([sys.executable, "-m", "platform.train", "task=mae", f"data.num_train={rows}",
                                    "data.num_val=64", f"data.cache_dir={args.cache}", "train.epochs=1",
                                    "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", db,
-                                   "mlflow.register_model=false", *args.train_args], workdir, args.interval)
+                                   "mlflow.register_model=false", *args.train_args], workdir, args.interval, head)
+    finally:
+        stop_head(head)
     small, large = (shared[r]["RayTrainWorker"] for r in (args.small_rows, args.share_rows))
     growth = {"dataset_mb": dataset_mb[args.share_rows] - dataset_mb[args.small_rows],
               "worker_rss_mb": large["rss_mb"] - small["rss_mb"], "worker_uss_mb": large["uss_mb"] - small["uss_mb"]}
@@ -121,12 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]))
     print(f"\na worker's own memory grew {growth['worker_uss_mb']:.0f} MB for {growth['dataset_mb']:.0f} MB more data: "
           f"the split is not copied into each worker")
-    result = {"benchmark": "memory",
-              "command": "python -m benchmarks.memory " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "settings": vars(args), "sweep": sweep, "two_workers": {str(r): v for r, v in shared.items()},
-              "dataset_mb": {str(r): v for r, v in dataset_mb.items()}, "growth": growth}
-    save(result, args.out)
-    return result
+    return {"two_workers": {str(r): v for r, v in shared.items()},
+            "dataset_mb": {str(r): v for r, v in dataset_mb.items()}, "growth": growth}
 
 
 if __name__ == "__main__":

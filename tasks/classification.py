@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +39,8 @@ class ClassificationConfig:
 
 
 def build_model(cfg) -> torch.nn.Module:
+    import timm  # here, not at the top: only the processes that build the model pay for it (2-3 s)
+
     weights = cfg.model.pretrained_path
     return timm.create_model(
         cfg.model.name,

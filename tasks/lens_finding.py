@@ -18,7 +18,6 @@ from typing import Optional
 
 import albumentations as A
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -90,6 +89,8 @@ def build_data(cfg) -> dict:
 
 
 def build_model(cfg) -> torch.nn.Module:
+    import timm  # here, not at the top: only the processes that build the model pay for it (2-3 s)
+
     weights = cfg.model.pretrained_path
     return timm.create_model(cfg.model.name, pretrained=bool(weights),
                              pretrained_cfg_overlay={"file": weights} if weights else None,

@@ -17,8 +17,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import PatchEmbed
-from timm.models.vision_transformer import Block
 
 from platform import data
 from platform.config import ConfigError, bounded
@@ -111,6 +109,10 @@ class MaskedAutoencoder(nn.Module):
         super().__init__()
         if img_size % patch_size != 0:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        # Imported where the model is built: timm pulls in torchvision and torch._dynamo (2-3 s on
+        # two cores), which a sweep's driver, that never builds one, need not pay.
+        from timm.layers import PatchEmbed
+        from timm.models.vision_transformer import Block
 
         # --------------------------------------------------------------------------
         # encoder

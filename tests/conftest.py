@@ -1,7 +1,7 @@
 """What a test session shares, so that the end-to-end tests pay for Ray once, not once per command.
 
-``ray_head``: one Ray head started with ``ray start --head`` on loopback, as a user starts one on a
-workstation or a cluster's head node. Every test marked ``slow`` runs its commands against it
+``ray_head``: one Ray head for the whole run (both pytest-xdist workers), started with ``ray start
+--head`` on loopback, as a user starts one on a workstation or a cluster's head node. Every test marked ``slow`` runs its commands against it
 (``RAY_ADDRESS``), which saves each command a local Ray's start and shutdown (about 12 s on two
 cores). A test about the local Ray a command starts for itself (the laptop path) is marked
 ``own_ray``; tests about several nodes build their own ``ray.cluster_utils.Cluster``.
@@ -13,8 +13,11 @@ multi-node tests advertise ``trial_driver``; both placements stay tested.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,45 +40,104 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # tests start and every command they run (a head and its clients must agree on it).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+# The platform never runs MLflow's server-side jobs; without this every `mlflow server` a test
+# starts keeps job-runner processes polling for them (a minute of CPU over the suite).
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+
+
+HEAD_DIR = "DEEPLENSE_TEST_RAY_HEAD_DIR"  # where the session's head keeps its files, set by the controller
+
+
+def pytest_configure(config):
+    """The controlling process (pytest itself, or pytest-xdist's controller) names the folder of the
+    session's one Ray head; its workers inherit the name, and the first test that needs the head
+    starts it there. One head for both xdist workers, not one each: an idle head costs about 7% of a
+    core (its dashboard, agents and log monitor), 100 core-seconds over the suite."""
+    if not hasattr(config, "workerinput"):
+        os.environ[HEAD_DIR] = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths stay under 108 bytes
+
+
+def pytest_unconfigure(config):
+    """The controller ends the head once every worker is done with it."""
+    folder = os.environ.get(HEAD_DIR)
+    if hasattr(config, "workerinput") or not folder:
+        return
+    try:
+        with open(os.path.join(folder, "head.json")) as f:
+            pid = json.load(f)["pid"]
+    except (OSError, ValueError):
+        pid = None  # no test needed the head
+    if pid:
+        # --block kept every process of the head in its one process group: they all end, without
+        # `ray stop`, which would stop every Ray on the machine (the multi-node tests' too).
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.time() + grace
+            while time.time() < deadline and _alive(pid):
+                time.sleep(0.2)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reaped if it is our child (pytest without xdist)
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 @pytest.fixture(scope="session")
 def ray_head():
-    """{"address": host:port, "dashboard": http://...} of a Ray head that lives for the session."""
-    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    """{"address": host:port, "dashboard": http://...} of the Ray head that lives for the session,
+    started by the first test (of any xdist worker) that asks for it."""
+    folder = os.environ[HEAD_DIR]
+    with open(os.path.join(folder, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits while one starts it
+        record = os.path.join(folder, "head.json")
+        if not os.path.exists(record):
+            head = _start_head(folder)
+            with open(record + ".new", "w") as f:
+                json.dump(head, f)
+            os.replace(record + ".new", record)
+        with open(record) as f:
+            head = json.load(f)
+    return {"address": head["address"], "dashboard": head["dashboard"]}
+
+
+def _start_head(folder: str) -> dict:
     # Ports of their own for the head's servers with fixed defaults (the dashboard agent's 52365, the
-    # Ray client's 10001): each pytest-xdist worker starts a head, and a second agent that cannot
-    # bind leaves its head without a job agent. Ray picks the other servers' ports itself.
+    # Ray client's 10001): another Ray on this machine (a multi-node test's) must not collide with
+    # it. Ray picks the other servers' ports itself.
     port, dashboard, client_server, agent = free_ports(4)
     own_ports = [f"--ray-client-server-port={client_server}", f"--dashboard-agent-listen-port={agent}"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            # An activated virtualenv, as the user's shell has it: a submitted job's `python` is this one.
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     env.pop("RAY_ADDRESS", None)
-    log = open(os.path.join(temp, "head.log"), "w")
-    # --block keeps every process of the head in this one process group, so teardown can end them
-    # all without `ray stop`, which would stop every Ray on the machine (the multi-node tests' too).
-    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             f"--temp-dir={temp}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                             "--disable-usage-stats", *own_ports], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    log = os.path.join(folder, "head.log")
+    # Two CPUs for each xdist worker's trials, as when each had a head of its own. --block keeps
+    # every process of the head in one process group (see pytest_unconfigure).
+    with open(log, "w") as out:
+        head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+                                 f"--temp-dir={folder}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                                 "--disable-usage-stats", *own_ports], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while (not os.path.exists(os.path.join(temp, "ray_current_cluster")) or not _answers(dashboard)
-               or not _job_agent_registered(address)):
-            if head.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the session's Ray head did not start:\n{open(log.name).read()[-3000:]}")
-            time.sleep(0.5)
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}"}
-    finally:
-        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
-            try:
-                os.killpg(head.pid, sig)
-                head.wait(timeout=grace)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        log.close()
+    deadline = time.time() + 120
+    while (not os.path.exists(os.path.join(folder, "ray_current_cluster")) or not _answers(dashboard)
+           or not _job_agent_registered(address)):
+        if head.poll() is not None or time.time() > deadline:
+            os.killpg(head.pid, signal.SIGKILL) if head.poll() is None else None
+            raise RuntimeError(f"the session's Ray head did not start:\n{open(log).read()[-3000:]}")
+        time.sleep(0.5)
+    return {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "pid": head.pid}
 
 
 def _job_agent_registered(address: str) -> bool:

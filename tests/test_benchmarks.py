@@ -73,15 +73,25 @@ def test_search_efficiency_benchmark(tmp_path):
     assert result["summary"]["tpe+asha"]["best_at_budget"] == [max(trace)]
 
 
-@pytest.mark.own_ray  # it measures the processes of the local Ray each of its commands starts
-def test_memory_benchmark(tmp_path):
-    tiny_mae = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32",
-                "model.decoder_depth=1"]
-    # One sample every 2 s: reading every process's memory map costs CPU the commands would want.
-    result = bench("memory", tmp_path, "--small-rows=64", "--share-rows=128", "--interval=2",
-                   f"--cache={tmp_path / 'cache'}",
+TINY_MAE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1"]
+
+
+# The memory benchmark's two parts, one test each (each measures the processes of the local Ray
+# its commands start). One sample every 2 s: reading every process's memory map costs CPU the
+# commands would want.
+@pytest.mark.own_ray
+def test_memory_benchmark_of_a_sweep(tmp_path):
+    result = bench("memory", tmp_path, "--parts", "sweep", "--interval=2", f"--cache={tmp_path / 'cache'}",
                    "--sweep-args", "tune.num_samples=1", "train.epochs=1", "data.num_train=48", "data.num_val=30",
-                   "scaling.num_workers=0", *tiny_mae, "--train-args", *tiny_mae)  # Train workers: the runs below
+                   "scaling.num_workers=0", *TINY_MAE)  # Train workers: the other part
     assert positive(result["sweep"]["driver"]["rss_mb"], result["sweep"]["all processes (USS summed)"]["uss_mb"])
+    assert "two_workers" not in result
+
+
+@pytest.mark.own_ray
+def test_memory_benchmark_of_two_train_workers(tmp_path):
+    result = bench("memory", tmp_path, "--parts", "workers", "--small-rows=64", "--share-rows=128", "--interval=2",
+                   f"--cache={tmp_path / 'cache'}", "--train-args", *TINY_MAE)
     assert result["two_workers"]["128"]["RayTrainWorker"]["processes"] >= 2
     assert positive(result["two_workers"]["64"]["RayTrainWorker"]["uss_mb"], result["growth"]["dataset_mb"])
+    assert "sweep" not in result

@@ -187,15 +187,17 @@ def test_long_data_generation_shows_a_progress_bar(monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A store holding two finished sweeps: classification (3 trials) and the autoencoder baseline (2)."""
+def store(tmp_path_factory, ray_head):
+    """A store holding two finished sweeps: classification (3 trials) and the autoencoder baseline (2).
+    On the session's head: a module fixture is made before the per-test one that sets RAY_ADDRESS."""
     folder = tmp_path_factory.mktemp("researcher")
     db = folder / "mlflow.db"
     outputs = {}
     for task, name, trials in (("classification", "cls", "3"), ("autoencoder", "ae", "2")):
         result = run_cli("platform.tune", f"task={task}", f"tune.name={name}", f"tune.num_samples={trials}",
                          "train.epochs=2", "scaling.num_workers=0",
-                         *tiny(folder / "cache", db, "data.num_val=48"), cwd=str(folder))
+                         *tiny(folder / "cache", db, "data.num_val=48"), cwd=str(folder),
+                         env={"RAY_ADDRESS": ray_head["address"]})
         outputs[name] = result.stdout + result.stderr
         assert result.returncode == 0, outputs[name][-4000:]
     return {"folder": folder, "db": db, "uri": f"sqlite:///{db}", "out": outputs}

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 MAE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1"]
 
 
-def sweep(tmp_path, epochs, *extra):
-    return ["task=mae", "tune.name=resumable", "tune.num_samples=2", "tune.max_concurrent=1", "tune.scheduler=none",
+def sweep(tmp_path, trials, epochs, *extra):
+    return ["task=mae", "tune.name=resumable", f"tune.num_samples={trials}", "tune.max_concurrent=1", "tune.scheduler=none",
             f"train.epochs={epochs}", *MAE, *tiny(tmp_path / "cache", tmp_path / "mlflow.db"), *extra]
 
 
@@ -32,30 +32,32 @@ def runs(client):
 # Trials on a Ray Train worker, and in the trial's own process: there, with no process to start,
 # a 3-epoch trial of 48 images is over in 2 s, before the sweep could be caught part-way; 20 epochs
 # of half a second each leave room to catch it after its second epoch, its first checkpoint on disk
-# however busy the machine.
-@pytest.mark.parametrize("workers, epochs, caught_after", [("1", 3, 1), ("0", 20, 2)])
-def test_a_killed_sweep_resumes_with_the_same_command(tmp_path, workers, epochs, caught_after):
+# however busy the machine. The in-process sweep has a finished trial that must not run again (Tune's
+# doing, whatever runs the trials); the Train-worker sweep is one trial, whose worker group resumes
+# from the checkpoint its rank 0 wrote (each Train trial costs half a minute of start-up on CI).
+@pytest.mark.parametrize("workers, trials, epochs, caught_after", [("1", 1, 3, 1), ("0", 2, 20, 2)])
+def test_a_killed_sweep_resumes_with_the_same_command(tmp_path, workers, trials, epochs, caught_after):
     def args(*extra):
-        return sweep(tmp_path, epochs, f"scaling.num_workers={workers}", *extra)
+        return sweep(tmp_path, trials, epochs, f"scaling.num_workers={workers}", *extra)
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     driver = start_cli("platform.tune", *args(), cwd=str(tmp_path))
     try:
         deadline = time.time() + 400
-        while time.time() < deadline:  # one trial finished, the next one part-way
+        while time.time() < deadline:  # the trials before the last finished, the last one part-way
             time.sleep(0.5)
             try:
-                _, trials = runs(client)
+                _, runs_of_trials = runs(client)
             except Exception:
                 continue
-            finished = [t for t in trials.values() if t.info.status == "FINISHED"]
-            going = [t for t in trials.values()
+            finished = [t for t in runs_of_trials.values() if t.info.status == "FINISHED"]
+            going = [t for t in runs_of_trials.values()
                      if t.info.status == "RUNNING" and t.data.metrics.get("epoch", 0) >= caught_after]
-            if finished and going:
+            if len(finished) == trials - 1 and going:
                 time.sleep(1)  # its first checkpoint on disk
                 break
         else:
-            pytest.fail("the sweep never got one trial done and the next one started")
+            pytest.fail(f"the sweep never got {trials - 1} trials done and the next one part-way")
         driver.send_signal(signal.SIGTERM)  # as `ray job stop` or a shutting-down node would
         first_output, _ = driver.communicate(timeout=300)
     finally:
@@ -64,21 +66,21 @@ def test_a_killed_sweep_resumes_with_the_same_command(tmp_path, workers, epochs,
     assert driver.returncode == 130, first_output[-4000:]
     assert "run the same command again to resume it" in first_output
 
-    (parent,), trials = runs(client)
+    (parent,), runs_of_trials = runs(client)
     assert parent.info.status == "KILLED"
-    assert sorted(t.info.status for t in trials.values()) == ["FINISHED", "KILLED"]
-    done_before = {tid for tid, t in trials.items() if t.info.status == "FINISHED"}
-    killed_at = {tid: int(t.data.metrics["epoch"]) for tid, t in trials.items() if t.info.status == "KILLED"}
+    assert sorted(t.info.status for t in runs_of_trials.values()) == ["FINISHED"] * (trials - 1) + ["KILLED"]
+    done_before = {tid for tid, t in runs_of_trials.items() if t.info.status == "FINISHED"}
+    killed_at = {tid: int(t.data.metrics["epoch"]) for tid, t in runs_of_trials.items() if t.info.status == "KILLED"}
 
     again = run_cli("platform.tune", *args(), cwd=str(tmp_path))
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert "resuming sweep resumable" in again.stdout and "2 trials (0 failed)" in again.stdout
+    assert "resuming sweep resumable" in again.stdout and f"{trials} trials (0 failed)" in again.stdout
 
-    (same_parent,), trials = runs(client)
+    (same_parent,), runs_of_trials = runs(client)
     assert same_parent.info.run_id == parent.info.run_id and same_parent.info.status == "FINISHED"
     assert same_parent.data.tags["platform.resumed"] == "1"
-    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials.values())
-    for trial_id, trial in trials.items():  # every epoch of every trial logged exactly once
+    assert len(runs_of_trials) == trials and all(t.info.status == "FINISHED" for t in runs_of_trials.values())
+    for trial_id, trial in runs_of_trials.items():  # every epoch of every trial logged exactly once
         steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/loss")]
         assert sorted(steps) == list(range(1, epochs + 1)), (trial_id, steps)
     (unfinished,) = killed_at
@@ -90,11 +92,11 @@ def test_a_killed_sweep_resumes_with_the_same_command(tmp_path, workers, epochs,
     # The finished trial did not run again: the second run trained only the rest of the other.
     trained = len(re.findall(rf"\[mae\] epoch \d+/{epochs} ", again.stdout))
     assert trained == epochs - resumed_from[0], again.stdout[-4000:]
-    assert done_before <= set(trials)
+    assert done_before <= set(runs_of_trials)
 
     study = optuna.load_study(study_name="resumable",
                               storage=f"sqlite:///{tmp_path / 'ray_results' / 'resumable' / 'optuna.db'}")
-    assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert len(study.trials) == trials and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
     # What a new command with that name may and may not do, each refused in one line before any work.
     finished = run_cli_here("platform.tune", *args(), cwd=str(tmp_path))
