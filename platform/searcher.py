@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from optuna.trial import TrialState
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 logger = logging.getLogger(__name__)
@@ -29,13 +30,27 @@ class TruthfulOptunaSearch(OptunaSearch):
     def __init__(self, *args, epochs: int, stopped_as: str = "pruned", **kwargs):
         super().__init__(*args, **kwargs)
         self.epochs, self.stopped_as = epochs, stopped_as
+        self._reported_steps: dict[str, set[int]] = {}  # per trial, the steps Optuna was sent
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        super().on_trial_result(trial_id, result)
+        if trial_id not in self._completed_trials:
+            self._reported_steps.setdefault(trial_id, set()).add(result[TRAINING_ITERATION])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         stopped = not error and bool(result) and result.get("epoch", self.epochs) < self.epochs
         if self.stopped_as == "complete" or trial_id in self._completed_trials or not (error or stopped):
             return super().on_trial_complete(trial_id, result, error)
         try:
-            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.FAIL if error else TrialState.PRUNED)
+            trial = self._ot_trials[trial_id]
+            if stopped and not isinstance(self.metric, list) and self.metric in result:
+                # The result a scheduler stops a trial on reaches the searcher here, never through
+                # on_trial_result: without it a trial stopped at its first report is pruned with no
+                # value at all, and TPE ranks it below every other pruned trial.
+                step = result[TRAINING_ITERATION]
+                if step not in self._reported_steps.get(trial_id, ()):
+                    trial.report(result[self.metric], step)
+            self._ot_study.tell(trial, state=TrialState.FAIL if error else TrialState.PRUNED)
         except Exception as exc:  # as Ray does: a bad tell must not end the sweep
             logger.warning(exc)
         self._completed_trials.add(trial_id)
