@@ -3,9 +3,12 @@ and running the platform's own CLIs as a user does (loopback Ray, the project on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -54,6 +57,94 @@ def run(args: list[str], cwd: str, **env: str) -> tuple[float, str]:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
         raise SystemExit(f"benchmark command failed ({done.returncode}): {' '.join(args)}")
     return wall, done.stdout
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different ports on 127.0.0.1 that nothing listens on now. All are held open until
+    all are chosen: a port probed and closed is often the very one the kernel hands out next, and
+    Ray refuses to start when two of its servers are given the same one."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+
+
+def start_head(folder: str, env: dict, num_cpus: int | None = None, log: str = os.devnull,
+               takes_jobs: bool = False) -> dict:
+    """``ray start --head --block`` on loopback with its files in ``folder`` (under /tmp: Ray's socket
+    paths must stay under 108 bytes), as a user starts one on a workstation or a cluster's head node.
+    Returns {"address": "127.0.0.1:port", "dashboard": "http://127.0.0.1:port", "pid"} once clients
+    can connect, and with ``takes_jobs`` once ``ray job submit`` is accepted.
+
+    The servers with fixed default ports (the dashboard agent's 52365, the Ray client's 10001) get
+    ports of their own, so another Ray on this machine does not collide with it; Ray picks the
+    other servers' ports itself. --block keeps every process of the head in one process group of its
+    own, which ``stop_head`` ends as one, without ``ray stop`` (that stops every Ray on the machine).
+    """
+    port, dashboard, client_server, agent = free_ports(4)
+    env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    with open(log, "w") as out:
+        head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", f"--temp-dir={folder}",
+                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+                                 f"--ray-client-server-port={client_server}", f"--dashboard-agent-listen-port={agent}",
+                                 *([f"--num-cpus={num_cpus}"] if num_cpus is not None else [])],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while (not os.path.exists(os.path.join(folder, "ray_current_cluster")) or not _listens(dashboard)
+           or (takes_jobs and not _job_agent_registered(address))):
+        if head.poll() is not None or time.time() > deadline:
+            stop_head({"pid": head.pid})
+            tail = open(log).read()[-3000:] if log != os.devnull else ""
+            raise RuntimeError(f"ray start --head (in {folder}) did not come up:\n{tail}")
+        time.sleep(0.5)
+    return {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "pid": head.pid}
+
+
+def stop_head(head: dict, grace: float = 5) -> None:
+    """Ends every process of a ``start_head`` head: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(head["pid"], sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline and _alive(head["pid"]):
+            time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped if it is this process's child
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _listens(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _job_agent_registered(address: str) -> bool:
+    """The head's dashboard agent has told the GCS where it listens: until then ``ray job submit``
+    is refused ("No available agent to submit job"), which on a busy machine is seconds after the
+    dashboard answers."""
+    from ray._raylet import GcsClient
+
+    try:
+        return bool(GcsClient(address=address).internal_kv_keys(
+            b"DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX:", namespace=b"dashboard", timeout=2))
+    except Exception:  # the GCS is not up yet
+        return False
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import time
 
 import psutil
 
-from benchmarks.common import ROOT, environment, save, table
+from benchmarks.common import ROOT, environment, save, start_head, stop_head, table
 
 
 def kind(process: psutil.Process, driver: int) -> str | None:
@@ -115,53 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def start_head(folder: str) -> dict:
-    """``ray start --head`` on loopback, every port its own (another Ray on this machine keeps
-    its defaults); {"address", "pid"} once it takes jobs."""
-    import socket
-
-    probes = [socket.socket() for _ in range(4)]
-    for probe in probes:  # held open together: four different free ports
-        probe.bind(("127.0.0.1", 0))
-    port, dashboard, client_server, agent = (probe.getsockname()[1] for probe in probes)
-    for probe in probes:
-        probe.close()
-    ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", f"--temp-dir={folder}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
-                             f"--ray-client-server-port={client_server}", f"--dashboard-agent-listen-port={agent}"],
-                            env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own process group: ended as one (stop_head)
-    deadline = time.time() + 120
-    while not os.path.exists(os.path.join(folder, "ray_current_cluster")):
-        if head.poll() is not None or time.time() > deadline:
-            raise SystemExit(f"the benchmark's Ray head did not start (ray start --head, in {folder})")
-        time.sleep(0.5)
-    return {"address": f"127.0.0.1:{port}", "pid": head.pid, "process": head, "folder": folder}
-
-
-def stop_head(head: dict) -> None:
-    import shutil
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(head["pid"], sig)
-            head["process"].wait(timeout=10)
-            break
-        except ProcessLookupError:
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    shutil.rmtree(head["folder"], ignore_errors=True)
-
-
 def two_workers(args, workdir: str, db: str) -> dict:
     """Part 2: a Train worker's peak RSS and USS with a small and with a large training split."""
     from platform import config as config_lib, registry
 
     shared, dataset_mb = {}, {}
-    head = start_head(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # Ray's socket paths stay under 108 bytes
+    folder = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths stay under 108 bytes
+    head = start_head(folder, environment())
     try:
         for rows in (args.small_rows, args.share_rows):  # the worker's own memory, with a small and a large dataset
             cfg = config_lib.build("mae", [{"data.num_train": rows, "data.num_val": 64, "data.cache_dir": args.cache}])
@@ -173,6 +134,7 @@ def two_workers(args, workdir: str, db: str) -> dict:
                                    "mlflow.register_model=false", *args.train_args], workdir, args.interval, head)
     finally:
         stop_head(head)
+        shutil.rmtree(folder, ignore_errors=True)
     small, large = (shared[r]["RayTrainWorker"] for r in (args.small_rows, args.share_rows))
     growth = {"dataset_mb": dataset_mb[args.share_rows] - dataset_mb[args.small_rows],
               "worker_rss_mb": large["rss_mb"] - small["rss_mb"], "worker_uss_mb": large["uss_mb"] - small["uss_mb"]}

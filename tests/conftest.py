@@ -18,16 +18,12 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
-from tests.helpers import free_ports
+from benchmarks.common import start_head, stop_head
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
@@ -68,29 +64,31 @@ def pytest_unconfigure(config):
     except (OSError, ValueError):
         pid = None  # no test needed the head
     if pid:
-        # --block kept every process of the head in its one process group: they all end, without
-        # `ray stop`, which would stop every Ray on the machine (the multi-node tests' too).
-        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.time() + grace
-            while time.time() < deadline and _alive(pid):
-                time.sleep(0.2)
+        stop_head({"pid": pid})
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reaped if it is our child (pytest without xdist)
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+def pytest_collection_modifyitems(config, items):
+    """The heaviest work first, so the two xdist workers end together.
+
+    pytest-xdist (``--dist loadgroup``) hands out one unit at a time to whichever worker is free, in
+    this order: a module marked ``xdist_group`` (its module fixtures built once), or a single test.
+    Longest-first is the classic rule for that kind of schedule: a 2-minute test handed out last
+    leaves the other worker idle for its whole length. Weights are rough on purpose: a ``heavy``
+    test takes a minute or more, a ``slow`` one 10-60 s, the rest well under a second.
+    """
+    def weight(item) -> int:
+        return 100 if item.get_closest_marker("heavy") else 25 if item.get_closest_marker("slow") else 1
+
+    def unit(item) -> str:
+        group = item.get_closest_marker("xdist_group")
+        return group.args[0] if group else item.nodeid
+
+    totals: dict[str, int] = {}
+    for item in items:
+        totals[unit(item)] = totals.get(unit(item), 0) + weight(item)
+    first_seen = {name: i for i, name in reversed(list(enumerate(unit(item) for item in items)))}
+    items.sort(key=lambda item: (-totals[unit(item)], first_seen[unit(item)]))  # a unit's tests stay together, in order
 
 
 @pytest.fixture(scope="session")
@@ -112,53 +110,11 @@ def ray_head():
 
 
 def _start_head(folder: str) -> dict:
-    # Ports of their own for the head's servers with fixed defaults (the dashboard agent's 52365, the
-    # Ray client's 10001): another Ray on this machine (a multi-node test's) must not collide with
-    # it. Ray picks the other servers' ports itself.
-    port, dashboard, client_server, agent = free_ports(4)
-    own_ports = [f"--ray-client-server-port={client_server}", f"--dashboard-agent-listen-port={agent}"]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    env = {**os.environ,
            # An activated virtualenv, as the user's shell has it: a submitted job's `python` is this one.
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    env.pop("RAY_ADDRESS", None)
-    log = os.path.join(folder, "head.log")
-    # Two CPUs for each xdist worker's trials, as when each had a head of its own. --block keeps
-    # every process of the head in one process group (see pytest_unconfigure).
-    with open(log, "w") as out:
-        head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-                                 f"--temp-dir={folder}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                                 "--disable-usage-stats", *own_ports], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while (not os.path.exists(os.path.join(folder, "ray_current_cluster")) or not _answers(dashboard)
-           or not _job_agent_registered(address)):
-        if head.poll() is not None or time.time() > deadline:
-            os.killpg(head.pid, signal.SIGKILL) if head.poll() is None else None
-            raise RuntimeError(f"the session's Ray head did not start:\n{open(log).read()[-3000:]}")
-        time.sleep(0.5)
-    return {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "pid": head.pid}
-
-
-def _job_agent_registered(address: str) -> bool:
-    """The head's dashboard agent has told the GCS where it listens: until then ``ray job submit``
-    is refused ("No available agent to submit job"), which on a busy machine is seconds after the
-    dashboard answers."""
-    from ray._raylet import GcsClient
-
-    try:
-        return bool(GcsClient(address=address).internal_kv_keys(
-            b"DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX:", namespace=b"dashboard", timeout=2))
-    except Exception:  # the GCS is not up yet
-        return False
-
-
-def _answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+    # Two CPUs for each xdist worker's trials, as when each had a head of its own.
+    return start_head(folder, env, num_cpus=4, log=os.path.join(folder, "head.log"), takes_jobs=True)
 
 
 @pytest.fixture(autouse=True)

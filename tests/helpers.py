@@ -44,21 +44,9 @@ def _empty_store() -> str:
 
 def free_port() -> int:
     """A port on 127.0.0.1 that nothing listens on now, for a server a test starts."""
+    from benchmarks.common import free_ports
+
     return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` different ports on 127.0.0.1 that nothing listens on now. All are held open until
-    all are chosen: a port probed and closed is often the very one the kernel hands out next, and
-    Ray refuses to start when two of its servers are given the same one."""
-    import contextlib
-    import socket
-
-    with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
 
 
 def run_cli(module: str, *args: str, cwd: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

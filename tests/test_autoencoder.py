@@ -65,6 +65,7 @@ def test_a_bad_autoencoder_setting_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_train_the_autoencoder_then_regression_from_its_encoder(tmp_path):
     db = tmp_path / "mlflow.db"
     # Two DDP workers: evaluation reaches the features through DDP's wrapper.

@@ -15,6 +15,7 @@ import os
 
 import pytest
 
+from benchmarks.sweep_overhead import ARMS
 from tests.helpers import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
@@ -39,6 +40,7 @@ def test_simulator_benchmark(tmp_path):
     assert set(sizes) == {"64x64", "150x150"} and positive(*(s["median_images_per_s"] for s in sizes.values()))
 
 
+@pytest.mark.heavy
 def test_training_overhead_benchmark(tmp_path):
     s = bench("train_overhead", tmp_path, "--num-train=64", "--num-val=32", "--epochs=2", "--batch-size=32",
               "--repeats=1", f"--cache={tmp_path / 'cache'}")["summary"]
@@ -46,6 +48,7 @@ def test_training_overhead_benchmark(tmp_path):
                     s["platform_wall_s"], s["platform_to_first_step_s"])
 
 
+@pytest.mark.heavy
 def test_data_throughput_benchmark(tmp_path):
     s = bench("data_throughput", tmp_path, "--images=64", "--epochs=2", "--batch-size=32", "--steps=1",
               f"--cache={tmp_path / 'cache'}")["summary"]
@@ -53,13 +56,16 @@ def test_data_throughput_benchmark(tmp_path):
     assert positive(s["streamed_images_per_s"], s["in_memory_images_per_s"], s["consumed_images_per_s"])
 
 
-def test_sweep_overhead_benchmark(tmp_path):
-    # Each of the script's code paths once: the platform's Ray-worker arm is the same command as
-    # its in-process arm with other settings, and the end-to-end tests run that path.
+# Each of the script's code paths once: the platform's Ray-worker arm is the same command as its
+# in-process arm with other settings, and the end-to-end tests run that path. Two tests, so that
+# neither is the suite's longest: the bare Ray Train arm, and the two in-process arms.
+@pytest.mark.heavy
+@pytest.mark.parametrize("arms", [["bare"], ["bare_in_process", "platform_in_process"]], ids=["train", "in_process"])
+def test_sweep_overhead_benchmark(tmp_path, arms):
     s = bench("sweep_overhead", tmp_path, "--trials=1", "--num-train=32", "--num-val=16", "--epochs=1",
-              "--repeats=1", "--arms", "bare", "bare_in_process", "platform_in_process",
-              f"--cache={tmp_path / 'cache'}")["summary"]
-    for kind in ("bare", "bare_in_process", "platform_in_process"):
+              "--repeats=1", "--arms", *arms, f"--cache={tmp_path / 'cache'}")["summary"]
+    assert set(s) & set(ARMS) == set(arms)
+    for kind in arms:
         assert positive(s[kind]["sweep_wall_s"], s[kind]["seconds_per_trial"], s[kind]["to_first_step_s"])
 
 
@@ -89,6 +95,7 @@ def test_memory_benchmark_of_a_sweep(tmp_path):
 
 
 @pytest.mark.own_ray
+@pytest.mark.heavy
 def test_memory_benchmark_of_two_train_workers(tmp_path):
     result = bench("memory", tmp_path, "--parts", "workers", "--small-rows=64", "--share-rows=128", "--interval=2",
                    f"--cache={tmp_path / 'cache'}", "--train-args", *TINY_MAE)

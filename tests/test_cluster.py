@@ -73,6 +73,7 @@ def test_workers_on_another_machine_get_the_project_shipped(tmp_path):
     assert seen["file"].endswith(os.path.join("platform", "__init__.py"))
 
 
+@pytest.mark.heavy
 def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path, ray_head):
     """`ray job submit` to a head started apart with `ray start --head` (the session's), as a user
     submits to a workstation or a cluster's head node, token authentication included."""

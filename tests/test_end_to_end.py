@@ -24,6 +24,7 @@ def artifact_paths(client, run_id, folder=""):
 
 
 @pytest.mark.own_ray  # the laptop path: the command starts a local Ray of its own on loopback
+@pytest.mark.heavy
 def test_train_classification(tmp_path):
     db = tmp_path / "mlflow.db"
     result = run_cli("platform.train", "task=classification", "train.epochs=2",
@@ -75,6 +76,7 @@ def test_train_in_its_own_process(tmp_path):
         client.search_logged_models([run.info.experiment_id])
 
 
+@pytest.mark.heavy
 def test_train_on_two_ddp_workers_is_one_run(tmp_path):
     db = tmp_path / "mlflow.db"
     # Half a CPU each, so Ray Data keeps a CPU for reading on this 2-core machine. The data
@@ -111,6 +113,7 @@ def test_fp16_trains_through_the_grad_scaler(tmp_path):
     assert 0 < run.data.metrics["train/loss"] < 10 and 0 < run.data.metrics["val/loss"] < 10
 
 
+@pytest.mark.heavy
 def test_a_run_that_fails_ends_failed(tmp_path):
     db = tmp_path / "mlflow.db"
     # An absurd learning rate without clipping: the loss overflows in the first epoch.
@@ -124,6 +127,7 @@ def test_a_run_that_fails_ends_failed(tmp_path):
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.heavy
 def test_tune_mae_sweep(tmp_path):
     db = tmp_path / "mlflow.db"
     result = run_cli("platform.tune", "task=mae", "tune.num_samples=2", "train.epochs=2", "tune.name=sweep-a",

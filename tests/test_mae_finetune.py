@@ -57,6 +57,7 @@ def test_bad_finetune_settings_are_one_line(tmp_path, setting, message):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_pretrain_then_finetune_both_heads_linked_in_mlflow(tmp_path):
     db = tmp_path / "mlflow.db"
     pretrain = run_cli("platform.train", "task=mae", "train.epochs=1", "scaling.num_workers=0", *MAE_SIZE,

@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers import free_port, run_cli, start_cli, tiny
 
-pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # each builds its own several-node cluster
+# One xdist worker runs the whole module: its two-node cluster (the `two_nodes` fixture) is built once.
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray, pytest.mark.xdist_group("multinode")]
 
 MAE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1"]
 
@@ -90,6 +91,7 @@ def events(output: str) -> str:
     return "\n".join(line for line in output.splitlines() if any(w in line for w in wanted))[-12000:]
 
 
+@pytest.mark.heavy
 def test_a_sigtermed_then_a_killed_worker_resume_where_they_stopped_as_one_run(tmp_path, two_nodes):
     """A spot VM's SIGTERM: a checkpoint at the next step, the run resumes at that step. Then a
     SIGKILL (no warning): the run resumes from its last epoch's checkpoint. One MLflow run throughout."""
@@ -141,6 +143,7 @@ def test_a_sigtermed_then_a_killed_worker_resume_where_they_stopped_as_one_run(t
         assert sorted(steps) == list(range(1, epochs + 1)), (metric, steps)  # every epoch, once
 
 
+@pytest.mark.heavy
 def test_a_node_drained_for_preemption_hands_its_run_to_a_new_node(tmp_path, monkeypatch):
     """The autoscaler's spot reclaim: the node is drained with a deadline (``ray drain-node``), the
     workers checkpoint at once, the deadline passes and the node is gone; the run continues on a
@@ -228,6 +231,7 @@ def mlflow_server(tmp_path):
     server.wait(timeout=60)
 
 
+@pytest.mark.heavy
 def test_concurrent_two_node_trials_lose_no_metric_on_one_tracking_server(tmp_path, two_nodes, mlflow_server):
     """Two trials at once, each a two-worker run spread over both nodes with its driver on the
     head (placed by trial_driver), all writing to one real MLflow server: every step lands."""

@@ -43,6 +43,7 @@ def test_bad_multitask_settings_are_one_line(tmp_path, setting, message):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_tune_multitask_then_regression_from_its_encoder(tmp_path):
     db = tmp_path / "mlflow.db"
     sweep = run_cli("platform.tune", "task=multitask", "scaling.num_workers=0",

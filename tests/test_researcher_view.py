@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,10 @@ from mlflow.tracking import MlflowClient
 from platform import config as config_lib
 from platform import explain, registry
 from platform.data import shards as shards_lib
-from tests.helpers import assert_figure, run_cli, run_cli_here, tiny
+from tests.helpers import assert_figure, free_port, run_cli, run_cli_here, tiny
+
+# One xdist worker runs the whole module: the two sweeps of its `store` fixture are made once.
+pytestmark = pytest.mark.xdist_group("researcher_view")
 
 CLASSIFIERS = ("classification", "lens_finding", "multitask", "pinn", "mae_finetune")
 
@@ -314,12 +316,6 @@ def test_the_report_holds_the_best_run_of_each_sweep_beside_the_published_number
 
     bad = run_cli_here("platform.report", "report.outt=x", cwd=str(store["folder"]))
     assert bad.returncode == 2 and "did you mean 'report.out'" in bad.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(base: str, endpoint: str, **query) -> dict:

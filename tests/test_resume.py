@@ -35,6 +35,7 @@ def runs(client):
 # however busy the machine. The in-process sweep has a finished trial that must not run again (Tune's
 # doing, whatever runs the trials); the Train-worker sweep is one trial, whose worker group resumes
 # from the checkpoint its rank 0 wrote (each Train trial costs half a minute of start-up on CI).
+@pytest.mark.heavy
 @pytest.mark.parametrize("workers, trials, epochs, caught_after", [("1", 1, 3, 1), ("0", 2, 20, 2)])
 def test_a_killed_sweep_resumes_with_the_same_command(tmp_path, workers, trials, epochs, caught_after):
     def args(*extra):
