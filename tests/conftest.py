@@ -69,26 +69,25 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The heaviest work first, so the two xdist workers end together.
+    """The heaviest test files first, so the two xdist workers end together.
 
-    pytest-xdist (``--dist loadgroup``) hands out one unit at a time to whichever worker is free, in
-    this order: a module marked ``xdist_group`` (its module fixtures built once), or a single test.
-    Longest-first is the classic rule for that kind of schedule: a 2-minute test handed out last
-    leaves the other worker idle for its whole length. Weights are rough on purpose: a ``heavy``
-    test takes a minute or more, a ``slow`` one 10-60 s, the rest well under a second.
+    pytest-xdist (``--dist loadfile --no-loadscope-reorder``) hands out one test file at a time to
+    whichever worker is free, in this order; a file stays on one worker, so its module fixtures are
+    built once (the two sweeps of test_researcher_view.py, the two-node cluster of test_multinode.py).
+    Longest-first is the classic rule for that kind of schedule: a long file handed out last leaves
+    the other worker idle for its length. The weights are rough on purpose: a ``heavy`` test takes a
+    minute or more on two cores, a ``slow`` one 10-60 s, the rest well under a second.
     """
     def weight(item) -> int:
         return 100 if item.get_closest_marker("heavy") else 25 if item.get_closest_marker("slow") else 1
 
-    def unit(item) -> str:
-        group = item.get_closest_marker("xdist_group")
-        return group.args[0] if group else item.nodeid
+    def file(item) -> str:
+        return item.nodeid.split("::")[0]
 
     totals: dict[str, int] = {}
     for item in items:
-        totals[unit(item)] = totals.get(unit(item), 0) + weight(item)
-    first_seen = {name: i for i, name in reversed(list(enumerate(unit(item) for item in items)))}
-    items.sort(key=lambda item: (-totals[unit(item)], first_seen[unit(item)]))  # a unit's tests stay together, in order
+        totals[file(item)] = totals.get(file(item), 0) + weight(item)
+    items.sort(key=lambda item: -totals[file(item)])  # stable: a file's tests keep their order
 
 
 @pytest.fixture(scope="session")

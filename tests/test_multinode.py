@@ -17,8 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers import free_port, run_cli, start_cli, tiny
 
-# One xdist worker runs the whole module: its two-node cluster (the `two_nodes` fixture) is built once.
-pytestmark = [pytest.mark.slow, pytest.mark.own_ray, pytest.mark.xdist_group("multinode")]
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # each builds its own several-node cluster
 
 MAE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1"]
 

@@ -25,9 +25,6 @@ from platform import explain, registry
 from platform.data import shards as shards_lib
 from tests.helpers import assert_figure, free_port, run_cli, run_cli_here, tiny
 
-# One xdist worker runs the whole module: the two sweeps of its `store` fixture are made once.
-pytestmark = pytest.mark.xdist_group("researcher_view")
-
 CLASSIFIERS = ("classification", "lens_finding", "multitask", "pinn", "mae_finetune")
 
 # ---------------------------------------------------------------------------- Grad-CAM and embeddings, in-process
