@@ -98,7 +98,8 @@ def start_head(folder: str, env: dict, num_cpus: int | None = None, log: str = o
            or (takes_jobs and not _job_agent_registered(address))):
         if head.poll() is not None or time.time() > deadline:
             stop_head({"pid": head.pid})
-            tail = open(log).read()[-3000:] if log != os.devnull else ""
+            with open(log) as f:
+                tail = f.read()[-3000:]
             raise RuntimeError(f"ray start --head (in {folder}) did not come up:\n{tail}")
         time.sleep(0.5)
     return {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "pid": head.pid}
