@@ -93,7 +93,7 @@ def start_head(folder: str, env: dict, num_cpus: int | None = None, log: str = o
                                  *([f"--num-cpus={num_cpus}"] if num_cpus is not None else [])],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # room for a slow first start (a cold page cache, a busy machine)
     while (not os.path.exists(os.path.join(folder, "ray_current_cluster")) or not _listens(dashboard)
            or (takes_jobs and not _job_agent_registered(address))):
         if head.poll() is not None or time.time() > deadline:
