@@ -185,21 +185,33 @@ def test_long_data_generation_shows_a_progress_bar(monkeypatch, capsys):
 # ---------------------------------------------------------------------------- two sweeps, looked at
 
 
+def sweep(store: dict, task: str, name: str, trials: int) -> None:
+    """``platform.tune`` of ``task`` into the store, on the session's head; its output in store["out"][name]."""
+    result = run_cli("platform.tune", f"task={task}", f"tune.name={name}", f"tune.num_samples={trials}",
+                     "train.epochs=2", "scaling.num_workers=0",
+                     *tiny(store["folder"] / "cache", store["db"], "data.num_val=48"), cwd=str(store["folder"]),
+                     env={"RAY_ADDRESS": store["ray_address"]})
+    store["out"][name] = result.stdout + result.stderr
+    assert result.returncode == 0, store["out"][name][-4000:]
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, ray_head):
-    """A store holding two finished sweeps: classification (3 trials) and the autoencoder baseline (2).
-    On the session's head: a module fixture is made before the per-test one that sets RAY_ADDRESS."""
+    """A store holding a finished classification sweep (3 trials). On the session's head: a module
+    fixture is made before the per-test one that sets RAY_ADDRESS."""
     folder = tmp_path_factory.mktemp("researcher")
     db = folder / "mlflow.db"
-    outputs = {}
-    for task, name, trials in (("classification", "cls", "3"), ("autoencoder", "ae", "2")):
-        result = run_cli("platform.tune", f"task={task}", f"tune.name={name}", f"tune.num_samples={trials}",
-                         "train.epochs=2", "scaling.num_workers=0",
-                         *tiny(folder / "cache", db, "data.num_val=48"), cwd=str(folder),
-                         env={"RAY_ADDRESS": ray_head["address"]})
-        outputs[name] = result.stdout + result.stderr
-        assert result.returncode == 0, outputs[name][-4000:]
-    return {"folder": folder, "db": db, "uri": f"sqlite:///{db}", "out": outputs}
+    made = {"folder": folder, "db": db, "uri": f"sqlite:///{db}", "out": {}, "ray_address": ray_head["address"]}
+    sweep(made, "classification", "cls", 3)
+    return made
+
+
+@pytest.fixture(scope="module")
+def two_sweeps(store):
+    """The store with the autoencoder baseline's sweep (2 trials) beside the classification one; a
+    fixture of its own, so that no one test waits for both sweeps."""
+    sweep(store, "autoencoder", "ae", 2)
+    return store
 
 
 def parent_of(client, sweep: str):
@@ -264,7 +276,8 @@ def test_the_parent_run_explains_the_sweep(store):
 
 
 @pytest.mark.slow
-def test_insight_rebuilds_a_finished_sweeps_figures_from_mlflow_alone(store):
+def test_insight_rebuilds_a_finished_sweeps_figures_from_mlflow_alone(two_sweeps):
+    store = two_sweeps
     client = MlflowClient(store["uri"])
     parent = parent_of(client, "ae")
     artifacts = client.get_run(parent.info.run_id).info.artifact_uri  # a local folder here
@@ -287,7 +300,8 @@ def test_insight_rebuilds_a_finished_sweeps_figures_from_mlflow_alone(store):
 
 
 @pytest.mark.slow
-def test_the_report_holds_the_best_run_of_each_sweep_beside_the_published_numbers(store):
+def test_the_report_holds_the_best_run_of_each_sweep_beside_the_published_numbers(two_sweeps):
+    store = two_sweeps
     out = store["folder"] / "report"
     result = run_cli_here("platform.report", f"mlflow.tracking_uri={store['uri']}", f"report.out={out}",
                           "report.ui_url=http://127.0.0.1:5000", cwd=str(store["folder"]))
