@@ -4,9 +4,11 @@ and running the platform's own CLIs as a user does (loopback Ray, the project on
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
+import secrets
 import signal
 import socket
 import statistics
@@ -45,7 +47,20 @@ def environment(**extra: str) -> dict:
         env.pop(name, None)
     if os.environ.get("DEEPLENSE_BENCH_RAY_ADDRESS"):
         env["RAY_ADDRESS"] = os.environ["DEEPLENSE_BENCH_RAY_ADDRESS"]
-    return {**env, **extra}
+    return {**env, **_token_auth(), **extra}
+
+
+@functools.cache
+def _token_auth() -> dict:
+    """Ray's token authentication, the same for a head ``start_head`` starts and the commands sent to
+    it. Left to Ray 2.60, a head turns it on when ~/.ray/auth_token exists (any local ``ray.init`` writes
+    one) while a client given an address does not, and is refused. One token for this run where the
+    shell has none."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return {}
+    have_token = os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(
+        os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token"))
+    return {"RAY_AUTH_MODE": "token", **({} if have_token else {"RAY_AUTH_TOKEN": secrets.token_hex(32)})}
 
 
 def run(args: list[str], cwd: str, **env: str) -> tuple[float, str]:
