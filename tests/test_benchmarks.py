@@ -98,7 +98,8 @@ def test_memory_benchmark_of_a_sweep(tmp_path):
 @pytest.mark.heavy
 def test_memory_benchmark_of_two_train_workers(tmp_path):
     result = bench("memory", tmp_path, "--parts", "workers", "--small-rows=64", "--share-rows=128", "--interval=2",
-                   f"--cache={tmp_path / 'cache'}", "--train-args", *TINY_MAE)
+                   f"--cache={tmp_path / 'cache'}", "--train-args", *TINY_MAE,
+                   "plots.gradcam=false", "plots.embeddings=false")  # the figures: test_researcher_view.py
     assert result["two_workers"]["128"]["RayTrainWorker"]["processes"] >= 2
     assert positive(result["two_workers"]["64"]["RayTrainWorker"]["uss_mb"], result["growth"]["dataset_mb"])
     assert "sweep" not in result
