@@ -23,6 +23,10 @@ TRIAL_DRIVER_RESOURCE = "trial_driver"
 TRIAL_DRIVER_SLOTS = 1000
 DATA_CPUS = 1
 TRIAL_DRIVER_MEMORY = 128 * 1024**2  # bytes; Ray needs some resource in a bundle
+# The lines a run prints ("[mae] epoch 2/5 ...", platform.loop). Ray folds lines from
+# different processes that differ only in their numbers into one "[repeated Nx]" line,
+# which would swallow one trial's "epoch 2/2" behind another's "epoch 1/2".
+RUN_LINE = r"^\[[\w-]+\] "
 
 
 def target_address(address: str = "") -> str | None:
@@ -95,6 +99,7 @@ def connect(address: str = "") -> None:
 
     if ray.is_initialized():
         return
+    keep_run_lines()
     existing = target_address(address)
     if existing is None:
         _stay_on_loopback()
@@ -114,6 +119,16 @@ def connect(address: str = "") -> None:
         except ConnectionError as error:
             raise ConfigError(f"no Ray cluster answers at {existing} ({' '.join(str(error).split())[:200]}); "
                               f"start one with `ray start --head`, or leave ray.address unset for a local Ray") from None
+
+
+def keep_run_lines() -> None:
+    """Have this driver print every line a run prints (each epoch's), never fold them; a user's $RAY_DEDUP_LOGS_ALLOW_REGEX wins."""
+    from ray._private import ray_logging
+
+    if "RAY_DEDUP_LOGS_ALLOW_REGEX" in os.environ:
+        return
+    for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        deduplicator.allow_re = re.compile(RUN_LINE)
 
 
 def check_fits(scaling, address: str = "") -> None:

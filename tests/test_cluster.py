@@ -110,3 +110,28 @@ def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path, ray_head):
     parent = [r for r in runs if r.data.tags.get("platform.kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and len(children) == 1 and parent[0].info.status == "FINISHED"
+
+
+def test_every_trials_epoch_lines_reach_the_console_unfolded(monkeypatch):
+    # Ray folds lines from different processes that differ only in numbers into one
+    # "[repeated Nx]" line: trial B's "epoch 2/2" vanished behind trial A's "epoch 1/2".
+    from ray._private import ray_logging
+
+    from platform.cluster import keep_run_lines
+
+    monkeypatch.delenv("RAY_DEDUP_LOGS_ALLOW_REGEX", raising=False)
+    for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        monkeypatch.setattr(deduplicator, "allow_re", deduplicator.allow_re)
+        monkeypatch.setattr(deduplicator, "recent", {})
+    keep_run_lines()
+    lines = {(pid, epoch): f"[classification] epoch {epoch}/2  3.1 steps/s  train/loss 1.0{pid}  val/auc_macro 0.5{epoch}"
+             for epoch in (1, 2) for pid in (11, 12, 13)}
+    printed = []
+    for (pid, epoch), line in lines.items():
+        batch = {"ip": "127.0.0.1", "pid": pid, "job": "01", "is_err": False, "lines": [line], "actor_name": "run_trial"}
+        printed += [line for out in ray_logging.stdout_deduplicator.deduplicate(batch) for line in out["lines"]]
+    printed += [line for out in ray_logging.stdout_deduplicator.flush() for line in out["lines"]]
+    assert printed == list(lines.values())
+    ray_repeats = ray_logging.stdout_deduplicator.deduplicate(
+        {"ip": "127.0.0.1", "pid": 14, "job": "01", "is_err": False, "lines": ["Checkpoint created at 0001"]})
+    assert ray_repeats[0]["lines"] == ["Checkpoint created at 0001"]  # Ray's own lines are still Ray's to fold
