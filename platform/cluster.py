@@ -54,11 +54,13 @@ def target_address(address: str = "") -> str | None:
             raise ConfigError(f"{setting}={explicit}: {' '.join(str(error).split())}; expected host:port of a "
                               f"running Ray head, or leave it unset for a local Ray") from None
         return None
-    if found and explicit and explicit != "auto":
+    if found:
         host, port = found.rsplit(":", 1)
         try:  # ray.init would wait minutes for a head that is not there
             socket.create_connection((host, int(port)), timeout=5).close()
         except OSError as error:
+            if not explicit or explicit == "auto":
+                return None  # the address file of a local Ray that died without cleaning up: start a new one
             raise ConfigError(f"{setting}={explicit}: no Ray head answers at {found} ({error}); start one with "
                               f"`ray start --head`, or leave it unset for a local Ray") from None
     return found

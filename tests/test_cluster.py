@@ -135,3 +135,15 @@ def test_every_trials_epoch_lines_reach_the_console_unfolded(monkeypatch):
     ray_repeats = ray_logging.stdout_deduplicator.deduplicate(
         {"ip": "127.0.0.1", "pid": 14, "job": "01", "is_err": False, "lines": ["Checkpoint created at 0001"]})
     assert ray_repeats[0]["lines"] == ["Checkpoint created at 0001"]  # Ray's own lines are still Ray's to fold
+
+
+def test_the_address_file_of_a_dead_local_ray_is_ignored(tmp_path, monkeypatch):
+    # A local Ray killed without cleaning up leaves its address behind: the next command started
+    # a new local Ray only after ray.init had waited minutes for the dead one.
+    from platform import cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # nothing listens on port 1
+    assert cluster.target_address("") is None
