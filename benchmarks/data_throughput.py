@@ -34,7 +34,7 @@ def worker_loop(config: dict) -> None:
     import torch
 
     from platform import config as config_lib, registry
-    from platform.loop import ray_train_session, shard_batches
+    from platform.loop import ray_train_session, worker_batches
 
     task = registry.get(TASK)
     cfg = config_lib.from_dict(config["cfg"])
@@ -42,7 +42,7 @@ def worker_loop(config: dict) -> None:
     rates: dict[str, list[float]] = {"streamed": [], "in_memory": []}
     for kind, in_memory in (("streamed", {}), ("in_memory", config["refs"])):
         started = time.perf_counter()  # the first epoch includes setting the loader up
-        batches = shard_batches("train", {**config, "in_memory": in_memory}, cfg, session)
+        batches = worker_batches("train", {**config, "in_memory": in_memory}, cfg, session)
         for epoch in range(config["epochs"]):
             images = 0
             for numpy_batch in batches(epoch):
@@ -51,7 +51,7 @@ def worker_loop(config: dict) -> None:
             started = time.perf_counter()
     model = task.build_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters())
-    batch = task.collate(next(iter(shard_batches("val", {**config, "in_memory": config["refs"]}, cfg, session)(None))),
+    batch = task.collate(next(iter(worker_batches("val", {**config, "in_memory": config["refs"]}, cfg, session)(None))),
                          cfg, True)
     consumed = []
     for block in range(4):  # the first block warms up
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     from platform import cluster, config as config_lib, registry
-    from platform.train import put_in_memory
+    from platform.runner import put_in_memory
 
     cfg = config_lib.build(TASK, [{"data.preset": args.preset, "data.num_train": args.images,
                                    "data.num_val": args.batch_size, "data.cache_dir": args.cache,

@@ -7,7 +7,7 @@ import gc
 import signal
 import sys
 
-from platform import tracking
+from platform import masking, tracking
 from platform.config import ConfigError
 from platform.data.shards import DataError
 from platform.registry import UnknownTaskError
@@ -78,7 +78,7 @@ def ui_hint(uri: str, experiment: str, run_id: str) -> str:
 
     base = tracking.ui_base(uri)
     if base is None:  # a hosted store (databricks://...): its own UI
-        return f"MLflow UI:  {tracking.redact(uri)}"
+        return f"MLflow UI:  {masking.redact(uri)}"
     if uri.startswith(("http://", "https://")):
         return f"MLflow UI:  {tracking.ui_link(base, experiment, run_id)}"
     return (f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1   then open "

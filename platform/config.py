@@ -94,7 +94,9 @@ class TrainConfig:
     grad_clip: float = bounded(1.0, 0.0)  # 0 disables clipping
     precision: str = choice("auto", ["auto", "fp32", "bf16", "fp16"])
     seed: int = 0
-    max_failures: int = bounded(0, -1)  # restarts after a lost worker or node; -1: retry forever
+    # Restarts from the latest checkpoint after a lost worker or node (Ray Train), or after an error in
+    # a trial that trains in its own process; -1: no limit. A timed-out trial is never restarted.
+    max_failures: int = bounded(0, -1)
     max_preemptions: int = bounded(-1, -1)  # restarts after a node drained for preemption; -1: no limit
     preemption_check_steps: int = bounded(20, 0)  # steps between checks for SIGTERM / a drain notice; 0: none
     checkpoints_to_keep: int = bounded(2, 1)
@@ -318,8 +320,8 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def to_yaml(cfg: Any) -> str:
-    """The config as YAML for people and artifacts: secrets masked (see tracking.redacted)."""
-    from platform.tracking import redacted
+    """The config as YAML for people and artifacts: secrets masked (``platform.masking``)."""
+    from platform.masking import redacted
 
     return OmegaConf.to_yaml(OmegaConf.create(redacted(to_dict(cfg))))
 

@@ -13,12 +13,14 @@ are all shown, not the two or three among its first 256 images), each class's fi
 order rank 0 reads them: on one worker, with the split in Ray's object store (the default for
 small splits), the same images for every run and trial of a sweep; under DDP rank 0's share;
 streamed through Ray Data, in the order the pipeline yields them. A binary finder's image counts
-as predicted a lens above the run's own decision threshold (``decision_threshold``).
+as predicted a lens above the run's own decision threshold (its ``val/threshold`` at the best epoch).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -300,15 +302,16 @@ def wanted(task, cfg) -> bool:
     return bool((cfg.plots.gradcam and task.gradcam) or (cfg.plots.embeddings and task.embed))
 
 
-def log_views(client, run_id: str, make_model: Callable, task, cfg, rows: dict,
-              device: torch.device) -> tuple[list[str], Optional[str]]:
+def log_views(client, run_id: str, make_model: Callable, task, cfg, rows: dict, device: torch.device,
+              threshold: float = 0.5) -> tuple[list[str], Optional[str]]:
     """Draw the views of ``make_model()`` (the best weights, a model the caller hands over) and log
     them on the run, tagged ``platform.views``. Returns (the figures' names, None), or ([], why) in one
-    line, tagged ``platform.views_error``: a figure must never fail a run whose training succeeded."""
+    line, tagged ``platform.views_error``: a figure must never fail a run whose training succeeded.
+    ``threshold``: a binary finder's decision threshold (its ``val/threshold`` at the best epoch)."""
     from platform import tracking
 
     try:
-        figures = model_views(make_model(), task, cfg, rows, device, decision_threshold(client, run_id))
+        figures = model_views(make_model(), task, cfg, rows, device, threshold)
         tracking.log_figures(client, run_id, figures)
         tracking.set_tags(client, run_id, {tracking.VIEWS_TAG: ",".join(figures) or "none"})
         return list(figures), None
@@ -318,21 +321,31 @@ def log_views(client, run_id: str, make_model: Callable, task, cfg, rows: dict,
         return [], why
 
 
-def decision_threshold(client, run_id: str) -> float:
-    """A binary finder's decision threshold: the ``val/threshold`` the run logged at its best epoch
-    (``platform.metrics.binary_metrics``: tuned for F1 on the validation split, the one its
-    precision and recall are measured at), else 0.5. With a weighted loss (lens finding's
-    ``pos_weight``) the probabilities lean to the rare class, and at 0.5 most non-lenses would
-    count as lenses."""
-    epoch = client.get_run(run_id).data.tags.get("platform.best_epoch")
-    at_best = [m.value for m in client.get_metric_history(run_id, "val/threshold") if str(m.step) == epoch]
-    return at_best[-1] if at_best and math.isfinite(at_best[-1]) else 0.5
+def log_best_views(client, run_id: str, task, cfg, model: nn.Module, best_state: dict | None, rows: dict,
+                   device: torch.device, threshold: float = 0.5) -> None:
+    """The views of a run's best weights over ``rows``, once, at its end; what happened on its console."""
+    from platform import tracking
+
+    if not wanted(task, cfg) or best_state is None:
+        return
+
+    def best_model():
+        best = copy.deepcopy(model)
+        best.load_state_dict(best_state)
+        return best
+
+    started = time.perf_counter()
+    figures, why = log_views(client, run_id, best_model, task, cfg, rows, device, threshold)
+    if why:
+        tracking.say(f"[{cfg.task}] warning: Grad-CAM / embedding figures failed ({why}); the run goes on")
+    elif figures:
+        tracking.say(f"[{cfg.task}] {', '.join(figures)} of the best epoch logged in {time.perf_counter() - started:.1f}s")
 
 
 def model_views(model: nn.Module, task, cfg, rows: dict, device: torch.device, threshold: float = 0.5) -> dict:
     """{"gradcam.png", "embeddings.png"} as the task and ``plots.*`` ask, for ``model`` (its best
     weights, a copy the caller owns: it is put in eval mode) on ``rows``, a numpy batch of
-    validation rows; ``threshold``: a binary finder's (``decision_threshold``)."""
+    validation rows; ``threshold``: a binary finder's decision threshold."""
     figures = {}
     wants_gradcam = cfg.plots.gradcam and task.gradcam is not None
     wants_embeddings = cfg.plots.embeddings and task.embed is not None

@@ -25,15 +25,10 @@ import os
 import tempfile
 import warnings
 
-from platform import cli, registry, tracking
+from platform import cli, registry, runs, tracking
 from platform import config as config_lib
 
 BEST_PARAMS_TAG = "platform.best_params"
-
-
-def recorded_space(parent) -> dict:
-    """{dotted key: (distribution, arguments)} of the sweep, from its parent run."""
-    return {k: tuple(v) for k, v in json.loads(parent.data.tags.get(tracking.SPACE_TAG, '{"search": {}}'))["search"].items()}
 
 
 def trial_state(run) -> str:
@@ -44,12 +39,10 @@ def trial_state(run) -> str:
 
 def trial_rows(client, parent, objective: str) -> list[dict]:
     """One dict per trial run nested under ``parent``, oldest first."""
-    space = recorded_space(parent)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'",
-                              order_by=["attributes.start_time ASC"], max_results=10000)
+    space = runs.recorded_space(parent)
+    trials = runs.trial_runs(client, parent.info.experiment_id, parent.info.run_id)
     rows = []
-    for number, run in enumerate(r for r in runs if tracking.TRIAL_TAG in r.data.tags):
+    for number, run in enumerate(r for r in trials if tracking.TRIAL_TAG in r.data.tags):
         metrics, params = run.data.metrics, run.data.params
         end = run.info.end_time or run.info.start_time
         rows.append({
@@ -148,15 +141,6 @@ def best_row(rows: list[dict], objective: str, mode: str) -> dict | None:
     return (max if mode == "max" else min)(scored, key=lambda r: r[f"best/{objective}"])
 
 
-def sweep_objective(client, parent) -> str | None:
-    """The metric a finished sweep optimised, as its trials logged it (best/<metric>)."""
-    from platform.report import objective_of
-
-    trials = client.search_runs([parent.info.experiment_id],
-                                filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'", max_results=20)
-    return next((objective_of(t) for t in trials if objective_of(t)), None)
-
-
 def log_sweep_insight(client, parent_id: str, objective: str, mode: str) -> list[str]:
     """Trials table, Optuna figures and the best trial's params and metrics, on the parent run;
     ``objective`` is the metric the sweep optimised (``val/`` left off), ``mode`` min or max.
@@ -164,7 +148,7 @@ def log_sweep_insight(client, parent_id: str, objective: str, mode: str) -> list
     Returns lines worth printing (what is missing and why).
     """
     parent = client.get_run(parent_id)
-    space = recorded_space(parent)
+    space = runs.recorded_space(parent)
     rows = trial_rows(client, parent, objective)
     notes = []
     with tempfile.TemporaryDirectory() as folder:
@@ -212,14 +196,12 @@ def main(argv: list[str]) -> int:
     if not tracking.store_exists(uri):
         raise config_lib.ConfigError(f"mlflow.tracking_uri={uri}: no MLflow store there")
     client = tracking.MlflowClient(uri)
-    from platform.tune import sweep_parent
-
-    parent = sweep_parent(client, experiment_name, cfg.tune.name)
+    parent = runs.sweep_parent(client, experiment_name, cfg.tune.name)
     if parent is None:
         raise config_lib.ConfigError(f"tune.name={cfg.tune.name}: no sweep of that name in experiment "
                                      f"{experiment_name} of {uri}")
     # The sweep's own objective: a setting may choose it (mae_finetune's head), and this command's may differ.
-    objective = sweep_objective(client, parent) or task.objective(cfg)
+    objective = runs.sweep_objective(client, parent) or task.objective(cfg)
     for line in log_sweep_insight(client, parent.info.run_id, objective, task.mode):
         print(f"note: {line}")
     print(f"sweep {cfg.tune.name}: trials table and figures logged on MLflow parent run {parent.info.run_id}")

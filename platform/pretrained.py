@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from platform import config as config_lib
-from platform import tracking
+from platform import runs, tracking
 from platform.config import ConfigError
 
 BEST_ARTIFACT = "checkpoints/best_model.pt"
@@ -92,7 +92,7 @@ def resolve(init_from: str, client: tracking.MlflowClient | None) -> Source:
     match = _MODEL_URI.match(init_from)
     if match:
         name, version = match["name"], match["version"]
-        versions = client.search_model_versions(f"name='{name}'")
+        versions = runs.model_versions(client, name)
         if not versions:
             raise ConfigError(f"init_from={init_from}: no registered model {name!r} in this MLflow store; {expected}")
         if version == "latest":
@@ -128,8 +128,11 @@ def load_state(source: Source, client: tracking.MlflowClient | None = None) -> d
     """The source's weights as a CPU state dict (a loop ``state.pt`` yields its model part)."""
     import torch
 
-    path = source.path or tracking.download(client, source.run_id, BEST_ARTIFACT)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if source.path:
+        state = torch.load(source.path, map_location="cpu", weights_only=True)
+    else:
+        with tracking.downloaded(client, source.run_id, BEST_ARTIFACT) as path:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and "optimizer" in state:
         state = state["model"]  # a full loop checkpoint
     return state

@@ -12,6 +12,7 @@ import difflib
 import importlib
 import importlib.metadata
 import pkgutil
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -20,6 +21,10 @@ ENTRY_POINT_GROUP = "deeplense_platform.tasks"
 
 class UnknownTaskError(LookupError):
     pass
+
+
+class DuplicateTaskError(UnknownTaskError):
+    """Two modules register a task of the same name: which one a command would get is not for chance to decide."""
 
 
 @dataclass(frozen=True)
@@ -112,11 +117,17 @@ class Reference:
 
 
 _TASKS: dict[str, Task] = {}
+_SOURCES: dict[str, str] = {}  # task name -> the module that registered it
 _discovered = False
 
 
 def register(task: Task) -> Task:
-    _TASKS[task.name] = task
+    """Add ``task`` under its name; a name another module registered already is a one-line error."""
+    source = sys._getframe(1).f_globals.get("__name__", "?")
+    if task.name in _TASKS and _SOURCES[task.name] != source:
+        raise DuplicateTaskError(f"task {task.name!r} is registered by both {_SOURCES[task.name]} and {source}; "
+                                 f"rename one of them (Task(name=...))")
+    _TASKS[task.name], _SOURCES[task.name] = task, source
     return task
 
 

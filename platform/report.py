@@ -18,9 +18,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from platform import cli, registry, tracking
+from platform import cli, masking, registry, runs, tracking
 from platform import config as config_lib
-from platform.insight import recorded_space
 
 
 @dataclass
@@ -70,20 +69,14 @@ def data_of(params: dict) -> str:
     return f"simulated ({params.get('data.preset', '?')}), {sizes}"
 
 
-def objective_of(run) -> str | None:
-    """The metric a training run optimised: the one it logged as best/<metric>."""
-    best = [k[len("best/"):] for k in run.data.metrics if k.startswith("best/")]
-    return best[0] if len(best) == 1 else None
-
-
 def collect(client, experiment_ids: list[str]) -> tuple[list[Row], list[str]]:
     """Rows, best first within each task; and notes on what was left out."""
-    runs = client.search_runs(experiment_ids, filter_string="attributes.status = 'FINISHED'", max_results=50000)
-    by_id = {r.info.run_id: r for r in runs}
+    finished = runs.finished_runs(client, experiment_ids)
+    by_id = {r.info.run_id: r for r in finished}
     groups: dict[tuple[str, str, str], list] = {}
-    for run in runs:
+    for run in finished:
         tags = run.data.tags
-        if tracking.TASK_TAG not in tags or tracking.KIND_TAG in tags or objective_of(run) is None:
+        if tracking.TASK_TAG not in tags or tracking.KIND_TAG in tags or runs.objective_of(run) is None:
             continue  # a sweep's parent (it holds its best trial's metrics), a comparison's, or no platform run
         if tracking.SWEEP_TAG in tags:
             key = (tags[tracking.TASK_TAG], tags[tracking.SWEEP_TAG], "sweep")
@@ -92,7 +85,7 @@ def collect(client, experiment_ids: list[str]) -> tuple[list[Row], list[str]]:
         else:
             key = (tags[tracking.TASK_TAG], run.info.run_name, "train")
         groups.setdefault(key, []).append(run)
-    parents = {r.data.tags.get(tracking.SWEEP_TAG): r for r in runs if r.data.tags.get(tracking.KIND_TAG) == "sweep"}
+    parents = {r.data.tags.get(tracking.SWEEP_TAG): r for r in finished if r.data.tags.get(tracking.KIND_TAG) == "sweep"}
     rows, notes = [], []
     for (task_name, group, kind), members in groups.items():
         try:
@@ -100,14 +93,14 @@ def collect(client, experiment_ids: list[str]) -> tuple[list[Row], list[str]]:
         except registry.UnknownTaskError:
             notes.append(f"{group}: task {task_name} is not installed here; its runs are left out")
             continue
-        objective = objective_of(members[0])
+        objective = runs.objective_of(members[0])
         scored = [r for r in members if math.isfinite(r.data.metrics.get(f"best/{objective}", math.nan))]
         if not scored:
             continue
         best = (max if mode == "max" else min)(scored, key=lambda r: r.data.metrics[f"best/{objective}"])
         params = best.data.params
         if kind == "sweep" and group in parents:
-            shown = {k: params.get(k) for k in recorded_space(parents[group])}
+            shown = {k: params.get(k) for k in runs.recorded_space(parents[group])}
         else:
             shown = {k: params[k] for k in SHOWN_SETTINGS if params.get(k) not in (None, "")}
         rows.append(Row(task=task_name, group=group, kind=kind, runs=len(members), run_id=best.info.run_id,
@@ -142,7 +135,7 @@ def markdown(rows: list[Row], ui_url: str, store: str, notes: list[str]) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# DeepLense platform report", "",
-        f"From the MLflow store `{tracking.redact(store)}`, {now}. One row per sweep (its best trial) and per "
+        f"From the MLflow store `{masking.redact(store)}`, {now}. One row per sweep (its best trial) and per "
         "training run outside a sweep; every value is on the validation split that run used.", "",
         "The published numbers under each table were measured on other data, often with another protocol or "
         "metric definition, and some on real telescope images: read them as context, and compare only where the "

@@ -10,12 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import statistics
+import sys
 import tempfile
 import time
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from platform.masking import is_secret, redact
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
@@ -27,10 +31,6 @@ SPACE_TAG = "platform.space"  # a sweep's search space (JSON), on its parent run
 STOPPED_TAG = "platform.stopped_early"  # "true" on a trial the scheduler stopped before its last epoch
 FAILURE_TAG = "platform.failure"  # why a trial failed, in one line
 VIEWS_TAG = "platform.views"  # the Grad-CAM / embedding figures a run drew at its end ("none": its task has none)
-# A key whose last part names a secret (db_password, api_token, aws_secret, access_key, key).
-_SECRET = re.compile(r"pass(word|wd)?|token|secret|credential|(^|_)key(s)?($|_)|apikey", re.IGNORECASE)
-_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.I)
-REDACTED = "***"
 _MAX_PARAM_VALUE = 6000
 
 
@@ -95,33 +95,6 @@ def start_run(client: MlflowClient, experiment: str, name: str, tags: dict[str, 
     if parent:
         tags[PARENT_TAG] = parent
     return client.create_run(experiment, run_name=name, tags=tags).info.run_id
-
-
-def find_run(client: MlflowClient, experiment: str, tags: dict[str, str]) -> str | None:
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment], filter_string=query, max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
-def is_secret(key: str) -> bool:
-    return bool(_SECRET.search(key.rsplit(".", 1)[-1]))
-
-
-def redact(value: Any) -> Any:
-    """A value as it may be shown or logged: a URI's password (postgresql://user:pw@host) masked."""
-    return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value) if isinstance(value, str) else value
-
-
-def redacted(tree: Any, key: str = "") -> Any:
-    """A (nested) config dict with secret-looking keys' values and URI passwords masked: for
-    params, the config.yaml artifact and the console."""
-    if isinstance(tree, dict):
-        return {k: redacted(v, k) for k, v in tree.items()}
-    if key and is_secret(key) and tree not in ("", None):
-        return REDACTED
-    if isinstance(tree, list):
-        return [redacted(v) for v in tree]
-    return redact(tree)
 
 
 def public_params(flat: dict[str, Any]) -> dict[str, str]:
@@ -236,5 +209,65 @@ def log_text(client: MlflowClient, run_id: str, text: str, name: str) -> None:
     client.log_text(run_id, text, name)
 
 
-def download(client: MlflowClient, run_id: str, path: str) -> str:
-    return client.download_artifacts(run_id, path, tempfile.mkdtemp(prefix="deeplense-"))
+@contextlib.contextmanager
+def downloaded(client: MlflowClient, run_id: str, path: str):
+    """A run's artifact in a temporary folder for the ``with`` block; the folder goes after it."""
+    with tempfile.TemporaryDirectory(prefix="deeplense-") as folder:
+        yield client.download_artifacts(run_id, path, folder)
+
+
+def say(line: str) -> None:
+    """A line on the run's console. Not print(): Ray Train patches it to log and also echo to a
+    wrapped stdout, so each line would reach the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class EpochLogger:
+    """Rank 0's record of a run, epoch by epoch: its MLflow run (when it has one) and its console line.
+
+    A worker (or trial) lost after logging an epoch but before that epoch's checkpoint trains it
+    again: its steps stay logged once, as the first attempt logged them.
+    """
+
+    def __init__(self, task: str, epochs: int, client: MlflowClient | None = None, run_id: str | None = None):
+        self.task, self.epochs, self.client, self.run_id = task, epochs, client, run_id
+        self.logged = {m.step for m in client.get_metric_history(run_id, "epoch")} if client else set()
+        self.epoch_seconds: list[float] = []  # this process's epochs, evaluation and logging included: the ETA
+
+    def say(self, line: str) -> None:
+        say(f"[{self.task}] {line}")
+
+    def placement(self, where: list[tuple[str, int]]) -> None:
+        """(Ray node id, pid) of each rank: on the MLflow run, to see a run spread over nodes."""
+        if self.client:
+            set_tags(self.client, self.run_id, {"platform.worker_nodes": ",".join(n for n, _ in where),
+                                                "platform.worker_pids": ",".join(str(p) for _, p in where)})
+
+    def epoch(self, epoch: int, metrics: dict[str, float], best: tuple[int, str] | None = None, figures=None) -> None:
+        """Epoch ``epoch``'s metrics; ``best``: (its epoch, the weights file) when it is the best so far,
+        logged with ``figures()`` (the task's plots)."""
+        if not self.client or epoch in self.logged:
+            return
+        log_metrics(self.client, self.run_id, metrics, step=epoch)
+        if best:
+            log_file(self.client, self.run_id, best[1], "checkpoints")
+            set_tags(self.client, self.run_id, {"platform.best_epoch": best[0]})
+            if figures:
+                log_figures(self.client, self.run_id, figures())
+
+    def progress(self, epoch: int, metrics: dict[str, float], objective: str, steps: int, samples: int,
+                 world_size: int, train_seconds: float, epoch_seconds: float) -> None:
+        """The console line of a finished epoch, with the time the rest will take."""
+        self.epoch_seconds.append(epoch_seconds)
+        key = f"val/{objective}"
+        self.say(f"epoch {epoch}/{self.epochs}  {steps / max(train_seconds, 1e-9):.1f} steps/s  "
+                 f"train/loss {metrics['train/loss']:.4f}  {key} {metrics[key]:.4f} "
+                 f"(best {metrics[f'best/{objective}']:.4f})  {samples} samples on {world_size} "
+                 f"worker{'s' if world_size > 1 else ''} in {train_seconds:.1f}s  "
+                 f"ETA {format_duration((self.epochs - epoch) * statistics.median(self.epoch_seconds))}")

@@ -11,11 +11,12 @@ import os
 import re
 import signal
 import sys
+import tempfile
 
-from platform import cli, cluster, insight, pretrained, registry, space as space_lib, tracking
+from platform import cli, cluster, insight, pretrained, registry, runs, space as space_lib, tracking
 from platform import config as config_lib
-from platform.train import (default_name, log_best_model, loop_config, make_trainer, open_run, put_in_memory,
-                            storage_path, streamed)
+from platform.runner import (default_name, log_best_model, loop_config, make_trainer, open_run, put_in_memory,
+                             storage_path, streamed)
 
 FAILURE_TAG = tracking.FAILURE_TAG
 
@@ -34,7 +35,7 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
     client = tracking.MlflowClient(uri)
     tags = {tracking.SWEEP_TAG: sweep, tracking.TRIAL_TAG: trial_id}
     # A restarted trial finds its run again: one MLflow run per trial, whatever happens.
-    run_id = tracking.find_run(client, experiment, tags)
+    run_id = runs.find_run(client, experiment, tags)
     if run_id is None:
         run_id = tracking.start_run(client, experiment, f"{sweep}-{trial_id}",
                                     {**tags, **init_tags, tracking.TASK_TAG: cfg.task}, parent=parent)
@@ -49,13 +50,11 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
     tracking.set_tags(client, run_id, {"platform.driver_node": ray.get_runtime_context().get_node_id()})
     if cfg.scaling.num_workers == 0:
         # Trains right here, in the trial's own process, which Tune keeps for the next trial.
-        from platform.loop import run_loop, tune_trial_session
-
         config = loop_config(cfg, shards, mlflow_run_id=run_id, tracking_uri=uri, in_memory=in_memory,
                              started_at=started_at)
         if cfg.tune.trial_timeout_s:  # checked at each step: a thread left running would outlive the trial
             config["deadline"] = started_at + cfg.tune.trial_timeout_s
-        run_loop(config, tune_trial_session(cfg, streamed(shards, in_memory)))
+        train_in_process(config, cfg, streamed(shards, in_memory))
     else:
         trainer = make_trainer(cfg, shards, name=f"{sweep}-{trial_id}", mlflow_run_id=run_id, tracking_uri=uri,
                                callbacks=[epoch_reports()], in_memory=in_memory, started_at=started_at)
@@ -63,6 +62,34 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
         if result.error:
             raise result.error
     tracking.end_run(client, run_id, "FINISHED", only_if_running=True)
+
+
+def train_in_process(config: dict, cfg, datasets: dict) -> None:
+    """The trial's run in its own process (``scaling.num_workers=0``), restarted in place from its
+    latest epoch after an error, up to ``train.max_failures`` times (-1: always); a timeout is final.
+
+    Tune does not retry these trials itself: it would retry a timeout too, each time with a fresh
+    deadline, and with ``train.max_failures=-1`` forever.
+    """
+    import ray.tune
+
+    from platform.loop import run_loop, tune_trial_session
+
+    failures, resume_from = 0, ray.tune.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="deeplense-trial-") as kept:
+        while True:
+            try:
+                return run_loop(config, tune_trial_session(cfg, datasets, resume_from, keep=kept))
+            except TimeoutError:
+                raise
+            except Exception as error:
+                failures += 1
+                if 0 <= cfg.train.max_failures < failures:
+                    raise
+                if os.listdir(kept):
+                    resume_from = ray.tune.Checkpoint.from_directory(kept)
+                tracking.say(f"[{cfg.task}] {failure_reason(error)}; restarting from the latest checkpoint "
+                             f"(failure {failures} of train.max_failures={cfg.train.max_failures})")
 
 
 def explain_sweep(client, parent: str, objective: str, task, sweep: str) -> None:
@@ -209,9 +236,10 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
                                     # Trials that train in their own process (scaling.num_workers=0) keep
                                     # it from trial to trial: no new process importing torch each time.
                                     reuse_actors=in_process),
-        # ... and Tune, not Ray Train, restarts them from their checkpoints.
+        # Tune retries no trial: Ray Train restarts a run's lost workers, and an in-process trial
+        # restarts itself (train_in_process), a timeout being final for both.
         run_config=tune.RunConfig(name=sweep, storage_path=storage_path(cfg),
-                                  failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures if in_process else 0),
+                                  failure_config=tune.FailureConfig(max_failures=0),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
     )
 
@@ -223,7 +251,7 @@ def finish_trial_runs(client, experiment: str, sweep: str, results, epochs: int)
     marked FAILED by the interruption. Tune knows whether it really failed.
     """
     errors = {trial_id_of(r): r.error for r in results}
-    for run in client.search_runs([experiment], filter_string=f"tags.`{tracking.SWEEP_TAG}` = '{sweep}'"):
+    for run in runs.sweep_runs(client, experiment, sweep):
         trial_id = run.data.tags.get(tracking.TRIAL_TAG)
         if trial_id is None:
             continue  # the parent
@@ -241,24 +269,9 @@ def finish_trial_runs(client, experiment: str, sweep: str, results, epochs: int)
 
 
 def end_open_trial_runs(client, experiment: str, sweep: str, status: str) -> None:
-    for run in client.search_runs([experiment], filter_string=f"tags.`{tracking.SWEEP_TAG}` = '{sweep}' "
-                                                              f"and attributes.status = 'RUNNING'"):
+    for run in runs.sweep_runs(client, experiment, sweep, "RUNNING"):
         if tracking.TRIAL_TAG in run.data.tags:
             tracking.end_run(client, run.info.run_id, status)
-
-
-def best_trial_run(client, experiment: str, parent: str, metric: str, mode: str) -> tuple[str | None, float | None]:
-    """(run id, value) of the finished trial run under ``parent`` with the best ``metric``."""
-    import math
-
-    runs = client.search_runs([experiment], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent}' "
-                                                          f"and attributes.status = 'FINISHED'")
-    scored = [(r.data.metrics[metric], r.info.run_id) for r in runs
-              if math.isfinite(r.data.metrics.get(metric, math.nan))]
-    if not scored:
-        return None, None
-    value, run_id = (max if mode == "max" else min)(scored)
-    return run_id, value
 
 
 SPACE_TAG = tracking.SPACE_TAG  # the sweep's search space, so a resume can refuse a changed one
@@ -309,17 +322,6 @@ def setting_change(recorded: dict[str, str], cfg, searched=()) -> str | None:
     return None
 
 
-def sweep_parent(client, experiment_name: str, sweep: str):
-    """The MLflow parent run of an earlier sweep of this name, or None (also when there is no store yet)."""
-    experiment = client.get_experiment_by_name(experiment_name) if client is not None else None
-    if experiment is None:
-        return None
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{tracking.SWEEP_TAG}` = '{sweep}' "
-                                                                         f"and tags.`{tracking.KIND_TAG}` = 'sweep'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
-
-
 def resume_plan(cfg, client, experiment_name: str, sweep: str, space) -> tuple[str | None, object]:
     """(None, None) for a new sweep, or (tune.resume, parent run) to resume the named one.
 
@@ -329,7 +331,7 @@ def resume_plan(cfg, client, experiment_name: str, sweep: str, space) -> tuple[s
 
     path = sweep_path(cfg, sweep)
     restorable = tune.Tuner.can_restore(path)
-    parent = sweep_parent(client, experiment_name, sweep)
+    parent = runs.sweep_parent(client, experiment_name, sweep)
     mode = cfg.tune.resume
     if mode == "never":
         if restorable or parent is not None:
@@ -365,6 +367,30 @@ def resume_plan(cfg, client, experiment_name: str, sweep: str, space) -> tuple[s
 
 
 def main(argv: list[str]) -> int:
+    task, cfg, space, source, uri = checked_settings(argv)
+    sweep = cfg.tune.name or default_name(cfg)
+    experiment_name = cfg.mlflow.experiment or f"deeplense-{cfg.task}"
+    resume, earlier = resume_plan(cfg, tracking.MlflowClient(uri) if tracking.store_exists(uri) else None,
+                                  experiment_name, sweep, space)
+    print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
+    shards = task.build_data(cfg)
+    init_tags = source.tags() if source else {}
+    client, experiment, parent = open_sweep(cfg, uri, sweep, space, resume, earlier, init_tags)
+    with cli.ends_run(client, parent):
+        if not resume:
+            # The searched keys are left for the best trial's values, at the end (insight).
+            tracking.log_params(client, parent, {k: v for k, v in config_lib.flatten(config_lib.to_dict(cfg)).items()
+                                                 if k not in space.params})
+            tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
+        results = fit_sweep(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
+                            init_tags=init_tags, resume=resume, client=client)
+        keep_best_trial(cfg, task, space, shards, results, client=client, uri=uri, experiment=experiment,
+                        parent=parent, sweep=sweep)
+    return 0
+
+
+def checked_settings(argv: list[str]):
+    """(task, config, search space, init_from source, MLflow URI), every one checked before any work."""
     task_name, overrides = config_lib.parse_cli(argv)
     task = registry.get(task_name)
     space = space_lib.load(overrides.get("tune.space") or space_lib.default_path(task), task.name, overrides)
@@ -372,92 +398,92 @@ def main(argv: list[str]) -> int:
     if cfg.train.compare_random_init:
         raise config_lib.ConfigError("train.compare_random_init=true is for python -m platform.train (a pretrained "
                                      "and a random start side by side), not for sweeps")
-    # Trials run in their own working directories: every path they get must be absolute.
-    cfg.train.storage_path = storage_path(cfg)
     cluster.check_fits(cfg.scaling, cfg.ray.address)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     source = pretrained.source_for(cfg, uri)  # init_from checked before any work; linked in MLflow
     inherited = pretrained.inherited(task, source, uri, given=set(overrides) | set(space.fixed))
     if inherited:
-        cfg = config_lib.build(task.name, [inherited, space.fixed, overrides])
-        cfg.train.storage_path = storage_path(cfg)
         print(pretrained.describe_inherited(inherited, source))
-    init_tags = source.tags() if source else {}
-    sweep = cfg.tune.name or default_name(cfg)
-    experiment_name = cfg.mlflow.experiment or f"deeplense-{cfg.task}"
-    resume, earlier = resume_plan(cfg, tracking.MlflowClient(uri) if tracking.store_exists(uri) else None,
-                                  experiment_name, sweep, space)
-    print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
-    shards = task.build_data(cfg)
+    # Trials run in their own working directories: every path they get must be absolute.
+    layers = [inherited or {}, space.fixed, overrides]
+    cfg = config_lib.build(task.name, [*layers, {"train.storage_path": storage_path(config_lib.build(task.name, layers))}])
+    return task, cfg, space, source, uri
 
-    if resume:
-        cluster.connect(cfg.ray.address)
-        client = tracking.MlflowClient(uri)
-        experiment, parent = earlier.info.experiment_id, earlier.info.run_id
-        client.update_run(parent, status="RUNNING")  # the same parent run goes on
-        resumed = int(earlier.data.tags.get("platform.resumed", "0")) + 1
-        tracking.set_tags(client, parent, {"platform.resumed": resumed})
-        doing = "adding trials to" if resume == "extend" else "resuming"
-        print(f"{doing} sweep {sweep} ({sweep_path(cfg, sweep)}; MLflow parent run {parent})", flush=True)
-    else:
-        client, experiment, parent = open_run(cfg, uri, sweep, {tracking.SWEEP_TAG: sweep, tracking.KIND_TAG: "sweep",
-                                                                SPACE_TAG: space_fingerprint(space), **init_tags})
+
+def open_sweep(cfg, uri: str, sweep: str, space, resume: str | None, earlier, init_tags: dict):
+    """(client, experiment id, parent run id): a new sweep's parent run, or the resumed one's, going on."""
+    if not resume:
+        return open_run(cfg, uri, sweep, {tracking.SWEEP_TAG: sweep, tracking.KIND_TAG: "sweep",
+                                          SPACE_TAG: space_fingerprint(space), **init_tags})
+    cluster.connect(cfg.ray.address)
+    client = tracking.MlflowClient(uri)
+    experiment, parent = earlier.info.experiment_id, earlier.info.run_id
+    client.update_run(parent, status="RUNNING")  # the same parent run goes on
+    resumed = int(earlier.data.tags.get("platform.resumed", "0")) + 1
+    tracking.set_tags(client, parent, {"platform.resumed": resumed})
+    doing = "adding trials to" if resume == "extend" else "resuming"
+    print(f"{doing} sweep {sweep} ({sweep_path(cfg, sweep)}; MLflow parent run {parent})", flush=True)
+    return client, experiment, parent
+
+
+def fit_sweep(cfg, space, shards: dict, *, uri: str, experiment: str, parent: str, sweep: str, init_tags: dict,
+              resume: str | None, client):
+    """Tune's results of the sweep's trials, each trial's MLflow run ended as Tune saw it end."""
+    # A SIGTERM (ray job stop, a cluster going down) is a Ctrl+C to Tune: it stops the
+    # trials, saves the sweep's state and returns, so the same command resumes it.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
+                              init_tags=init_tags, resume=resume).fit()
+    except BaseException as error:  # the trials' runs end with the sweep's, never left RUNNING
+        end_open_trial_runs(client, experiment, sweep, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if interrupted(sweep_path(cfg, sweep), results, cfg.tune.num_samples):
+        end_open_trial_runs(client, experiment, sweep, "KILLED")
+        print(f"sweep {sweep} interrupted; its state is saved: run the same command again to resume it "
+              f"(tune.name={sweep})", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
+    finish_trial_runs(client, experiment, sweep, results, cfg.train.epochs)
+    return results
+
+
+def keep_best_trial(cfg, task, space, shards: dict, results, *, client, uri: str, experiment: str, parent: str,
+                    sweep: str) -> None:
+    """The best trial's model registered, its values on the parent run, the sweep's insight and summary."""
+    from platform.explain import wanted
+
     objective = task.objective(cfg)
     metric = f"val/{objective}"
-    with cli.ends_run(client, parent):
-        if not resume:
-            # The searched keys are left for the best trial's values, at the end (insight).
-            tracking.log_params(client, parent, {k: v for k, v in config_lib.flatten(config_lib.to_dict(cfg)).items()
-                                                 if k not in space.params})
-            tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
-        # A SIGTERM (ray job stop, a cluster going down) is a Ctrl+C to Tune: it stops the
-        # trials, saves the sweep's state and returns, so the same command resumes it.
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
-        try:
-            results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
-                                  init_tags=init_tags, resume=resume).fit()
-        except BaseException as error:  # the trials' runs end with the sweep's, never left RUNNING
-            end_open_trial_runs(client, experiment, sweep, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        if interrupted(sweep_path(cfg, sweep), results, cfg.tune.num_samples):
-            end_open_trial_runs(client, experiment, sweep, "KILLED")
-            print(f"sweep {sweep} interrupted; its state is saved: run the same command again to resume it "
-                  f"(tune.name={sweep})", file=sys.stderr, flush=True)
-            raise KeyboardInterrupt
-        finish_trial_runs(client, experiment, sweep, results, cfg.train.epochs)
-        failed = [r for r in results if r.error]
-        for r in failed:
-            print(f"trial {trial_id_of(r)} failed: {failure_reason(r.error)}")
-        # The best trial as MLflow records it, over every trial under this parent run (an
-        # extended sweep's earlier ones too): the UI, the registered weights and the parent
-        # agree even when a stopped trial logged one more epoch than Tune saw.
-        best_run, value = best_trial_run(client, experiment, parent, f"best/{objective}", task.mode)
-        if best_run is None:
-            explain_sweep(client, parent, objective, task, sweep)  # its trials table says why each failed
-            raise cli.CommandFailed(f"no trial of sweep {sweep} finished with {metric}; see the trial errors above")
-        best_params = client.get_run(best_run).data
-        best_trial = best_params.tags[tracking.TRIAL_TAG]
-        sampled = {key: config_lib.load_yaml(best_params.params[key]) for key in space.params}
-        best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), sampled])
-        from platform.explain import wanted
-
-        # A best trial that ASHA stopped before its last epoch has not drawn its Grad-CAM and embedding figures.
-        views_missing = wanted(task, cfg) and tracking.VIEWS_TAG not in best_params.tags
-        version = log_best_model(client, best_run, best_cfg, task, shards["val"], cfg.mlflow.register_model,
-                                 with_views=views_missing)
-        tracking.log_metrics(client, parent, {f"best/{objective}": value}, step=0)
-        tracking.set_tags(client, parent, {"platform.best_run_id": best_run, "platform.best_trial": best_trial,
-                                            "platform.registered_version": version or ""})
-        explain_sweep(client, parent, objective, task, sweep)
-        print(f"\n{len(results)} trials ({len(failed)} failed). Best trial {best_trial}: {metric} = {value:.4f}")
-        for key, v in sorted(sampled.items()):
-            print(f"  {key} = {v}")
-        print(f"MLflow parent run {parent}, best run {best_run}"
-              + (f", registered model {task.name} version {version}" if version else ""))
-        print(cli.ui_hint(uri, experiment, parent))
-    return 0
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"trial {trial_id_of(r)} failed: {failure_reason(r.error)}")
+    # The best trial as MLflow records it, over every trial under this parent run (an
+    # extended sweep's earlier ones too): the UI, the registered weights and the parent
+    # agree even when a stopped trial logged one more epoch than Tune saw.
+    best_run, value = runs.best_trial_run(client, experiment, parent, f"best/{objective}", task.mode)
+    if best_run is None:
+        explain_sweep(client, parent, objective, task, sweep)  # its trials table says why each failed
+        raise cli.CommandFailed(f"no trial of sweep {sweep} finished with {metric}; see the trial errors above")
+    best = client.get_run(best_run).data
+    best_trial = best.tags[tracking.TRIAL_TAG]
+    sampled = {key: config_lib.load_yaml(best.params[key]) for key in space.params}
+    best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), sampled])
+    # A best trial that ASHA stopped before its last epoch has not drawn its Grad-CAM and embedding figures.
+    views_missing = wanted(task, cfg) and tracking.VIEWS_TAG not in best.tags
+    version = log_best_model(client, best_run, best_cfg, task, shards["val"], cfg.mlflow.register_model,
+                             with_views=views_missing)
+    tracking.log_metrics(client, parent, {f"best/{objective}": value}, step=0)
+    tracking.set_tags(client, parent, {"platform.best_run_id": best_run, "platform.best_trial": best_trial,
+                                        "platform.registered_version": version or ""})
+    explain_sweep(client, parent, objective, task, sweep)
+    print(f"\n{len(results)} trials ({len(failed)} failed). Best trial {best_trial}: {metric} = {value:.4f}")
+    for key, v in sorted(sampled.items()):
+        print(f"  {key} = {v}")
+    print(f"MLflow parent run {parent}, best run {best_run}"
+          + (f", registered model {task.name} version {version}" if version else ""))
+    print(cli.ui_hint(uri, experiment, parent))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from platform import data
 from platform.config import ConfigError, bounded, choice
 from platform.data.augment import AugmentConfig, batch_images
-from platform.loop import unwrap
 from platform.plots import pyplot
 from platform.registry import Task, register
 
@@ -505,12 +504,9 @@ def collate(batch: dict, cfg, training: bool) -> dict:
 
 def train_step(model, batch: dict, cfg) -> dict:
     x0 = batch["image"]  # (B, 1, H, W)
-    # Torch's generator is seeded alike on every worker (same initial weights); NumPy's per
-    # rank. Drawing t and the noise from a NumPy-seeded stream keeps workers from pairing
-    # their images with the very same noise.
-    generator = torch.Generator(device=x0.device).manual_seed(int(np.random.randint(2**62)))
-    t = torch.randint(cfg.diffusion.timesteps, (len(x0),), device=x0.device, generator=generator)  # (B,)
-    noise = torch.randn(x0.shape, device=x0.device, generator=generator)  # (B, 1, H, W)
+    # The loop seeds each worker's generator its own way: no two workers pair their images with the same noise.
+    t = torch.randint(cfg.diffusion.timesteps, (len(x0),), device=x0.device)  # (B,)
+    noise = torch.randn_like(x0)  # (B, 1, H, W)
     loss, _ = model(x0, t, noise)
     return {"loss": loss}
 
@@ -537,7 +533,6 @@ def _seeded_draws(seeds: list[int], shape: tuple, timesteps: int) -> tuple:
 
 
 def eval_step(model, batch: dict, cfg) -> dict:
-    model = unwrap(model)
     x0 = batch["image"]  # (B, 1, H, W)
     seeds = image_seeds(x0, cfg.train.seed)
     u, t, loss_noise, start = _seeded_draws(seeds, tuple(x0.shape[1:]), cfg.diffusion.timesteps)
@@ -586,7 +581,6 @@ def plots(model, batch: dict, outputs: dict, cfg) -> dict:
         figures["samples.png"] = image_grid(rows, f"{d.sample_steps} steps, eta {d.eta:g}, {d.schedule} schedule, "
                                                   f"T {d.timesteps}")
 
-    model = unwrap(model)
     shape = (CHANNELS, cfg.model.img_size, cfg.model.img_size)
     ends = [torch.randn(shape, generator=torch.Generator().manual_seed(cfg.train.seed + k)) for k in (1, 2)]
     weights = torch.linspace(0, 1, 8)

@@ -41,10 +41,12 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path)
 
 @pytest.mark.parametrize("workers", ["1", "0"])  # a Ray Train worker; the trial's own process
 def test_a_trial_past_its_time_limit_is_stopped_and_failed(tmp_path, workers):
+    # train.max_failures=-1 retries failures forever, but never a timeout (an in-process trial
+    # once started again with a fresh deadline each time, for ever).
     db = tmp_path / "mlflow.db"
     result = run_cli("platform.tune", "task=classification", "tune.num_samples=1", "tune.name=slow",
-                     "tune.trial_timeout_s=2", f"scaling.num_workers={workers}", *FAST,
-                     *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+                     "tune.trial_timeout_s=2", f"scaling.num_workers={workers}", "train.max_failures=-1", *FAST,
+                     *tiny(tmp_path / "cache", db), cwd=str(tmp_path), timeout=300)
     assert result.returncode == 1, (result.stdout + result.stderr)[-4000:]
     assert "failed: TimeoutError: the trial ran past tune.trial_timeout_s=2 and was stopped" in result.stdout
     assert "no trial of sweep slow finished" in result.stderr

@@ -93,3 +93,14 @@ def test_a_task_from_another_package_through_an_entry_point(tmp_path):
     result = run_cli("platform.tune", "task=tiny_extra", cwd=str(tmp_path), env={"PYTHONPATH": f"{ROOT}{os.pathsep}{site}"})
     assert result.returncode == 2, result.stderr
     assert "lensing_extra/space.yaml: train.epochs=0 is out of range" in result.stderr
+
+
+def test_a_second_task_of_the_same_name_is_refused():
+    # register() once replaced a task silently: which one a command got depended on import order.
+    from platform import registry
+
+    task = registry.get("classification")
+    with pytest.raises(registry.DuplicateTaskError, match="task 'classification' is registered by both "
+                                                          "tasks.classification and tests.test_platform_module"):
+        registry.register(task)
+    assert registry.get("classification") is task

@@ -88,7 +88,7 @@ def test_examples_are_the_first_correct_and_misclassified_of_each_class_in_order
 def test_a_binary_finder_is_explained_at_its_own_decision_threshold(tmp_path):
     """Lens finding's weighted loss pushes probabilities up: at 0.5 most non-lenses would be
     "lenses". The views use the val/threshold the run logged at its best epoch."""
-    from platform import tracking
+    from platform import runs, tracking
 
     logits = torch.logit(torch.tensor([[0.3], [0.6], [0.9]]))  # (3, 1): probabilities of a lens
     assert explain.predictions(logits)[0].tolist() == [0, 1, 1]
@@ -97,11 +97,11 @@ def test_a_binary_finder_is_explained_at_its_own_decision_threshold(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = tracking.start_run(client, tracking.experiment_id(client, "finder"), "run", {})
-    assert explain.decision_threshold(client, run) == 0.5  # nothing logged yet
+    assert runs.at_best_epoch(client, run, "val/threshold") is None  # nothing logged yet: 0.5
     for epoch, threshold in ((1, 0.3), (2, 0.8), (3, 0.6)):
         tracking.log_metrics(client, run, {"val/threshold": threshold}, step=epoch)
     tracking.set_tags(client, run, {"platform.best_epoch": 2})
-    assert explain.decision_threshold(client, run) == pytest.approx(0.8)
+    assert runs.at_best_epoch(client, run, "val/threshold") == pytest.approx(0.8)
 
 
 def batches_of(labels: np.ndarray, size: int, labelled: bool = True) -> list[dict]:
@@ -471,7 +471,7 @@ def test_plots_can_be_turned_off(store):
 def test_a_figure_that_fails_never_fails_the_run(tmp_path, capsys):
     import dataclasses
 
-    from platform import loop, tracking
+    from platform import explain, tracking
 
     task = registry.get("mae")
 
@@ -483,8 +483,8 @@ def test_a_figure_that_fails_never_fails_the_run(tmp_path, capsys):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = tracking.start_run(client, tracking.experiment_id(client, "views"), "run", {})
     model = task.build_model(cfg)
-    loop.log_model_views(client, run_id, dataclasses.replace(task, embed=broken), cfg, model, model.state_dict(), rows,
-                         torch.device("cpu"))
+    explain.log_best_views(client, run_id, dataclasses.replace(task, embed=broken), cfg, model, model.state_dict(), rows,
+                           torch.device("cpu"))
     assert client.get_run(run_id).data.tags["platform.views_error"] == "RuntimeError: no features here"
     assert "warning: Grad-CAM / embedding figures failed (RuntimeError: no features here)" in capsys.readouterr().out
     assert client.list_artifacts(run_id) == []
@@ -555,7 +555,7 @@ def test_insight_of_a_sweep_whose_trials_all_failed_says_why(tmp_path):
 def test_a_best_trial_stopped_before_its_end_gets_its_figures_at_the_sweeps_end(store):
     """The sweep's driver draws them (``log_best_model(with_views=True)``) when the trial could not."""
     from platform import tracking
-    from platform.train import log_best_model
+    from platform.runner import log_best_model
 
     client = MlflowClient(store["uri"])
     best = parent_of(client, "cls").data.tags["platform.best_run_id"]

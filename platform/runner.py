@@ -1,0 +1,142 @@
+"""What ``platform.train`` and ``platform.tune`` share: one Ray Train run of a config, from the data
+in the object store to the best model in MLflow. The same functions build a laptop's one-CPU run and
+a cluster's 64-GPU one; only the config differs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from platform import cluster, runs, tracking
+from platform import config as config_lib
+from platform.data import shards as shards_lib
+
+
+def default_name(cfg) -> str:
+    return f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def storage_path(cfg) -> str:
+    # $DEEPLENSE_RESULTS: a cluster's shared default (object storage, see cluster.yaml).
+    path = (cfg.train.storage_path or os.environ.get("DEEPLENSE_RESULTS")
+            or os.path.join(config_lib.output_dir(), "ray_results"))
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def put_in_memory(cfg, shards: dict) -> dict:
+    """Splits of at most ``data.in_memory_mb``, read once into Ray's object store: {split: ObjectRef}.
+
+    Every worker on a node then reads the same shared-memory copy (zero-copy numpy), and a run
+    starts no Ray Data pipeline for them: no reading tasks and coordinators per trial and per
+    epoch, which on small data cost more than the training. Larger splits stream through Ray
+    Data. A sweep puts its splits once, for all its trials.
+    """
+    import ray
+
+    limit = cfg.data.in_memory_mb * 2**20
+    return {split: ray.put(shards_lib.in_memory(s)) for split, s in shards.items()
+            if sum(f["bytes"] for f in s.manifest["files"]) <= limit}
+
+
+def loop_config(cfg, shards: dict, *, mlflow_run_id: str | None, tracking_uri: str, in_memory: dict | None = None,
+                started_at: float | None = None) -> dict:
+    """What the training loop (``platform.loop``) gets, on every worker.
+
+    ``in_memory``: splits already in the object store (``put_in_memory``); the others stream
+    through Ray Data. ``started_at``: when the run (a sweep's trial) began, for
+    ``time/to_first_step_s``; default now.
+    """
+    return {
+        "cfg": config_lib.to_dict(cfg),
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": tracking_uri,
+        "train_rows": shards["train"].num_rows,
+        "in_memory": dict(in_memory or {}),
+        "started_at": started_at or time.time(),  # start-up to the first step: time/to_first_step_s
+    }
+
+
+def streamed(shards: dict, in_memory: dict | None) -> dict:
+    """Ray Datasets of the splits not held in the object store."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return {split: ray.data.read_parquet(s.files) for split, s in shards.items() if split not in (in_memory or {})}
+
+
+def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tracking_uri: str, callbacks=(),
+                 in_memory: dict | None = None, started_at: float | None = None):
+    """A TorchTrainer for one run of ``cfg``: the one code path for a laptop and a GPU cluster.
+
+    ``scaling.num_workers=0``: Ray Train's local mode, the loop in this process. See ``loop_config``
+    for ``in_memory`` and ``started_at``.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from platform.data.batches import EveryEvaluationRow
+    from platform.loop import train_loop_per_worker
+
+    scaling = cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(cfg, shards, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri,
+                                      in_memory=in_memory, started_at=started_at),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                                         max_preemption_failures=cfg.train.max_preemptions),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            callbacks=list(callbacks),
+        ),
+        datasets=streamed(shards, in_memory),
+        dataset_config=EveryEvaluationRow(),
+    )
+
+
+def log_best_model(client, run_id: str, cfg, task, val_shards, register: bool, with_views: bool = False) -> str | None:
+    """Load the run's best weights and log them as an MLflow PyTorch model (registered under the task's name).
+
+    ``with_views``: also its Grad-CAM and embedding figures, which the training loop logs at a
+    run's last epoch (a sweep's best trial may have been stopped before it).
+    """
+    import copy
+
+    import torch
+
+    from platform import explain
+
+    model = task.build_model(cfg)
+    with tracking.downloaded(client, run_id, "checkpoints/best_model.pt") as path:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if with_views:
+        # The rows the training loop chose at the run's end, read in the same order.
+        views = explain.ViewRows(cfg.plots.samples, len(cfg.data.classes))
+        rows = views.feed(shards_lib.batches(val_shards, cfg.train.batch_size)).rows()
+        threshold = runs.at_best_epoch(client, run_id, "val/threshold") or 0.5
+        _, why = explain.log_views(client, run_id, lambda: copy.deepcopy(model), task, cfg, rows, torch.device("cpu"),
+                                   threshold)
+        if why:
+            print(f"warning: Grad-CAM / embedding figures of run {run_id} failed ({why})", file=sys.stderr)
+    example = task.input_example(task.collate(shards_lib.head(val_shards, 2), cfg, False))
+    return tracking.log_model(client, run_id, model, example, task.name if register else None)
+
+
+def open_run(cfg, uri: str, name: str, tags: dict):
+    """What train and tune do once the config and data are checked: Ray connected, the MLflow run opened.
+
+    Returns (client, experiment id, run id).
+    """
+    cluster.connect(cfg.ray.address)
+    client = tracking.MlflowClient(uri)
+    experiment = tracking.experiment_id(client, cfg.mlflow.experiment or f"deeplense-{cfg.task}")
+    run_id = tracking.start_run(client, experiment, name, {tracking.TASK_TAG: cfg.task, **tags})
+    return client, experiment, run_id
