@@ -17,7 +17,8 @@ import time
 import torch
 
 from benchmarks.common import ROOT, save
-from platform.data.simulate import _preset, simulate
+from platform.data import simulate as simulator
+from platform.data.simulate import simulate
 
 # (name in the table, preset): model_ii renders 64x64, model_i 150x150.
 SIZES = [("64x64", "model_ii"), ("150x150", "model_i")]
@@ -49,8 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "images_per_repeat": args.images,
         "repeats": args.repeats,
-        "sizes": {name: {"preset": preset, "n_pix": _preset(preset).n_pix,
-                         "subhalos": list(_preset(preset).n_subhalos),
+        "sizes": {name: {"preset": preset, "n_pix": simulator.get_preset(preset).n_pix,
+                         "subhalos": list(simulator.get_preset(preset).n_subhalos),
                          "median_images_per_s": statistics.median(rates[name]),
                          "images_per_s": rates[name]} for name, preset in SIZES},
     }

@@ -34,7 +34,11 @@ class Task:
     name          the value of ``task=`` on the command line
     config        a dataclass whose fields become top-level config sections (``model``, ...)
     build_model   cfg -> nn.Module
-    build_data    cfg -> {"train": Shards, "val": Shards}; runs on the driver before Ray
+    build_data    cfg -> {"train": Shards, "val": Shards}, or (those splits, {dotted key: value}):
+                  the settings the data decided (a class weight from the label counts, statistics
+                  to normalise by), which the core applies as one more config layer, so they are
+                  validated, printed, logged and compared on resume like any other setting. Never
+                  writes into ``cfg``. Runs on the driver before any Ray work
     collate       (numpy batch of Parquet columns, cfg, training) -> dict of tensors
     train_step    (model, batch, cfg) -> {"loss": tensor, ...}; the loop does backward. The loop adds
                   ``batch["epoch"]`` (0-based) for losses with a schedule

@@ -14,6 +14,15 @@ from platform import config as config_lib
 from platform.data import shards as shards_lib
 
 
+def data_and_settings(task, cfg):
+    """(the task's splits, ``cfg`` with the settings its data decided as one more layer on top)."""
+    built = task.build_data(cfg)
+    splits, decided = built if isinstance(built, tuple) else (built, {})
+    if decided:
+        cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), decided])
+    return splits, cfg
+
+
 def default_name(cfg) -> str:
     return f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from platform import cli, cluster, pretrained, registry, tracking
 from platform import config as config_lib
-from platform.runner import default_name, log_best_model, make_trainer, open_run, put_in_memory
+from platform.runner import data_and_settings, default_name, log_best_model, make_trainer, open_run, put_in_memory
 
 
 def main(argv: list[str]) -> int:
@@ -24,8 +24,8 @@ def main(argv: list[str]) -> int:
     if inherited:
         cfg = config_lib.build(task_name, [inherited, overrides])
         print(pretrained.describe_inherited(inherited, source))
+    shards, cfg = data_and_settings(task, cfg)
     print(config_lib.to_yaml(cfg), flush=True)
-    shards = task.build_data(cfg)
 
     name = cfg.train.name or default_name(cfg)
     if cfg.train.compare_random_init:

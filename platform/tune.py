@@ -15,8 +15,8 @@ import tempfile
 
 from platform import cli, cluster, insight, pretrained, registry, runs, space as space_lib, tracking
 from platform import config as config_lib
-from platform.runner import (default_name, log_best_model, loop_config, make_trainer, open_run, put_in_memory,
-                             storage_path, streamed)
+from platform.runner import (data_and_settings, default_name, log_best_model, loop_config, make_trainer, open_run,
+                             put_in_memory, storage_path, streamed)
 
 FAILURE_TAG = tracking.FAILURE_TAG
 
@@ -308,14 +308,12 @@ def setting_change(recorded: dict[str, str], cfg, searched=()) -> str | None:
     """The first setting this command gives another value than the sweep's parent run recorded, or None.
 
     Keys the sweep did not record (a newer platform's) are not compared; the space is compared
-    apart (a searched key's param on the parent is the best trial's value). Nor is a key this
-    command leaves unset (None, []) that the sweep recorded filled in from its data, as pinn's
-    physics.pixel_scale or regression's targets.mean: the data fills it in the same way again.
+    apart (a searched key's param on the parent is the best trial's value). ``cfg`` holds what the
+    data decided (``runner.data_and_settings``), compared like any other setting.
     """
-    flat = config_lib.flatten(config_lib.to_dict(cfg))
-    now = tracking.public_params(flat)
+    now = tracking.public_params(config_lib.flatten(config_lib.to_dict(cfg)))
     for key in sorted(recorded):
-        if key in searched or (flat.get(key) in (None, []) and recorded[key] not in ("None", "[]")):
+        if key in searched:
             continue
         if not key.startswith(CHANGEABLE_ON_RESUME) and key in now and now[key] != recorded[key]:
             return f"{key}={recorded[key]}; this command has {key}={now[key]}"
@@ -370,10 +368,10 @@ def main(argv: list[str]) -> int:
     task, cfg, space, source, uri = checked_settings(argv)
     sweep = cfg.tune.name or default_name(cfg)
     experiment_name = cfg.mlflow.experiment or f"deeplense-{cfg.task}"
+    shards, cfg = data_and_settings(task, cfg)  # before the resume check: what the data decided is compared too
     resume, earlier = resume_plan(cfg, tracking.MlflowClient(uri) if tracking.store_exists(uri) else None,
                                   experiment_name, sweep, space)
     print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
-    shards = task.build_data(cfg)
     init_tags = source.tags() if source else {}
     client, experiment, parent = open_sweep(cfg, uri, sweep, space, resume, earlier, init_tags)
     with cli.ends_run(client, parent):

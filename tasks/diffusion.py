@@ -464,34 +464,36 @@ def cached_inception_weights() -> str:
     return next((os.path.join(folder, f) for f in INCEPTION_FILES if os.path.isfile(os.path.join(folder, f))), "")
 
 
-def resolve_feature_extractor(cfg) -> None:
-    """fid.feature_extractor and fid.weights_path as the run will use them, checked, written into cfg."""
+def resolve_feature_extractor(cfg) -> dict:
+    """{"fid.feature_extractor": ..., "fid.weights_path": ...} as the run will use them, checked."""
     fid = cfg.fid
     _import_extractors(fid)
-    if fid.weights_path:
-        fid.weights_path = os.path.abspath(os.path.expanduser(fid.weights_path))
-        if not os.path.isfile(fid.weights_path):
-            raise ConfigError(f"fid.weights_path={fid.weights_path} does not exist; expected the Inception weights "
+    extractor, weights_path = fid.feature_extractor, fid.weights_path
+    if weights_path:
+        weights_path = os.path.abspath(os.path.expanduser(weights_path))
+        if not os.path.isfile(weights_path):
+            raise ConfigError(f"fid.weights_path={weights_path} does not exist; expected the Inception weights "
                               f"file {INCEPTION_FILES[0]}")
-    if fid.feature_extractor == "auto":
-        fid.weights_path = fid.weights_path or cached_inception_weights()
-        fid.feature_extractor = INCEPTION if fid.weights_path else PROXY
-        if not fid.weights_path:
+    if extractor == "auto":
+        weights_path = weights_path or cached_inception_weights()
+        extractor = INCEPTION if weights_path else PROXY
+        if not weights_path:
             print(f"warning: no Inception weights here, so val/fid uses the offline proxy {PROXY} and is not comparable "
                   f"to published FID; real FID needs fid.weights_path=/path/to/{INCEPTION_FILES[1]} (or "
                   f"torch-fidelity's {INCEPTION_FILES[0]})", file=sys.stderr, flush=True)
-    elif fid.feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
+    elif extractor not in FEATURE_EXTRACTORS_REGISTRY:
         known = "|".join(["auto", *sorted(FEATURE_EXTRACTORS_REGISTRY)])
-        raise ConfigError(f"fid.feature_extractor={fid.feature_extractor} is not a torch-fidelity feature extractor; "
+        raise ConfigError(f"fid.feature_extractor={extractor} is not a torch-fidelity feature extractor; "
                           f"expected one of {known} (or register one through fid.extractor_module)")
+    return {"fid.feature_extractor": extractor, "fid.weights_path": weights_path}
 
 
 # --------------------------------------------------------
 # data, steps, metrics, plots
 # --------------------------------------------------------
-def build_data(cfg) -> dict:
-    resolve_feature_extractor(cfg)  # before any data work: a bad setting is one line, at once
-    return data.substructure(cfg)
+def build_data(cfg) -> tuple[dict, dict]:
+    extractor = resolve_feature_extractor(cfg)  # before any data work: a bad setting is one line, at once
+    return data.substructure(cfg), extractor
 
 
 def collate(batch: dict, cfg, training: bool) -> dict:

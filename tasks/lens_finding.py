@@ -82,10 +82,10 @@ def build_data(cfg) -> dict:
             raise DataError(f"the {split} split has {positives} lenses and {negatives} non-lenses; both are needed "
                             f"(raise data.num_{'train' if split == 'train' else 'val'} or "
                             f"sim.{split}_positive_fraction)")
-    if cfg.loss.pos_weight is None:
-        negatives, positives = splits["train"].manifest["counts"]
-        cfg.loss.pos_weight = negatives / positives
-    return splits
+    if cfg.loss.pos_weight is not None:
+        return splits
+    negatives, positives = splits["train"].manifest["counts"]
+    return splits, {"loss.pos_weight": negatives / positives}  # the training split's non-lenses per lens
 
 
 def build_model(cfg) -> torch.nn.Module:

@@ -250,7 +250,7 @@ class PhysicsInformedNet(nn.Module):
 
 def pixel_scale(cfg) -> float:
     """arcsec/px: physics.pixel_scale, or the simulator preset's."""
-    return cfg.physics.pixel_scale or simulate._preset(cfg.data.preset).pixel_scale
+    return cfg.physics.pixel_scale or simulate.get_preset(cfg.data.preset).pixel_scale
 
 
 def build_model(cfg) -> PhysicsInformedNet:
@@ -272,9 +272,9 @@ def build_data(cfg) -> dict:
         raise ConfigError(f"physics.pixel_scale is required with data.path={cfg.data.path} (real images do not say "
                           f"their arcsec per pixel); e.g. physics.pixel_scale=0.05 for DeepLense Model I / Test I")
     splits = data.substructure(cfg)
-    if cfg.physics.pixel_scale is None:
-        cfg.physics.pixel_scale = simulate._preset(cfg.data.preset).pixel_scale  # logged with the run
-    return splits
+    if cfg.physics.pixel_scale is not None:
+        return splits
+    return splits, {"physics.pixel_scale": simulate.get_preset(cfg.data.preset).pixel_scale}
 
 
 TRUTH = ("theta_e", "lens_q", "lens_phi", "shear", "shear_angle")  # the simulated lens, where known

@@ -122,14 +122,14 @@ def build_data(cfg) -> dict:
     if missing:
         raise DataError(f"regression needs the simulator's truth labels; {splits['train'].path} has no "
                         f"{', '.join(missing)} (use simulated data: data.source=sim)")
-    if not cfg.targets.mean:
-        table = pq.ParquetDataset(splits["train"].files).read(columns=list(PARAMETERS[:5])).to_pydict()
-        values = np.stack([np.asarray(table[p], dtype=np.float64) for p in PARAMETERS[:5]], axis=1)  # (N, 5)
-        cfg.targets.mean = values.mean(0).round(6).tolist()
-        cfg.targets.std = np.maximum(values.std(0), 1e-6).round(6).tolist()
-    elif len(cfg.targets.mean) != 5 or len(cfg.targets.std) != 5:
-        raise ConfigError(f"targets.mean and targets.std need 5 values ({', '.join(PARAMETERS[:5])})")
-    return splits
+    if cfg.targets.mean:
+        if len(cfg.targets.mean) != 5 or len(cfg.targets.std) != 5:
+            raise ConfigError(f"targets.mean and targets.std need 5 values ({', '.join(PARAMETERS[:5])})")
+        return splits
+    table = pq.ParquetDataset(splits["train"].files).read(columns=list(PARAMETERS[:5])).to_pydict()
+    values = np.stack([np.asarray(table[p], dtype=np.float64) for p in PARAMETERS[:5]], axis=1)  # (N, 5)
+    return splits, {"targets.mean": values.mean(0).round(6).tolist(),
+                    "targets.std": np.maximum(values.std(0), 1e-6).round(6).tolist()}
 
 
 def collate(batch: dict, cfg, training: bool) -> dict:

@@ -127,17 +127,15 @@ def test_a_real_process_prints_only_the_one_line(tmp_path, args, message):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
 
 
-@pytest.mark.parametrize("task, filled", [("pinn", {"physics.pixel_scale": 0.101}),
-                                          ("regression", {"targets.mean": [1.0] * 5, "targets.std": [0.5] * 5})])
-def test_resuming_a_sweep_takes_what_its_data_filled_in_as_the_same_setting(task, filled):
-    """A sweep records the values its data filled in; the same command, run again to resume it,
-    leaves them unset (the data fills them in later): not another setting. A real change still is."""
+def test_what_the_data_decided_is_compared_on_resume_like_any_other_setting():
+    """A sweep records the settings its data decided; a resume decides them again from the same
+    data (the same values: no change), and a command that would decide others is refused."""
     from platform import tracking
     from platform.tune import setting_change
 
-    recorded = tracking.public_params(config.flatten(config.to_dict(config.build(task, [filled]))))
-    assert setting_change(recorded, config.build(task, [])) is None
-    assert setting_change(recorded, config.build(task, [{"train.lr": 0.01}])) == \
+    recorded = tracking.public_params(config.flatten(config.to_dict(config.build("lens_finding", [{"loss.pos_weight": 5}]))))
+    assert setting_change(recorded, config.build("lens_finding", [{"loss.pos_weight": 5.0}])) is None
+    assert setting_change(recorded, config.build("lens_finding", [{"loss.pos_weight": 16.4}])) == \
+        "loss.pos_weight=5.0; this command has loss.pos_weight=16.4"
+    assert setting_change(recorded, config.build("lens_finding", [{"loss.pos_weight": 5, "train.lr": 0.01}])) == \
         f"train.lr={recorded['train.lr']}; this command has train.lr=0.01"
-    key, value = next(iter(filled.items()))
-    assert setting_change(recorded, config.build(task, [{key: value}])) is None

@@ -17,6 +17,7 @@ from platform.config import ConfigError
 from platform.data import shards as shards_lib
 from tasks.diffusion import (INCEPTION, PROXY, alpha_bars, ddim_sample, ddim_step, frechet_distance,
                              resolve_feature_extractor, slerp, update_ema)
+from platform.runner import data_and_settings
 from tests import fid_extractor
 from tests.helpers import overfit_losses, run_cli, run_cli_here, tiny
 
@@ -111,7 +112,7 @@ def test_loss_falls_when_overfitting_a_small_batch(tmp_path):
     task = registry.get("diffusion")
     cfg = config.build("diffusion", [{"data.cache_dir": str(tmp_path), "data.num_train": 32, "data.num_val": 8,
                                       "augment.strength": 0.0, **SMALL}])
-    splits = task.build_data(cfg)
+    splits, cfg = data_and_settings(task, cfg)
     batch = task.collate(shards_lib.head(splits["train"], 16), cfg, True)
     assert batch["image"].shape == (16, 1, 16, 16) and -1 <= batch["image"].min() < batch["image"].max() <= 1
     losses = overfit_losses(task, cfg, batch, steps=30, lr=2e-3)
@@ -123,7 +124,7 @@ def test_validation_draws_the_same_noise_for_the_same_image_every_time(tmp_path)
     task = registry.get("diffusion")
     cfg = config.build("diffusion", [{"data.cache_dir": str(tmp_path), "data.num_train": 8, "data.num_val": 8,
                                       "diffusion.sample_steps": 3, "diffusion.eta": 1.0, **SMALL}])
-    splits = task.build_data(cfg)
+    splits, cfg = data_and_settings(task, cfg)
     model = task.build_model(cfg).eval()
     batch = task.collate(shards_lib.head(splits["val"], 6), cfg, False)
     with torch.no_grad():
@@ -147,8 +148,8 @@ def test_validation_draws_the_same_noise_for_the_same_image_every_time(tmp_path)
 def test_feature_extractor_auto_never_downloads(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
     cfg = config.build("diffusion", [{}])
-    resolve_feature_extractor(cfg)
-    assert (cfg.fid.feature_extractor, cfg.fid.weights_path) == (PROXY, "")
+    assert resolve_feature_extractor(cfg) == {"fid.feature_extractor": PROXY, "fid.weights_path": ""}
+    assert cfg.fid.feature_extractor == "auto"  # what the task decides is a layer the core applies
     warning = capsys.readouterr().err
     assert warning.count("\n") == 1 and "fid.weights_path=/path/to/pt_inception-2015-12-05-6726825d.pth" in warning
 
@@ -156,13 +157,11 @@ def test_feature_extractor_auto_never_downloads(tmp_path, monkeypatch, capsys):
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"")  # never loaded here: only found
     cfg = config.build("diffusion", [{}])
-    resolve_feature_extractor(cfg)
-    assert (cfg.fid.feature_extractor, cfg.fid.weights_path) == (INCEPTION, str(cached))
+    assert resolve_feature_extractor(cfg) == {"fid.feature_extractor": INCEPTION, "fid.weights_path": str(cached)}
 
     cfg = config.build("diffusion", [{"fid.extractor_module": "tests.fid_extractor",
                                       "fid.feature_extractor": fid_extractor.NAME}])
-    resolve_feature_extractor(cfg)
-    assert cfg.fid.feature_extractor == fid_extractor.NAME
+    assert resolve_feature_extractor(cfg)["fid.feature_extractor"] == fid_extractor.NAME
     cfg = config.build("diffusion", [{"fid.extractor_module": "tests.no_such_module"}])
     with pytest.raises(ConfigError, match="fid.extractor_module=tests.no_such_module cannot be imported"):
         resolve_feature_extractor(cfg)

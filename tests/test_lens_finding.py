@@ -10,6 +10,7 @@ from platform import config, registry
 from platform.data import shards as shards_lib
 from platform.data.lenses import simulate_lenses
 from platform.metrics import binary_metrics
+from platform.runner import data_and_settings
 from tests.helpers import assert_figure, overfit_losses, run_cli, run_cli_here
 
 # Tiny, and with enough lenses in validation for an AUC: 30 images at 1:4.
@@ -40,8 +41,9 @@ def test_loss_falls_when_overfitting_a_small_batch(tmp_path):
     cfg = config.build("lens_finding", [{"data.cache_dir": str(tmp_path), "data.num_train": 32, "data.num_val": 20,
                                          "sim.val_positive_fraction": 0.2, "augment.strength": 0.0,
                                          "model.name": "resnet10t"}])
-    splits = task.build_data(cfg)
-    assert cfg.loss.pos_weight == pytest.approx(30 / 2)  # the training split's negatives per lens
+    assert cfg.loss.pos_weight is None
+    splits, cfg = data_and_settings(task, cfg)
+    assert cfg.loss.pos_weight == pytest.approx(30 / 2)  # the training split's negatives per lens, as a config layer
     batch = task.collate(shards_lib.head(splits["train"], 16), cfg, True)
     losses = overfit_losses(task, cfg, batch)
     assert losses[-1] < 0.3 * losses[0], losses
@@ -73,3 +75,22 @@ def test_tune_lens_finding_through_the_cli(tmp_path):
     plots = {a.path for a in client.list_artifacts(trial.info.run_id, "plots")}
     assert plots == {"plots/roc.png", "plots/pr.png", "plots/gradcam.png", "plots/embeddings.png"}
     assert_figure(client, trial.info.run_id, "plots/gradcam.png")
+
+
+@pytest.mark.slow
+def test_a_sweep_resumed_without_its_pos_weight_is_refused(tmp_path):
+    """loss.pos_weight given when the sweep started; left out when it is resumed, the data would
+    decide another (the negatives per lens): the restored trials would train with another weight."""
+    db = tmp_path / "mlflow.db"
+    (tmp_path / "lr.yaml").write_text("search:\n  train.lr: {loguniform: [3.0e-4, 3.0e-3]}\n")
+    common = ["task=lens_finding", "scaling.num_workers=0", "tune.num_samples=1", "train.epochs=1", "tune.name=pw",
+              "tune.space=lr.yaml", *TINY, f"data.cache_dir={tmp_path}/cache", f"mlflow.tracking_uri=sqlite:///{db}"]
+    result = run_cli("platform.tune", *common, "loss.pos_weight=5", cwd=str(tmp_path))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    result = run_cli("platform.tune", *common, "tune.resume=force", cwd=str(tmp_path))
+    assert result.returncode == 2, (result.stdout + result.stderr)[-4000:]
+    assert result.stderr.strip() == result.stderr.strip().splitlines()[0], result.stderr
+    assert "error: tune.name=pw was started with loss.pos_weight=5.0; this command has loss.pos_weight=" in result.stderr
+    # With its own weight it is the same sweep again: one more trial.
+    result = run_cli("platform.tune", *common, "loss.pos_weight=5", "tune.resume=force", cwd=str(tmp_path))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

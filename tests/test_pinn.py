@@ -11,6 +11,7 @@ from platform import config, registry
 from platform import lensing as L
 from platform.data import shards as shards_lib
 from tasks.pinn import PhysicsConfig, lens_parameters, physics_loss, physics_weight, reconstruct
+from platform.runner import data_and_settings
 from tests.helpers import assert_figure, overfit_losses, run_cli, run_cli_here, tiny
 
 f64 = torch.float64
@@ -163,8 +164,8 @@ def test_loss_falls_when_overfitting_a_small_batch(tmp_path):
     overrides = dict(item.split("=") for item in TINY)
     cfg = config.build("pinn", [{"data.cache_dir": str(tmp_path), "data.num_train": 32, "data.num_val": 8,
                                  "augment.strength": 0.0, **overrides}])
-    splits = task.build_data(cfg)
-    assert cfg.physics.pixel_scale == pytest.approx(0.101)  # model_ii's, filled in (and so logged)
+    splits, cfg = data_and_settings(task, cfg)
+    assert cfg.physics.pixel_scale == pytest.approx(0.101)  # model_ii's, a layer of the config (and so logged)
     batch = task.collate(shards_lib.head(splits["train"], 16), cfg, True)
     assert batch["lens_truth"].shape == (16, 5)
     losses = overfit_losses(task, cfg, batch, epoch=1)

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from platform import config, registry
 from platform.data import shards as shards_lib
 from tasks.regression import angle_error
+from platform.runner import data_and_settings
 from tests.helpers import overfit_losses, run_cli, run_cli_here, tiny
 
 MAE_SIZE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2"]
@@ -24,7 +25,7 @@ def test_loss_falls_when_overfitting_a_small_batch(tmp_path):
     task = registry.get("regression")
     cfg = config.build("regression", [{"data.cache_dir": str(tmp_path), "data.num_train": 32, "data.num_val": 8,
                                        "encoder.arch": "resnet10t"}])
-    splits = task.build_data(cfg)
+    splits, cfg = data_and_settings(task, cfg)
     assert len(cfg.targets.mean) == 5 and all(s > 0 for s in cfg.targets.std)  # from the training split
     batch = task.collate(shards_lib.head(splits["train"], 16), cfg, True)
     losses = overfit_losses(task, cfg, batch)

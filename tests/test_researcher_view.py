@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from platform import config as config_lib
 from platform import explain, registry
 from platform.data import shards as shards_lib
+from platform.runner import data_and_settings
 from tests.helpers import assert_figure, free_port, run_cli, run_cli_here, tiny
 
 CLASSIFIERS = ("classification", "lens_finding", "multitask", "pinn", "mae_finetune")
@@ -158,7 +159,8 @@ def test_every_task_with_an_encoder_draws_its_views(task_name, tmp_path):
     finder = {"sim.val_positive_fraction": 0.3, "sim.train_positive_fraction": 0.3} if task_name == "lens_finding" else {}
     cfg = config_lib.build(task_name, [{"data.cache_dir": str(tmp_path), "data.num_train": 16, "data.num_val": 40,
                                         "plots.gradcam_per_class": 2, **finder}])
-    rows = shards_lib.head(task.build_data(cfg)["val"], 40)
+    splits, cfg = data_and_settings(task, cfg)
+    rows = shards_lib.head(splits["val"], 40)
     figures = explain.model_views(task.build_model(cfg), task, cfg, rows, torch.device("cpu"))
     expected = {"embeddings.png"} | ({"gradcam.png"} if task_name in CLASSIFIERS else set())
     assert set(figures) == expected

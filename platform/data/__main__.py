@@ -21,7 +21,8 @@ from platform.data import shards as shards_lib
 def main(argv: list[str]) -> int:
     task_name, overrides = config_lib.parse_cli(argv)
     cfg = config_lib.build(task_name, [overrides])
-    splits = registry.get(cfg.task).build_data(cfg)
+    built = registry.get(cfg.task).build_data(cfg)
+    splits = built[0] if isinstance(built, tuple) else built
     for split, shards in splits.items():
         m = shards.manifest
         counts = ", ".join(f"{name}={n}" for name, n in zip(m.get("classes", []), m.get("counts", [])))

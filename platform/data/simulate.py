@@ -158,7 +158,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def _preset(name: str) -> Preset:
+def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
@@ -298,7 +298,7 @@ def simulate(preset: str, n: int, seed: int, chunk_size: int = 256) -> tuple[np.
     float rounding in the batched kernels (FFT, vectorised tails) depends on batch size,
     and memory stays at one block (~25 MB at 150x150) either way.
     """
-    p = _preset(preset)
+    p = get_preset(preset)
     if n < 0 or chunk_size < 1:
         raise ValueError(f"need n >= 0 and chunk_size >= 1, got n={n}, chunk_size={chunk_size}")
     labels = _labels(n, seed)
