@@ -13,7 +13,7 @@ are all shown, not the two or three among its first 256 images), each class's fi
 order rank 0 reads them: on one worker, with the split in Ray's object store (the default for
 small splits), the same images for every run and trial of a sweep; under DDP rank 0's share;
 streamed through Ray Data, in the order the pipeline yields them. A binary finder's image counts
-as predicted a lens above the run's own decision threshold (its ``val/threshold`` at the best epoch).
+as predicted a lens above the run's own decision threshold (``Task.threshold_metric`` at the best epoch).
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def log_views(client, run_id: str, make_model: Callable, task, cfg, rows: dict, 
     """Draw the views of ``make_model()`` (the best weights, a model the caller hands over) and log
     them on the run, tagged ``platform.views``. Returns (the figures' names, None), or ([], why) in one
     line, tagged ``platform.views_error``: a figure must never fail a run whose training succeeded.
-    ``threshold``: a binary finder's decision threshold (its ``val/threshold`` at the best epoch)."""
+    ``threshold``: a binary finder's decision threshold (``Task.threshold_metric`` at the best epoch)."""
     from platform import tracking
 
     try:

@@ -465,12 +465,18 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
             if last and run.logger.client:  # before the last report: Tune may then stop the trial
                 explain.log_best_views(run.logger.client, run.logger.run_id, run.task, run.cfg, unwrap(run.model),
                                        run.best_state, validated.view_rows, run.device,
-                                       run.best_metrics.get("val/threshold", 0.5))
+                                       decision_threshold(run.task, run.best_metrics))
         run.session.report(shown_first(metrics, objective), checkpoint=checkpoint,
                            checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
     if last and run.best is None:
         raise FloatingPointError(f"val/{objective} was not a number in any of the {run.cfg.train.epochs} epochs: "
                                  f"no best epoch to keep; check the task's outputs, or lower train.lr")
+
+
+def decision_threshold(task, best_metrics: dict) -> float:
+    """A binary finder's threshold at its best epoch (``Task.threshold_metric``); 0.5 for the rest."""
+    value = best_metrics.get(f"val/{task.threshold_metric}") if task.threshold_metric else None
+    return value if value is not None and math.isfinite(value) else 0.5
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:

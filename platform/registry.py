@@ -63,6 +63,9 @@ class Task:
     embed         (model, collated batch, cfg) -> features (B, D) of the task's encoder: a t-SNE map
                   of the validation images (``plots.embeddings``), coloured by the data column
                   ``embedding_colour`` (``label``: the class; or a truth parameter, ``theta_e``)
+    threshold_metric  a binary finder's: the metric (logged as ``val/<it>``) that holds the decision
+                  threshold chosen on the val split; the views mark as lenses the images above the one
+                  of the best epoch (else 0.5)
     references    what the DeepLense community published for this task, shown beside the best runs
                   by ``python -m platform.report``: ``platform.report.Reference`` records
     """
@@ -94,6 +97,7 @@ class Task:
     embed: Optional[Callable[..., Any]] = None
     embedding_colour: str = "label"
     references: tuple = ()
+    threshold_metric: Optional[str] = None
     description: str = ""
 
     def __post_init__(self):

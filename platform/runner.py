@@ -130,7 +130,8 @@ def log_best_model(client, run_id: str, cfg, task, val_shards, register: bool, w
         # The rows the training loop chose at the run's end, read in the same order.
         views = explain.ViewRows(cfg.plots.samples, len(cfg.data.classes))
         rows = views.feed(shards_lib.batches(val_shards, cfg.train.batch_size)).rows()
-        threshold = runs.at_best_epoch(client, run_id, "val/threshold") or 0.5
+        threshold = (runs.at_best_epoch(client, run_id, f"val/{task.threshold_metric}") if task.threshold_metric
+                     else None) or 0.5
         _, why = explain.log_views(client, run_id, lambda: copy.deepcopy(model), task, cfg, rows, torch.device("cpu"),
                                    threshold)
         if why:

@@ -28,12 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from platform import data
-from platform.config import ConfigError, bounded
-from platform.data.augment import AugmentConfig, batch_images
+from platform.config import bounded
+from platform.data.augment import AugmentConfig
 from platform.explain import timm_features
 from platform.metrics import classification_metrics
 from platform.plots import image_rows_figure
 from platform.registry import Reference, Task, register
+from tasks._shared import check_timm_name, labelled_images
 from tasks.multitask import Decoder
 
 
@@ -44,8 +45,7 @@ class ModelConfig:
     decoder_channels: int = bounded(64, 4)  # width of the decoder's first stage; halved at each upsampling
 
     def __post_init__(self):
-        if self.encoder not in timm.list_models(self.encoder):
-            raise ConfigError(f"model.encoder={self.encoder} is not a timm model name (e.g. resnet18, resnet10t)")
+        check_timm_name("model.encoder", self.encoder)
 
 
 @dataclass
@@ -89,8 +89,7 @@ def build_model(cfg) -> ConvAutoencoder:
 
 
 def collate(batch: dict, cfg, training: bool) -> dict:
-    images = batch_images(batch, cfg.augment, training)  # (B, 1, H, W)
-    return {"image": images, "label": torch.from_numpy(batch["label"].astype(np.int64))}
+    return labelled_images(batch, cfg.augment, training)  # image (B, 1, H, W), label (B,)
 
 
 def train_step(model, batch: dict, cfg) -> dict:

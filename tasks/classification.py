@@ -12,17 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from platform import data
 from platform.config import bounded
-from platform.data.augment import AugmentConfig, batch_images
+from platform.data.augment import AugmentConfig
 from platform.explain import timm_features, timm_target
-from platform.metrics import classification_metrics
-from platform.plots import confusion_matrix_figure, roc_figure
 from platform.registry import Reference, Task, register
+from tasks._shared import class_figures, class_metrics, labelled_images, timm_classifier
 
 
 @dataclass
@@ -39,22 +37,11 @@ class ClassificationConfig:
 
 
 def build_model(cfg) -> torch.nn.Module:
-    import timm  # here, not at the top: only the processes that build the model pay for it (2-3 s)
-
-    weights = cfg.model.pretrained_path
-    return timm.create_model(
-        cfg.model.name,
-        pretrained=bool(weights),
-        pretrained_cfg_overlay={"file": weights} if weights else None,
-        in_chans=1,
-        num_classes=len(cfg.data.classes),
-        drop_rate=cfg.model.drop_rate,
-    )
+    return timm_classifier(cfg.model, in_chans=1, num_classes=len(cfg.data.classes))
 
 
 def collate(batch: dict, cfg, training: bool) -> dict:
-    images = batch_images(batch, cfg.augment, training)  # (B, 1, H, W)
-    return {"image": images, "label": torch.from_numpy(batch["label"].astype(np.int64))}
+    return labelled_images(batch, cfg.augment, training)  # image (B, 1, H, W), label (B,)
 
 
 def train_step(model, batch: dict, cfg) -> dict:
@@ -68,15 +55,11 @@ def eval_step(model, batch: dict, cfg) -> dict:
 
 
 def evaluate(outputs: dict, cfg) -> dict:
-    return classification_metrics(outputs["probs"], outputs["label"].astype(np.int64), list(cfg.data.classes))
+    return class_metrics(outputs, cfg)
 
 
 def plots(model, batch: dict, outputs: dict, cfg) -> dict:
-    labels, classes = outputs["label"].astype(np.int64), list(cfg.data.classes)
-    return {
-        "roc.png": roc_figure(outputs["probs"], labels, classes),
-        "confusion_matrix.png": confusion_matrix_figure(outputs["probs"].argmax(1), labels, classes),
-    }
+    return class_figures(outputs, cfg)
 
 
 def gradcam(model, cfg):

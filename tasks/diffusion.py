@@ -48,6 +48,7 @@ from platform.config import ConfigError, bounded, choice
 from platform.data.augment import AugmentConfig, batch_images
 from platform.plots import pyplot
 from platform.registry import Task, register
+from tasks._shared import resized
 
 CHANNELS = 1  # the substructure images are single-band
 INCEPTION = "inception-v3-compat"
@@ -497,10 +498,7 @@ def build_data(cfg) -> tuple[dict, dict]:
 
 
 def collate(batch: dict, cfg, training: bool) -> dict:
-    images = batch_images(batch, cfg.augment, training)  # (B, 1, H, W) in [0, 1]
-    size = cfg.model.img_size
-    if images.shape[-1] != size or images.shape[-2] != size:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    images = resized(batch_images(batch, cfg.augment, training), cfg.model.img_size)  # (B, 1, size, size) in [0, 1]
     return {"image": images * 2 - 1}  # (B, 1, size, size) in [-1, 1], the range the noise schedule assumes
 
 

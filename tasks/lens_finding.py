@@ -30,6 +30,7 @@ from platform.explain import timm_features, timm_target
 from platform.metrics import binary_metrics
 from platform.plots import binary_curves_figures
 from platform.registry import Reference, Task, register
+from tasks._shared import timm_classifier
 from tasks.classification import ModelConfig  # the same timm model settings
 
 
@@ -89,12 +90,7 @@ def build_data(cfg) -> dict:
 
 
 def build_model(cfg) -> torch.nn.Module:
-    import timm  # here, not at the top: only the processes that build the model pay for it (2-3 s)
-
-    weights = cfg.model.pretrained_path
-    return timm.create_model(cfg.model.name, pretrained=bool(weights),
-                             pretrained_cfg_overlay={"file": weights} if weights else None,
-                             in_chans=3, num_classes=1, drop_rate=cfg.model.drop_rate)
+    return timm_classifier(cfg.model, in_chans=3, num_classes=1)  # (B, 1): a lens's logit
 
 
 def _augmentation(strength: float, seed: int) -> A.Compose:
@@ -156,6 +152,7 @@ register(Task(
     evaluate=evaluate,
     metric="roc_auc",
     mode="max",
+    threshold_metric="threshold",  # val/threshold: tuned for F1 on the val split each epoch
     plots=plots,
     gradcam=gradcam,
     embed=embed,

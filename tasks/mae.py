@@ -16,13 +16,13 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from platform import data
 from platform.config import ConfigError, bounded
 from platform.data.augment import AugmentConfig, batch_images
 from platform.plots import image_rows_figure
 from platform.registry import Task, register
+from tasks._shared import resized
 
 
 @dataclass
@@ -304,13 +304,20 @@ class MaskedAutoencoder(nn.Module):
         x = self._embed_patches(imgs)  # (B, L, D)
         return self._encode(x)[:, 1:, :]  # (B, L, D)  without the cls token
 
+    def freeze_decoder(self) -> None:
+        """Leave the decoder (and the mask token) out of training, and out of DDP's gradient buckets:
+        a task that uses the encoder alone (fine-tuning, regression) never updates them."""
+        for name, p in self.named_parameters():
+            if name.startswith(("decoder", "mask_token")):
+                p.requires_grad_(False)
+
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """Mean-pooled patch tokens (B, D), for probing or fine-tuning."""
         return self.forward_tokens(imgs).mean(dim=1)  # (B, D)
 
 
-def build_model(cfg) -> MaskedAutoencoder:
-    m = cfg.model
+def mae_from(m: MAEModelConfig) -> MaskedAutoencoder:
+    """The model of an MAE config section: this task's ``model``, or another task's encoder (``encoder.mae``)."""
     return MaskedAutoencoder(
         img_size=m.img_size, patch_size=m.patch_size, in_chans=1, embed_dim=m.embed_dim, depth=m.depth,
         num_heads=m.num_heads, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
@@ -318,12 +325,12 @@ def build_model(cfg) -> MaskedAutoencoder:
     )
 
 
+def build_model(cfg) -> MaskedAutoencoder:
+    return mae_from(cfg.model)
+
+
 def collate(batch: dict, cfg, training: bool) -> dict:
-    images = batch_images(batch, cfg.augment, training)  # (B, 1, H, W)
-    size = cfg.model.img_size
-    if images.shape[-1] != size or images.shape[-2] != size:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return {"image": images}
+    return {"image": resized(batch_images(batch, cfg.augment, training), cfg.model.img_size)}  # (B, 1, size, size)
 
 
 def train_step(model, batch: dict, cfg) -> dict:

@@ -23,20 +23,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from platform import data
 from platform.config import bounded, choice
-from platform.data.augment import AugmentConfig, batch_images
+from platform.data.augment import AugmentConfig
 from platform.explain import vit_target
-from platform.metrics import classification_metrics
-from platform.plots import confusion_matrix_figure, roc_figure
 from platform.pretrained import load_matching
 from platform.registry import Reference, Task, register
 from tasks import mae, superres
+from tasks._shared import class_figures, class_metrics, labelled_images
 
 
 @dataclass
@@ -90,10 +88,7 @@ class FinetuneNet(nn.Module):
             self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
         else:
             self.head = SuperresHead(dim, patch, width)
-        # Only the encoder is fine-tuned: the MAE decoder stays out of training (and of DDP's buckets).
-        for name, p in encoder.named_parameters():
-            if name.startswith(("decoder", "mask_token")):
-                p.requires_grad_(False)
+        encoder.freeze_decoder()  # only the encoder is fine-tuned
 
     def encode(self, images: torch.Tensor, frozen: bool) -> torch.Tensor:
         size = self.encoder.patch_embed.img_size
@@ -134,8 +129,7 @@ def build_data(cfg) -> dict:
 def collate(batch: dict, cfg, training: bool) -> dict:
     if cfg.head == "superres":
         return superres.collate(batch, cfg, training)
-    images = batch_images(batch, cfg.augment, training)  # (B, 1, H, W)
-    return {"image": images, "label": torch.from_numpy(batch["label"].astype(np.int64))}
+    return labelled_images(batch, cfg.augment, training)  # image (B, 1, H, W), label (B,)
 
 
 def _frozen(batch: dict, cfg) -> bool:
@@ -162,7 +156,7 @@ def eval_step(model, batch: dict, cfg) -> dict:
 def evaluate(outputs: dict, cfg) -> dict:
     if cfg.head == "superres":
         return superres.evaluate(outputs, cfg)
-    return classification_metrics(outputs["probs"], outputs["label"].astype(np.int64), list(cfg.data.classes))
+    return class_metrics(outputs, cfg)
 
 
 def plots(model, batch: dict, outputs: dict, cfg) -> dict:
@@ -170,11 +164,7 @@ def plots(model, batch: dict, outputs: dict, cfg) -> dict:
         with torch.no_grad():
             sr = model(batch["lr"]).float()
         return superres.superres_plots(batch["lr"], sr, batch["hr"], cfg.degrade.factor)
-    labels, classes = outputs["label"].astype(np.int64), list(cfg.data.classes)
-    return {
-        "roc.png": roc_figure(outputs["probs"], labels, classes),
-        "confusion_matrix.png": confusion_matrix_figure(outputs["probs"].argmax(1), labels, classes),
-    }
+    return class_figures(outputs, cfg)
 
 
 def gradcam(model: FinetuneNet, cfg):

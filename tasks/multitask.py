@@ -20,19 +20,18 @@ import math
 import operator
 from dataclasses import dataclass, field
 
-import numpy as np
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from platform import data
-from platform.config import ConfigError, bounded
-from platform.data.augment import AugmentConfig, batch_images
+from platform.config import bounded
+from platform.data.augment import AugmentConfig
 from platform.explain import Logits, timm_features, timm_target
-from platform.metrics import classification_metrics
-from platform.plots import confusion_matrix_figure, image_rows_figure, roc_figure
+from platform.plots import image_rows_figure
 from platform.registry import Task, register
+from tasks._shared import check_timm_name, class_figures, class_metrics, labelled_images
 
 
 @dataclass
@@ -42,8 +41,7 @@ class ModelConfig:
     drop_rate: float = bounded(0.0, 0.0, 1.0, high_open=True)
 
     def __post_init__(self):
-        if self.encoder not in timm.list_models(self.encoder):
-            raise ConfigError(f"model.encoder={self.encoder} is not a timm model name (e.g. resnet18, resnet10t)")
+        check_timm_name("model.encoder", self.encoder)
 
 
 @dataclass
@@ -101,8 +99,7 @@ def build_model(cfg) -> MultitaskNet:
 
 
 def collate(batch: dict, cfg, training: bool) -> dict:
-    images = batch_images(batch, cfg.augment, training)  # (B, 1, H, W)
-    return {"image": images, "label": torch.from_numpy(batch["label"].astype(np.int64))}
+    return labelled_images(batch, cfg.augment, training)  # image (B, 1, H, W), label (B,)
 
 
 def train_step(model, batch: dict, cfg) -> dict:
@@ -119,22 +116,18 @@ def eval_step(model, batch: dict, cfg) -> dict:
 
 
 def evaluate(outputs: dict, cfg) -> dict:
-    metrics = classification_metrics(outputs["probs"], outputs["label"].astype(np.int64), list(cfg.data.classes))
+    metrics = class_metrics(outputs, cfg)
     metrics["recon_mse"] = float(outputs["recon_mse"].mean())
     return metrics
 
 
 def plots(model, batch: dict, outputs: dict, cfg) -> dict:
-    labels, classes = outputs["label"].astype(np.int64), list(cfg.data.classes)
     images = batch["image"][:6]  # (N, 1, H, W)
     with torch.no_grad():
         _, reconstruction = model(images)
     rows = {"original": images[:, 0].float().cpu().numpy(), "reconstructed": reconstruction[:, 0].float().cpu().numpy()}
-    return {
-        "roc.png": roc_figure(outputs["probs"], labels, classes),
-        "confusion_matrix.png": confusion_matrix_figure(outputs["probs"].argmax(1), labels, classes),
-        "reconstructions.png": image_rows_figure(rows, f"recon_weight {cfg.loss.recon_weight:g}"),
-    }
+    return {**class_figures(outputs, cfg),
+            "reconstructions.png": image_rows_figure(rows, f"recon_weight {cfg.loss.recon_weight:g}")}
 
 
 def gradcam(model: MultitaskNet, cfg):

@@ -52,6 +52,7 @@ from platform.explain import Logits, timm_target
 from platform.metrics import classification_metrics
 from platform.plots import pyplot, roc_figure
 from platform.registry import Reference, Task, register
+from tasks._shared import check_timm_name
 
 SCHEDULES = ("constant", "linear", "cosine", "step")
 THETA_E_RANGE = (0.2, 3.0)  # arcsec: every galaxy-scale lens, and rings that fit in the DeepLense fields
@@ -79,8 +80,7 @@ class ModelConfig:
     norm: str = choice("batch", ["batch", "group"])
 
     def __post_init__(self):
-        if self.backbone not in timm.list_models(module="resnet"):
-            raise ConfigError(f"model.backbone={self.backbone} is not a timm ResNet (e.g. resnet10t, resnet18, resnet34)")
+        check_timm_name("model.backbone", self.backbone, family="resnet")
 
 
 @dataclass

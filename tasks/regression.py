@@ -35,7 +35,8 @@ from platform.data.augment import AugmentConfig, batch_images
 from platform.plots import pyplot
 from platform.pretrained import load_matching
 from platform.registry import Task, register
-from tasks.mae import MAEModelConfig, MaskedAutoencoder
+from tasks._shared import resized
+from tasks.mae import MAEModelConfig, MaskedAutoencoder, mae_from
 
 PARAMETERS = ("theta_e", "source_x", "source_y", "ellipticity", "shear", "shear_angle")
 UNITS = {"theta_e": "arcsec", "source_x": "arcsec", "source_y": "arcsec", "ellipticity": "", "shear": "",
@@ -80,10 +81,7 @@ class Regressor(nn.Module):
         for p in self.encoder.parameters():
             p.requires_grad_(not freeze)
         if isinstance(encoder, MaskedAutoencoder):
-            # Only its encoder is used: leave the decoder out of training (and of DDP's buckets).
-            for name, p in encoder.named_parameters():
-                if name.startswith(("decoder", "mask_token")):
-                    p.requires_grad_(False)
+            encoder.freeze_decoder()  # only its encoder is used
 
     def features(self, images: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) -> (B, D)
         if isinstance(self.encoder, MaskedAutoencoder):
@@ -97,11 +95,7 @@ class Regressor(nn.Module):
 def build_model(cfg) -> Regressor:
     e = cfg.encoder
     if e.arch == "mae":
-        m = e.mae
-        encoder = MaskedAutoencoder(img_size=m.img_size, patch_size=m.patch_size, in_chans=1, embed_dim=m.embed_dim,
-                                    depth=m.depth, num_heads=m.num_heads, decoder_dim=m.decoder_dim,
-                                    decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads)
-        return Regressor(encoder, m.embed_dim, e.freeze)
+        return Regressor(mae_from(e.mae), e.mae.embed_dim, e.freeze)
     encoder = timm.create_model(e.arch, pretrained=False, in_chans=1, num_classes=0)  # (B, num_features)
     return Regressor(encoder, encoder.num_features, e.freeze)
 
@@ -134,9 +128,8 @@ def build_data(cfg) -> dict:
 
 def collate(batch: dict, cfg, training: bool) -> dict:
     images = batch_images(batch, cfg.augment, training)  # (B, 1, H, W)
-    if cfg.encoder.arch == "mae" and images.shape[-1] != cfg.encoder.mae.img_size:
-        size = cfg.encoder.mae.img_size
-        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if cfg.encoder.arch == "mae":
+        images = resized(images, cfg.encoder.mae.img_size)  # (B, 1, size, size)
     truth = np.stack([batch[p].astype(np.float32) for p in PARAMETERS], axis=1)  # (B, 6)
     return {"image": images, "truth": torch.from_numpy(truth)}
 

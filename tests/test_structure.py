@@ -91,3 +91,32 @@ def test_every_function_of_the_core_reads_in_one_sitting():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{module}.{node.name}: {lines} lines")
     assert long == [], f"over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+MACHINERY = ("platform.loop", "platform.runner", "platform.train", "platform.tune", "platform.tracking", "platform.runs",
+             "platform.cluster", "ray", "mlflow")
+
+
+def test_tasks_use_the_cores_helpers_never_its_machinery():
+    """A task never reaches into the loop, Ray or MLflow, nor into another module's private names."""
+    found = []
+    folder = os.path.join(ROOT, "tasks")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(folder, name)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__future__"]
+            elif isinstance(node, ast.Import):
+                modules, private = [a.name for a in node.names], []
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and isinstance(node.value, ast.Name) and node.value.id in {"simulate", "data", "lensing", "mae"}:
+                found.append(f"{name}: {node.value.id}.{node.attr}")
+                continue
+            else:
+                continue
+            found += [f"{name}: imports {m}" for m in modules if m.startswith(MACHINERY)]
+            found += [f"{name}: imports private {p} from {node.module}" for p in private if node.module != "tasks"]
+    assert found == []
