@@ -66,6 +66,11 @@ def bounded(default, low=None, high=None, *, low_open=False, high_open=False):
     )
 
 
+def searchable_name(default: str = ""):
+    """A name the platform finds its runs by (an MLflow filter value): it cannot hold both quote characters."""
+    return field(default=default, metadata={"searchable": True})
+
+
 @dataclass
 class DataConfig:
     source: str = choice("sim", ["sim", "folder"])
@@ -100,7 +105,7 @@ class TrainConfig:
     max_preemptions: int = bounded(-1, -1)  # restarts after a node drained for preemption; -1: no limit
     preemption_check_steps: int = bounded(20, 0)  # steps between checks for SIGTERM / a drain notice; 0: none
     checkpoints_to_keep: int = bounded(2, 1)
-    name: str = ""  # `platform.train` run name; default: <task>-<date>-<time>
+    name: str = searchable_name()  # `platform.train` run name; default: <task>-<date>-<time>
     compare_random_init: bool = False  # `platform.train` with init_from: also train from a random start, side by side
     storage_path: str = ""  # Ray checkpoints and results; default: $DEEPLENSE_RESULTS or ./ray_results (see output_dir)
 
@@ -126,7 +131,7 @@ class TuneConfig:
     max_concurrent: int = bounded(0, 0)  # 0: derived from the cluster's resources
     grace_period: int = bounded(1, 1)
     reduction_factor: int = bounded(2, 2)
-    name: str = ""  # default: <task>-<date>-<time>
+    name: str = searchable_name()  # default: <task>-<date>-<time>
     space: str = ""  # default: search_spaces/<task>.yaml
     seed: int = 0
     # A sweep whose tune.name exists already: auto resumes it if unfinished (refuses a finished
@@ -238,6 +243,9 @@ def _validate(obj: Any, prefix: str = "") -> None:
             continue
         if isinstance(value, float) and value != value:
             raise ConfigError(f"{key}={value} is not a number")
+        if f.metadata.get("searchable") and "'" in value and '"' in value:
+            raise ConfigError(f"{key}={value} holds both quote characters (' and \"), which no MLflow search can "
+                              f"match; keep one kind")
         if "choices" in f.metadata and value not in f.metadata["choices"]:
             options = "|".join(str(o) for o in f.metadata["choices"])
             raise ConfigError(f"{key}={value} is not allowed; expected one of {options}")
@@ -259,7 +267,9 @@ def _one_line(error: OmegaConfBaseException, key: str, value: Any) -> ConfigErro
 def build(task_name: str, layers: list[dict[str, Any]]) -> Any:
     """A validated config object for ``task_name`` with ``layers`` of dotted overrides applied in order."""
     task = registry.get(task_name)
-    return build_from(schema_for(task), [task.defaults, *layers], task_name)
+    cfg = build_from(schema_for(task), [task.defaults, *layers], task_name)
+    chosen = registry.task_of(cfg)  # of several registrations, the one the settings choose, with its defaults
+    return cfg if chosen is task else build_from(schema_for(chosen), [chosen.defaults, *layers], task_name)
 
 
 def build_from(schema: type, layers: list[dict[str, Any]], task_name: str | None = None) -> Any:

@@ -31,6 +31,13 @@ import torch.nn as nn
 from platform.plots import pyplot
 
 
+
+def decision_threshold(task, best_metrics: dict) -> float:
+    """A binary finder's threshold at its best epoch (``Task.threshold_metric``); 0.5 for the rest."""
+    value = best_metrics.get(f"val/{task.threshold_metric}") if task.threshold_metric else None
+    return value if value is not None and math.isfinite(value) else 0.5
+
+
 @dataclass
 class ViewRows:
     """The validation rows the views are drawn on, collected batch by batch as a split is read.
@@ -56,7 +63,7 @@ class ViewRows:
         return len(self.counts) == self.num_classes and min(self.counts.values()) >= share
 
     def add(self, batch: dict) -> None:
-        n = len(batch["image"])
+        n = len(next(iter(batch.values())))
         labels = np.asarray(batch["label"]).astype(np.int64) if "label" in batch else np.full(n, -1)
         for k in np.unique(labels):
             rows = np.flatnonzero(labels == k)[:self.total - self.counts.get(int(k), 0)]  # (m,)
@@ -90,6 +97,11 @@ class ViewRows:
                 break
             self.add(batch)
         return self
+
+
+def view_rows(cfg, total: int) -> ViewRows:
+    """The rows to draw a run's views on, spread over the classes of its data (``data.classes``)."""
+    return ViewRows(total, len(cfg.data.classes))
 
 
 @dataclass

@@ -187,7 +187,7 @@ def log_sweep_insight(client, parent_id: str, objective: str, mode: str) -> list
 def main(argv: list[str]) -> int:
     task_name, overrides = config_lib.parse_cli(argv)
     cfg = config_lib.build(task_name, [overrides])
-    task = registry.get(cfg.task)
+    task = registry.task_of(cfg)
     if not cfg.tune.name:
         raise config_lib.ConfigError("platform.insight needs tune.name=<the sweep's name> (its MLflow parent run's "
                                      "name, printed when the sweep started)")

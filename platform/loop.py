@@ -171,7 +171,7 @@ def setup(loop_config: dict, session: Session) -> Run:
     """The run on this worker: its model (pretrained or resumed), optimiser, schedule, precision and data."""
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = config_lib.from_dict(loop_config["cfg"])
-    task = registry.get(cfg.task)
+    task = registry.task_of(cfg)
     in_process = cfg.scaling.num_workers == 0
     if in_process:  # a Ray Train worker gets these threads from its resources; this process trains itself
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -388,7 +388,7 @@ def validate(run: Run, view_rows: int = 0) -> Validated:
     model = unwrap(run.model)  # no DDP collectives: the ranks' shares may differ by a batch
     model.eval()
     chunks, first_batch = [], None
-    views = explain.ViewRows(view_rows, len(run.cfg.data.classes))
+    views = explain.view_rows(run.cfg, view_rows)
     with torch.no_grad(), autocast(run.device, run.dtype):
         for numpy_batch in run.val_batches(None):
             if view_rows and not views.full:
@@ -465,18 +465,12 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
             if last and run.logger.client:  # before the last report: Tune may then stop the trial
                 explain.log_best_views(run.logger.client, run.logger.run_id, run.task, run.cfg, unwrap(run.model),
                                        run.best_state, validated.view_rows, run.device,
-                                       decision_threshold(run.task, run.best_metrics))
+                                       explain.decision_threshold(run.task, run.best_metrics))
         run.session.report(shown_first(metrics, objective), checkpoint=checkpoint,
                            checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
     if last and run.best is None:
         raise FloatingPointError(f"val/{objective} was not a number in any of the {run.cfg.train.epochs} epochs: "
                                  f"no best epoch to keep; check the task's outputs, or lower train.lr")
-
-
-def decision_threshold(task, best_metrics: dict) -> float:
-    """A binary finder's threshold at its best epoch (``Task.threshold_metric``); 0.5 for the rest."""
-    value = best_metrics.get(f"val/{task.threshold_metric}") if task.threshold_metric else None
-    return value if value is not None and math.isfinite(value) else 0.5
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:

@@ -68,6 +68,10 @@ class Task:
                   of the best epoch (else 0.5)
     references    what the DeepLense community published for this task, shown beside the best runs
                   by ``python -m platform.report``: ``platform.report.Reference`` records
+    when          (dotted key, value) for one of several registrations under one name, each serving
+                  the configs with that setting: ``task=mae_finetune head=superres`` is the
+                  ``when=("head", "superres")`` one. All of a name's registrations share ``config``;
+                  the one for the key's default value answers ``get(name)``
     """
 
     name: str
@@ -98,6 +102,7 @@ class Task:
     embedding_colour: str = "label"
     references: tuple = ()
     threshold_metric: Optional[str] = None
+    when: Optional[tuple[str, Any]] = None
     description: str = ""
 
     def __post_init__(self):
@@ -109,22 +114,7 @@ class Task:
         return self.metric(cfg) if callable(self.metric) else self.metric
 
 
-@dataclass(frozen=True)
-class Reference:
-    """A number the DeepLense community published for a task, shown beside the best runs by
-    ``python -m platform.report``, with what it takes to compare it: the data and the protocol."""
-
-    metric: str  # the platform's metric it sits beside (the task's objective, without val/)
-    value: float
-    definition: str  # what the number is: "macro one-vs-rest ROC AUC", "PSNR (dB)"
-    model: str
-    data: str  # simulated (which model / preset, image size) or real (which survey); how many images
-    protocol: str  # the split it was measured on, and anything else that differs from this platform's
-    source: str  # author, project or paper, year
-    url: str
-
-
-_TASKS: dict[str, Task] = {}
+_TASKS: dict[str, list[Task]] = {}  # name -> its registrations (several when each serves one value of a setting)
 _SOURCES: dict[str, str] = {}  # task name -> the module that registered it
 _discovered = False
 
@@ -135,8 +125,33 @@ def register(task: Task) -> Task:
     if task.name in _TASKS and _SOURCES[task.name] != source:
         raise DuplicateTaskError(f"task {task.name!r} is registered by both {_SOURCES[task.name]} and {source}; "
                                  f"rename one of them (Task(name=...))")
-    _TASKS[task.name], _SOURCES[task.name] = task, source
+    others = [t for t in _TASKS.get(task.name, []) if t.when != task.when]  # a reloaded module replaces its own
+    if others and (task.when is None or any(t.when is None or t.when[0] != task.when[0] or t.config is not task.config
+                                            for t in others)):
+        raise DuplicateTaskError(f"task {task.name!r} is registered twice by {source}; several registrations of one "
+                                 f"name need when=(key, value) with the same key and the same config class")
+    _TASKS[task.name], _SOURCES[task.name] = others + [task], source
     return task
+
+
+def _setting(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _pick(name: str, settings: Any) -> Task:
+    """The registration of ``name`` whose ``when`` matches ``settings`` (a config object)."""
+    candidates = _TASKS[name]
+    if len(candidates) == 1:
+        return candidates[0]
+    key = candidates[0].when[0]
+    value = _setting(settings, key)
+    for task in candidates:
+        if task.when[1] == value:
+            return task
+    raise UnknownTaskError(f"task {name!r} has no registration for {key}={value}; "
+                           f"expected one of {'|'.join(str(t.when[1]) for t in candidates)}")
 
 
 def _discover() -> None:
@@ -170,17 +185,29 @@ def _import_own(name: str) -> None:
 
 
 def get(name: str) -> Task:
+    """The task ``name``; of several registrations, the one its config's defaults choose."""
     if name not in _TASKS:
         _import_own(name)
+    if name not in _TASKS:
+        _discover()
     if name in _TASKS:
-        return _TASKS[name]
-    _discover()
-    if name in _TASKS:
-        return _TASKS[name]
+        return _pick(name, _TASKS[name][0].config())
     known = sorted(_TASKS)
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise UnknownTaskError(f"unknown task {name!r}; {hint}known tasks: {', '.join(known)}")
+
+
+def task_of(cfg: Any) -> Task:
+    """The task a built config runs: ``cfg.task``, and of several registrations the one its settings choose."""
+    get(cfg.task)
+    return _pick(cfg.task, cfg)
+
+
+def all_registrations(name: str) -> list[Task]:
+    """Every registration of ``name`` (one, or one per value of its ``when`` setting)."""
+    get(name)
+    return list(_TASKS[name])
 
 
 def names() -> list[str]:

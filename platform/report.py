@@ -22,6 +22,26 @@ from platform import cli, masking, registry, runs, tracking
 from platform import config as config_lib
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A number the DeepLense community published for a task (``Task.references``), shown beside the
+    best runs, with what it takes to compare it: the data and the protocol."""
+
+    metric: str  # the platform's metric it sits beside (the task's objective, without val/)
+    value: float
+    definition: str  # what the number is: "macro one-vs-rest ROC AUC", "PSNR (dB)"
+    model: str
+    data: str  # simulated (which model / preset, image size) or real (which survey); how many images
+    protocol: str  # the split it was measured on, and anything else that differs from this platform's
+    source: str  # author, project or paper, year
+    url: str
+
+
+def references(task_name: str) -> list[Reference]:
+    """What was published for the task, over all its registrations (one per head, say)."""
+    return [ref for task in registry.all_registrations(task_name) for ref in task.references]
+
+
 @dataclass
 class StoreSettings:
     tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db, as for train and tune
@@ -155,11 +175,12 @@ def markdown(rows: list[Row], ui_url: str, store: str, notes: list[str]) -> str:
             lines.append(f"| {_cell(r.group)} | {kind} | **{_number(r.value)}** | {_cell(others)} | {_cell(params)} "
                          f"| {_cell(r.data)} | [{r.run_id[:8]}]({link}) |")
         lines.append("")
-        references = [ref for ref in task.references if ref.metric == objective] or list(task.references)
-        if references:
+        published = references(task_name)
+        published = [ref for ref in published if ref.metric == objective] or published
+        if published:
             lines += ["Published for this task:", "",
                       "| value | what it is | model | data | protocol | source |", "|---|---|---|---|---|---|"]
-            for ref in references:
+            for ref in published:
                 lines.append(f"| {_number(ref.value)} | {_cell(ref.definition)} | {_cell(ref.model)} | {_cell(ref.data)} "
                              f"| {_cell(ref.protocol)} | [{_cell(ref.source)}]({ref.url}) |")
         else:
@@ -181,7 +202,7 @@ def figure(rows: list[Row]):
     for ax, (task_name, objective, mine) in zip(axes[:, 0], panels):
         mine = mine[::-1]  # best at the top
         ax.barh([r.group for r in mine], [r.value for r in mine], color="tab:blue")
-        for k, ref in enumerate(r for r in registry.get(task_name).references if r.metric == objective):
+        for k, ref in enumerate(r for r in references(task_name) if r.metric == objective):
             ax.axvline(ref.value, color=f"C{k + 1}", ls="--", lw=1,
                        label=f"{ref.value:.4g}: {ref.model[:40]} ({ref.data[:38]}...)")
         if ax.get_legend_handles_labels()[0]:

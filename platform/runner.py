@@ -128,10 +128,11 @@ def log_best_model(client, run_id: str, cfg, task, val_shards, register: bool, w
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     if with_views:
         # The rows the training loop chose at the run's end, read in the same order.
-        views = explain.ViewRows(cfg.plots.samples, len(cfg.data.classes))
+        views = explain.view_rows(cfg, cfg.plots.samples)
         rows = views.feed(shards_lib.batches(val_shards, cfg.train.batch_size)).rows()
-        threshold = (runs.at_best_epoch(client, run_id, f"val/{task.threshold_metric}") if task.threshold_metric
-                     else None) or 0.5
+        metric = f"val/{task.threshold_metric}"
+        at_best = {metric: runs.at_best_epoch(client, run_id, metric)} if task.threshold_metric else {}
+        threshold = explain.decision_threshold(task, at_best)
         _, why = explain.log_views(client, run_id, lambda: copy.deepcopy(model), task, cfg, rows, torch.device("cpu"),
                                    threshold)
         if why:

@@ -13,7 +13,7 @@ from platform.runner import data_and_settings, default_name, log_best_model, mak
 def main(argv: list[str]) -> int:
     task_name, overrides = config_lib.parse_cli(argv)
     cfg = config_lib.build(task_name, [overrides])
-    task = registry.get(cfg.task)
+    task = registry.task_of(cfg)
     cluster.check_fits(cfg.scaling, cfg.ray.address)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     source = pretrained.source_for(cfg, uri)  # init_from checked before any work; linked in MLflow
@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
     inherited = pretrained.inherited(task, source, uri, given=set(overrides))
     if inherited:
         cfg = config_lib.build(task_name, [inherited, overrides])
+        task = registry.task_of(cfg)
         print(pretrained.describe_inherited(inherited, source))
     shards, cfg = data_and_settings(task, cfg)
     print(config_lib.to_yaml(cfg), flush=True)

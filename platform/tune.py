@@ -79,7 +79,9 @@ def train_in_process(config: dict, cfg, datasets: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="deeplense-trial-") as kept:
         while True:
             try:
-                return run_loop(config, tune_trial_session(cfg, datasets, resume_from, keep=kept))
+                # A copy of each epoch's checkpoint to restart from, only when a restart may come.
+                keep = kept if cfg.train.max_failures != 0 else None
+                return run_loop(config, tune_trial_session(cfg, datasets, resume_from, keep=keep))
             except TimeoutError:
                 raise
             except Exception as error:
@@ -188,7 +190,7 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
         # the searcher (and with it the Optuna study) comes back from the saved state.
         return tune.Tuner.restore(sweep_path(cfg, sweep), trainable, resume_unfinished=True,
                                   resume_errored=resume == "force", restart_errored=False)
-    task = registry.get(cfg.task)
+    task = registry.task_of(cfg)
     metric = f"val/{task.objective(cfg)}"
     # The study lives beside the sweep's Ray results (a local file: Optuna's RDB storage is
     # SQL), so the same tune.name continues it.
@@ -405,7 +407,7 @@ def checked_settings(argv: list[str]):
     # Trials run in their own working directories: every path they get must be absolute.
     layers = [inherited or {}, space.fixed, overrides]
     cfg = config_lib.build(task.name, [*layers, {"train.storage_path": storage_path(config_lib.build(task.name, layers))}])
-    return task, cfg, space, source, uri
+    return registry.task_of(cfg), cfg, space, source, uri
 
 
 def open_sweep(cfg, uri: str, sweep: str, space, resume: str | None, earlier, init_tags: dict):

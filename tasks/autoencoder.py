@@ -33,7 +33,8 @@ from platform.data.augment import AugmentConfig
 from platform.explain import timm_features
 from platform.metrics import classification_metrics
 from platform.plots import image_rows_figure
-from platform.registry import Reference, Task, register
+from platform.registry import Task, register
+from platform.report import Reference
 from tasks._shared import check_timm_name, labelled_images
 from tasks.multitask import Decoder
 

@@ -19,7 +19,8 @@ from platform import data
 from platform.config import bounded
 from platform.data.augment import AugmentConfig
 from platform.explain import timm_features, timm_target
-from platform.registry import Reference, Task, register
+from platform.registry import Task, register
+from platform.report import Reference
 from tasks._shared import class_figures, class_metrics, labelled_images, timm_classifier
 
 

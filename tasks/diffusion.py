@@ -39,8 +39,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch_fidelity
+import torch_fidelity.utils
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from platform import data
@@ -424,31 +426,42 @@ if PROXY not in FEATURE_EXTRACTORS_REGISTRY:  # a module may be imported twice (
     torch_fidelity.register_feature_extractor(PROXY, RandomLensCNN)
 
 
-class _UInt8Images(torch.utils.data.Dataset):
-    """Images (N, C, H, W) in [-1, 1] as torch-fidelity reads them: uint8 RGB, one at a time."""
+_EXTRACTORS: dict[tuple, tuple] = {}  # (name, weights, device) -> (network, its FID layer): built once per process
 
-    def __init__(self, images: np.ndarray):
-        pixels = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)  # (N, C, H, W)
-        self.pixels = torch.from_numpy(pixels).expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else torch.from_numpy(pixels)
 
-    def __len__(self) -> int:
-        return len(self.pixels)
+def fid_features(images: torch.Tensor, extractor: str, weights_path: str = "") -> torch.Tensor:
+    """Features (N, D) of images (N, C, H, W) in [-1, 1], in ``extractor``'s FID layer, on the
+    images' own device: each worker embeds its share of the val images where it ran them."""
+    if len(images) == 0:  # no sample this batch: the feature width still comes from the network
+        return fid_features(torch.zeros((1, *images.shape[1:]), device=images.device), extractor, weights_path)[:0]
+    key = (extractor, weights_path, str(images.device))
+    if key not in _EXTRACTORS:
+        layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+        network = torch_fidelity.utils.create_feature_extractor(
+            extractor, [layer], cuda=False, feature_extractor_weights_path=weights_path or None, verbose=False)
+        _EXTRACTORS[key] = (network.to(images.device), layer)
+    network, layer = _EXTRACTORS[key]
+    # torch-fidelity's input convention: uint8 RGB (N, 3, H, W)
+    pixels = torch.round((images.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8).expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        return network.convert_features_tuple_to_dict(network(pixels))[layer].float()  # (N, D)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.pixels[i]  # (3, H, W) uint8
+
+def frechet_distance_of_features(real: np.ndarray, generated: np.ndarray) -> float:
+    """FID between two feature sets (N, D), torch-fidelity's formula."""
+    if len(real) < 2 or len(generated) < 2:
+        return float("nan")  # a covariance needs two images
+    stats = [fid_features_to_statistics(torch.from_numpy(np.asarray(f, dtype=np.float64))) for f in (real, generated)]
+    return float(fid_statistics_to_metric(*stats, verbose=False)[torch_fidelity.KEY_METRIC_FID])
 
 
 def frechet_distance(real: np.ndarray, generated: np.ndarray, extractor: str, weights_path: str = "") -> float:
     """FID between two image sets (N, C, H, W) in [-1, 1], in the feature space of ``extractor``."""
+    def features(images):
+        return fid_features(torch.from_numpy(images), extractor, weights_path).numpy()
     if len(real) < 2 or len(generated) < 2:
-        return float("nan")  # a covariance needs two images
-    metrics = torch_fidelity.calculate_metrics(
-        input1=_UInt8Images(generated), input2=_UInt8Images(real), fid=True, feature_extractor=extractor,
-        feature_extractor_weights_path=weights_path or None, cuda=torch.cuda.is_available(),
-        save_cpu_ram=True,  # no DataLoader worker processes for a few in-memory images
-        cache=False, verbose=False,
-    )
-    return float(metrics[torch_fidelity.KEY_METRIC_FID])
+        return float("nan")
+    return frechet_distance_of_features(features(real), features(generated))
 
 
 def _import_extractors(fid) -> None:
@@ -544,12 +557,15 @@ def eval_step(model, batch: dict, cfg) -> dict:
         generated = model.sample(start[keep].to(x0.device), cfg.diffusion.sample_steps, cfg.diffusion.eta, generator)
     else:
         generated = x0[:0]
-    return {"loss": loss, "real": x0, "generated": generated}  # generated: (B_kept, 1, H, W)
+    _import_extractors(cfg.fid)  # Ray workers: a plugged-in extractor registers itself here too
+    extractor, weights = cfg.fid.feature_extractor, cfg.fid.weights_path
+    return {"loss": loss, "real": x0, "generated": generated,  # generated: (B_kept, 1, H, W)
+            "real_features": fid_features(x0, extractor, weights),  # (B, D)
+            "generated_features": fid_features(generated, extractor, weights)}  # (B_kept, D)
 
 
 def evaluate(outputs: dict, cfg) -> dict:
-    _import_extractors(cfg.fid)  # workers: register a plugged-in extractor here too
-    fid = frechet_distance(outputs["real"], outputs["generated"], cfg.fid.feature_extractor, cfg.fid.weights_path)
+    fid = frechet_distance_of_features(outputs["real_features"], outputs["generated_features"])
     return {"fid": fid, "loss": float(outputs["loss"].mean())}
 
 

@@ -29,7 +29,8 @@ from platform.data.lenses import CLASS_NAMES, VERSION, simulate_lenses
 from platform.explain import timm_features, timm_target
 from platform.metrics import binary_metrics
 from platform.plots import binary_curves_figures
-from platform.registry import Reference, Task, register
+from platform.registry import Task, register
+from platform.report import Reference
 from tasks._shared import timm_classifier
 from tasks.classification import ModelConfig  # the same timm model settings
 

@@ -32,7 +32,8 @@ from platform.config import bounded, choice
 from platform.data.augment import AugmentConfig
 from platform.explain import vit_target
 from platform.pretrained import load_matching
-from platform.registry import Reference, Task, register
+from platform.registry import Task, register
+from platform.report import Reference
 from tasks import mae, superres
 from tasks._shared import class_figures, class_metrics, labelled_images
 
@@ -56,8 +57,9 @@ class MAEFinetuneConfig:
 class SuperresHead(nn.Module):
     """Patch tokens + LR image -> HR image: bicubic upsample plus a learned residual that starts at zero."""
 
-    def __init__(self, dim: int, patch_size: int, width: int):
+    def __init__(self, dim: int, patch_size: int, width: int, factor: int):
         super().__init__()
+        self.factor = factor
         # One token holds a patch_size x patch_size patch: PixelShuffle lays its channels back out as pixels.
         self.to_pixels = nn.Sequential(nn.Conv2d(dim, width * patch_size**2, 1), nn.PixelShuffle(patch_size))
         self.refine = nn.Sequential(
@@ -69,25 +71,32 @@ class SuperresHead(nn.Module):
         nn.init.zeros_(self.refine[-1].weight)
         nn.init.zeros_(self.refine[-1].bias)
 
-    def forward(self, tokens: torch.Tensor, lr: torch.Tensor, hr_size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        hr_size = (lr.shape[-2] * self.factor, lr.shape[-1] * self.factor)
         b, n, d = tokens.shape  # (B, L, D)
         grid = int(round(n**0.5))
         features = self.to_pixels(tokens.transpose(1, 2).reshape(b, d, grid, grid))  # (B, W, img, img)
         features = F.interpolate(features, size=hr_size, mode="bilinear", align_corners=False)  # (B, W, H, W)
-        base = superres.bicubic(lr, hr_size[-1] // lr.shape[-1])  # (B, 1, H, W)
+        base = superres.bicubic(lr, self.factor)  # (B, 1, H, W)
         return base + self.refine(torch.cat([features, base], dim=1))  # (B, 1, H, W)
 
 
+class ClassifierHead(nn.Sequential):
+    """Patch tokens -> class logits: mean-pooled, normalised, one linear layer."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+
+    def forward(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(tokens.mean(dim=1))  # (B, K)
+
+
 class FinetuneNet(nn.Module):
-    def __init__(self, encoder: mae.MaskedAutoencoder, head: str, num_classes: int, width: int, factor: int):
+    """The mae encoder (its decoder frozen and unused) under a head that reads its patch tokens."""
+
+    def __init__(self, encoder: mae.MaskedAutoencoder, head: nn.Module):
         super().__init__()
-        self.encoder = encoder
-        self.head_kind, self.factor = head, factor
-        dim, patch = encoder.cls_token.shape[-1], encoder.patch_embed.patch_size[0]
-        if head == "classification":
-            self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
-        else:
-            self.head = SuperresHead(dim, patch, width)
+        self.encoder, self.head = encoder, head
         encoder.freeze_decoder()  # only the encoder is fine-tuned
 
     def encode(self, images: torch.Tensor, frozen: bool) -> torch.Tensor:
@@ -99,17 +108,16 @@ class FinetuneNet(nn.Module):
                 return self.encoder.forward_tokens(images)  # (B, L, D)
         return self.encoder.forward_tokens(images)  # (B, L, D)
 
-    def forward(self, images: torch.Tensor, frozen: bool = False):
-        tokens = self.encode(images, frozen)  # (B, L, D)
-        if self.head_kind == "classification":
-            return self.head(tokens.mean(dim=1))  # (B, K)
-        hr_size = (images.shape[-2] * self.factor, images.shape[-1] * self.factor)
-        return self.head(tokens, images, hr_size)  # (B, 1, H, W)
+    def forward(self, images: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        return self.head(self.encode(images, frozen), images)  # (B, K) or (B, 1, H, W)
 
 
 def build_model(cfg) -> FinetuneNet:
-    return FinetuneNet(mae.build_model(cfg), cfg.head, len(cfg.data.classes), cfg.finetune.head_width,
-                       cfg.degrade.factor)
+    encoder = mae.build_model(cfg)
+    dim, patch = encoder.cls_token.shape[-1], encoder.patch_embed.patch_size[0]
+    if cfg.head == "superres":
+        return FinetuneNet(encoder, SuperresHead(dim, patch, cfg.finetune.head_width, cfg.degrade.factor))
+    return FinetuneNet(encoder, ClassifierHead(dim, len(cfg.data.classes)))
 
 
 def init_weights(model: FinetuneNet, state: dict, cfg) -> list[str]:
@@ -120,94 +128,97 @@ def init_weights(model: FinetuneNet, state: dict, cfg) -> list[str]:
         "encoder." + k for k in load_matching(model.encoder, state)]
 
 
-def build_data(cfg) -> dict:
-    if cfg.head == "superres":
-        return superres.build_data(cfg)
-    return data.substructure(cfg)
-
-
-def collate(batch: dict, cfg, training: bool) -> dict:
-    if cfg.head == "superres":
-        return superres.collate(batch, cfg, training)
-    return labelled_images(batch, cfg.augment, training)  # image (B, 1, H, W), label (B,)
-
-
-def _frozen(batch: dict, cfg) -> bool:
+def frozen(batch: dict, cfg) -> bool:
+    """Whether this step keeps the encoder frozen: the first ``finetune.freeze_epochs`` epochs."""
     return batch.get("epoch", cfg.finetune.freeze_epochs) < cfg.finetune.freeze_epochs
 
 
-def train_step(model, batch: dict, cfg) -> dict:
-    frozen = _frozen(batch, cfg)
-    if cfg.head == "superres":
-        sr = model(batch["lr"], frozen=frozen)  # (B, 1, H, W)
-        return {"loss": F.l1_loss(sr.float(), batch["hr"])}
-    logits = model(batch["image"], frozen=frozen)  # (B, K)
+def embed(model: FinetuneNet, images: torch.Tensor) -> torch.Tensor:
+    return model.encode(images, frozen=True).mean(dim=1)  # (B, D)
+
+
+# head=classification: macro AUC over no / sphere / vortex.
+
+def classifier_step(model, batch: dict, cfg) -> dict:
+    logits = model(batch["image"], frozen=frozen(batch, cfg))  # (B, K)
     return {"loss": F.cross_entropy(logits.float(), batch["label"])}
 
 
-def eval_step(model, batch: dict, cfg) -> dict:
-    if cfg.head == "superres":
-        sr = model(batch["lr"]).float()  # (B, 1, H, W)
-        return superres.superres_metrics(sr, batch["hr"], batch["lr"], cfg.degrade.factor)
+def classifier_eval(model, batch: dict, cfg) -> dict:
     logits = model(batch["image"]).float()  # (B, K)
     return {"probs": logits.softmax(dim=1), "label": batch["label"]}
 
 
-def evaluate(outputs: dict, cfg) -> dict:
-    if cfg.head == "superres":
-        return superres.evaluate(outputs, cfg)
-    return class_metrics(outputs, cfg)
+# head=superres: PSNR against the HR image, bicubic's beside it.
+
+def superres_step(model, batch: dict, cfg) -> dict:
+    sr = model(batch["lr"], frozen=frozen(batch, cfg))  # (B, 1, H, W)
+    return {"loss": F.l1_loss(sr.float(), batch["hr"])}
 
 
-def plots(model, batch: dict, outputs: dict, cfg) -> dict:
-    if cfg.head == "superres":
-        with torch.no_grad():
-            sr = model(batch["lr"]).float()
-        return superres.superres_plots(batch["lr"], sr, batch["hr"], cfg.degrade.factor)
-    return class_figures(outputs, cfg)
+def superres_eval(model, batch: dict, cfg) -> dict:
+    sr = model(batch["lr"]).float()  # (B, 1, H, W)
+    return superres.superres_metrics(sr, batch["hr"], batch["lr"], cfg.degrade.factor)
 
 
-def gradcam(model: FinetuneNet, cfg):
-    if model.head_kind != "classification":
-        return None
-    return vit_target(model, model.encoder.blocks, model.encoder.patch_embed.grid_size)
+def superres_plots(model, batch: dict, outputs: dict, cfg) -> dict:
+    with torch.no_grad():
+        sr = model(batch["lr"]).float()  # (B, 1, H, W)
+    return superres.superres_plots(batch["lr"], sr, batch["hr"], cfg.degrade.factor)
 
 
-def embed(model: FinetuneNet, batch: dict, cfg) -> torch.Tensor:
-    return model.encode(batch["lr"] if "lr" in batch else batch["image"], frozen=True).mean(dim=1)  # (B, D)
+def published(metric: str, value: float, definition: str, model: str) -> Reference:
+    return Reference(metric, value, definition, model,
+                     "simulated DeepLense benchmark (no_sub / cdm / axion, about 30,000 images per class)",
+                     "split not stated in the abstract", "Prasha et al. 2025, arXiv:2512.06642",
+                     "https://arxiv.org/abs/2512.06642")
 
 
-register(Task(
+# What both heads share: the config, the encoder from the mae run and its frozen warm-up.
+COMMON = dict(
     name="mae_finetune",
     config=MAEFinetuneConfig,
     build_model=build_model,
-    build_data=build_data,
-    collate=collate,
-    train_step=train_step,
-    eval_step=eval_step,
-    evaluate=evaluate,
-    metric=lambda cfg: "psnr" if cfg.head == "superres" else "auc_macro",
     mode="max",
-    plots=plots,
-    gradcam=gradcam,
-    embed=embed,
-    references=tuple(
-        Reference(metric, value, definition, model,
-                  "simulated DeepLense benchmark (no_sub / cdm / axion, about 30,000 images per class)",
-                  "split not stated in the abstract", "Prasha et al. 2025, arXiv:2512.06642",
-                  "https://arxiv.org/abs/2512.06642")
-        for metric, value, definition, model in (
-            ("auc_macro", 0.968, "macro one-vs-rest ROC AUC, 3 classes (accuracy 88.65%)",
-             "ViT, MAE-pretrained at a 90% mask ratio, fine-tuned"),
-            ("auc_macro", 0.957, "macro one-vs-rest ROC AUC, 3 classes (accuracy 82.46%)",
-             "the same ViT trained from scratch"),
-            ("psnr", 33.0, "PSNR (dB), about; SSIM 0.961; 16x16 -> 64x64",
-             "ViT, MAE-pretrained, super-resolution head"))),
-    input_example=lambda batch: (batch["lr"] if "lr" in batch else batch["image"])[:2].numpy(),
     init_weights=init_weights,
     find_unused_parameters=True,  # the encoder gets no gradient while frozen
     inherit={"model.": "model."},  # the encoder's size, from the mae run's parameters
     random_init={"finetune.freeze_epochs": 0},  # train.compare_random_init: nothing to protect from the new head
     defaults={"train.lr": 5e-4},
     description="fine-tune the mae encoder: classification or super-resolution head",
+)
+
+register(Task(
+    **COMMON,
+    when=("head", "classification"),
+    build_data=data.substructure,
+    collate=lambda batch, cfg, training: labelled_images(batch, cfg.augment, training),  # image, label (B,)
+    train_step=classifier_step,
+    eval_step=classifier_eval,
+    evaluate=class_metrics,
+    metric="auc_macro",
+    plots=lambda model, batch, outputs, cfg: class_figures(outputs, cfg),
+    gradcam=lambda model, cfg: vit_target(model, model.encoder.blocks, model.encoder.patch_embed.grid_size),
+    embed=lambda model, batch, cfg: embed(model, batch["image"]),
+    references=(
+        published("auc_macro", 0.968, "macro one-vs-rest ROC AUC, 3 classes (accuracy 88.65%)",
+                  "ViT, MAE-pretrained at a 90% mask ratio, fine-tuned"),
+        published("auc_macro", 0.957, "macro one-vs-rest ROC AUC, 3 classes (accuracy 82.46%)",
+                  "the same ViT trained from scratch")),
+))
+
+register(Task(
+    **COMMON,
+    when=("head", "superres"),
+    build_data=superres.build_data,
+    collate=superres.collate,
+    train_step=superres_step,
+    eval_step=superres_eval,
+    evaluate=superres.evaluate,
+    metric="psnr",
+    plots=superres_plots,
+    embed=lambda model, batch, cfg: embed(model, batch["lr"]),
+    input_example=lambda batch: batch["lr"][:2].numpy(),
+    references=(
+        published("psnr", 33.0, "PSNR (dB), about; SSIM 0.961; 16x16 -> 64x64", "ViT, MAE-pretrained, super-resolution head"),),
 ))

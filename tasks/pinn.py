@@ -51,7 +51,8 @@ from platform.data.augment import AugmentConfig, batch_images
 from platform.explain import Logits, timm_target
 from platform.metrics import classification_metrics
 from platform.plots import pyplot, roc_figure
-from platform.registry import Reference, Task, register
+from platform.registry import Task, register
+from platform.report import Reference
 from tasks._shared import check_timm_name
 
 SCHEDULES = ("constant", "linear", "cosine", "step")

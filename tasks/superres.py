@@ -37,7 +37,8 @@ from platform.config import ConfigError, bounded
 from platform.data import DataError, simulate
 from platform.data.augment import AugmentConfig
 from platform.plots import image_rows_figure, power_spectrum_figure
-from platform.registry import Reference, Task, register
+from platform.registry import Task, register
+from platform.report import Reference
 
 # Bump when degrade() changes, so cached pairs are rebuilt.
 DEGRADE_VERSION = 1

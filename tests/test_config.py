@@ -37,6 +37,7 @@ def test_cli_values_are_typed():
     ({"model.mask_ratio": 1.5}, "model.mask_ratio=1.5 is out of range; expected 0.0 <= model.mask_ratio < 1.0"),
     ({"tune.scheduler": "hyperband"}, "tune.scheduler=hyperband is not allowed; expected one of asha|none"),
     ({"scaling.num_workers": -1}, "scaling.num_workers=-1 is out of range; expected 0 <= scaling.num_workers"),
+    ({"tune.name": "it's \"mine\""}, "tune.name=it's \"mine\" holds both quote characters"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as error:

@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 from platform import config, registry
 from platform.config import ConfigError
 from platform.data import shards as shards_lib
-from tasks.diffusion import (INCEPTION, PROXY, alpha_bars, ddim_sample, ddim_step, frechet_distance,
-                             resolve_feature_extractor, slerp, update_ema)
+from tasks.diffusion import (INCEPTION, PROXY, alpha_bars, ddim_sample, ddim_step, fid_features, frechet_distance,
+                             frechet_distance_of_features, resolve_feature_extractor, slerp, update_ema)
 from platform.runner import data_and_settings
 from tests import fid_extractor
 from tests.helpers import overfit_losses, run_cli, run_cli_here, tiny
@@ -88,6 +88,32 @@ def test_fid_is_zero_for_one_set_and_grows_with_a_shift(extractor):
     near = frechet_distance(real, np.clip(real + 0.1, -1, 1), extractor)
     far = frechet_distance(real, np.clip(real + 0.4, -1, 1), extractor)
     assert abs(same) < 1e-3 * far and same < near < far, (same, near, far)
+
+
+def test_fid_from_features_embedded_per_batch_is_torch_fidelitys_own():
+    """eval_step embeds each worker's images where they are; the FID of the gathered features is
+    the number torch-fidelity computes from the whole image sets in one call."""
+    import torch_fidelity
+
+    rng = np.random.default_rng(1)
+    real = np.clip(rng.normal(-0.5, 0.2, (40, 1, 16, 16)), -1, 1).astype(np.float32)
+    generated = np.clip(real[:30] + rng.normal(0.1, 0.1, (30, 1, 16, 16)), -1, 1).astype(np.float32)
+
+    class Images(torch.utils.data.Dataset):  # torch-fidelity's input: uint8 RGB (3, H, W) one at a time
+        def __init__(self, images):
+            self.pixels = torch.from_numpy(np.round((images + 1) * 127.5).astype(np.uint8)).expand(-1, 3, -1, -1)
+
+        def __len__(self):
+            return len(self.pixels)
+
+        def __getitem__(self, i):
+            return self.pixels[i]
+
+    theirs = torch_fidelity.calculate_metrics(input1=Images(generated), input2=Images(real), fid=True, cuda=False,
+                                              feature_extractor=PROXY, save_cpu_ram=True, cache=False, verbose=False)
+    batches = [fid_features(torch.from_numpy(x), PROXY).numpy() for x in (real[:16], real[16:], generated[:7], generated[7:])]
+    mine = frechet_distance_of_features(np.concatenate(batches[:2]), np.concatenate(batches[2:]))
+    assert mine == pytest.approx(theirs[torch_fidelity.KEY_METRIC_FID], rel=1e-4)
 
 
 def test_ema_starts_fast_then_settles_at_its_decay(tmp_path):

@@ -1,5 +1,6 @@
 """mae_finetune: the mae encoder under a classification or super-resolution head, linked to its pretraining run."""
 
+import dataclasses
 import math
 
 import pytest
@@ -24,6 +25,18 @@ def test_the_superres_head_starts_exactly_at_bicubic():
     sr = model(lr)  # (B, 1, 2h, 2w): the factor comes from degrade.factor
     bicubic = F.interpolate(lr, size=(64, 64), mode="bicubic", align_corners=False)
     assert sr.shape == (2, 1, 64, 64) and torch.equal(sr, bicubic)
+
+
+def test_each_head_is_its_own_registration_chosen_by_the_head_setting(monkeypatch):
+    classifier, superres = (config.build("mae_finetune", [{**SMALL, "head": head}]) for head in ("classification", "superres"))
+    assert registry.task_of(classifier).objective(classifier) == "auc_macro"
+    assert registry.task_of(superres).objective(superres) == "psnr" and registry.task_of(superres).gradcam is None
+    assert registry.get("mae_finetune") is registry.task_of(classifier)  # the default head answers for the name
+    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))  # the demo names go with the test
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
+    plain = registry.register(dataclasses.replace(registry.task_of(superres), name="demo", when=None))
+    with pytest.raises(registry.DuplicateTaskError, match="several registrations of one name need when="):
+        registry.register(dataclasses.replace(plain, when=("head", "superres")))
 
 
 def test_the_encoder_gets_no_gradient_during_the_frozen_warm_up(tmp_path):

@@ -21,7 +21,7 @@ from platform.data import shards as shards_lib
 def main(argv: list[str]) -> int:
     task_name, overrides = config_lib.parse_cli(argv)
     cfg = config_lib.build(task_name, [overrides])
-    built = registry.get(cfg.task).build_data(cfg)
+    built = registry.task_of(cfg).build_data(cfg)
     splits = built[0] if isinstance(built, tuple) else built
     for split, shards in splits.items():
         m = shards.manifest

@@ -57,7 +57,7 @@ class EveryEvaluationRow(DataConfig):
             if name != "train":
                 dataset = dataset.copy(dataset)
                 dataset.set_name(name)
-                dataset.context.execution_options = self._resolve_execution_options(name)
+                dataset.context.execution_options = self.default_ingest_options()  # as Ray Train's own split
                 for rank, split in enumerate(dataset.streaming_split(world_size, equal=False)):
                     output[rank][name] = split
         return output
