@@ -24,6 +24,11 @@ def run(main, argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
+    from platform import provenance
+
+    spec = main.__globals__.get("__spec__")
+    module = (getattr(spec, "name", None) or main.__module__).removesuffix(".__main__")
+    provenance.invoked[:] = provenance.command_line(list(argv), module)
     # A SIGTERM (a cluster stopping the job, a spot node going away) unwinds like Ctrl-C,
     # so open MLflow runs are closed as KILLED rather than left RUNNING.
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -91,6 +96,8 @@ def usage() -> str:
     return (
         "usage: python -m platform.{train,tune,data,insight} task=NAME [section.key=value ...]\n"
         "       python -m platform.report [mlflow.tracking_uri=...] [report.out=report]\n"
+        "       python -m platform.evaluate model=RUN_ID|models:/NAME/VERSION|CHECKPOINT [data.path=...|data.preset=...]\n"
+        "       python -m platform.predict model=... data.path=FOLDER evaluate.out=predictions.csv\n"
         f"tasks: {', '.join(registry.names())}\n"
         "examples: task=mae train.epochs=5 scaling.num_workers=4 scaling.use_gpu=true tune.num_samples=50\n"
         "see README.md for every key"

@@ -78,6 +78,12 @@ class DataConfig:
     preset: str = "model_ii"  # simulator preset, see platform/data/simulate.py
     num_train: int = bounded(1024, 3)
     num_val: int = bounded(256, 3)
+    num_test: Optional[int] = bounded(None, 3)  # simulated test rows; default: as num_val
+    # Real data whose release holds out one split (the test split): the share of each class's
+    # training files carved out, seeded by data.seed, for validation.
+    val_fraction: float = bounded(0.1, 0.0, 1.0, low_open=True, high_open=True)
+    # Real data with no held-out split at all (a folder of HR/LR pairs): the share held out for test.
+    test_fraction: float = bounded(0.1, 0.0, 1.0, low_open=True, high_open=True)
     seed: int = 0
     cache_dir: str = ""  # default: $DEEPLENSE_CACHE or ~/.cache/deeplense
     classes: list = field(default_factory=lambda: ["no", "sphere", "vort"])
@@ -293,6 +299,14 @@ def build_from(schema: type, layers: list[dict[str, Any]], task_name: str | None
         raise ConfigError(str(error).splitlines()[0]) from None
     _validate(obj)
     return obj
+
+
+def from_param(text: str) -> Any:
+    """A config value back from the text MLflow kept of it as a param: None was logged as "None"
+    (which YAML 1.2 would read as a string), "" stays "", the rest is YAML."""
+    if text == "None":
+        return None
+    return load_yaml(text) if text != "" else ""
 
 
 def parse_cli(argv: list[str]) -> tuple[str, dict[str, Any]]:

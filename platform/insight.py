@@ -54,7 +54,7 @@ def trial_rows(client, parent, objective: str) -> list[dict]:
             f"final_val/{objective}": metrics.get(f"val/{objective}", math.nan),
             f"best/{objective}": metrics.get(f"best/{objective}", math.nan),
             "duration_s": round((end - run.info.start_time) / 1000, 1),
-            **{key: config_lib.load_yaml(params[key]) if key in params else None for key in space},
+            **{key: config_lib.from_param(params[key]) if key in params else None for key in space},
             "failure": run.data.tags.get(tracking.FAILURE_TAG, ""),
         })
     return rows

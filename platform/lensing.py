@@ -351,8 +351,13 @@ def vortex_deflection(x, y, mass_theta_e_sq, x0, y0, half_length, angle):
         L = _k(hl, k)
         d2 = d * d + EPS**2
         big_d = torch.sqrt(d2)
-        # ln(a/b) = log1p((a - b)/b): no cancellation when the rod looks short.
-        a_p = 0.5 * _k(lam, k) * torch.log1p(4 * p * L / ((p - L) ** 2 + d2))
+        # ln(a/b) = log1p((a - b)/b): no cancellation when the rod looks short. Near the rod's
+        # far end (a/b -> 0) float rounding can push (a - b)/b to -1 or below, and log1p to NaN
+        # (one image in ~15,000 on 16 threads); there ln(a/b) itself is accurate, a and b both >= EPS^2.
+        ratio = 4 * p * L / ((p - L) ** 2 + d2)
+        near_end = ratio < -0.5
+        direct = torch.log(((p + L) ** 2 + d2) / ((p - L) ** 2 + d2))
+        a_p = 0.5 * _k(lam, k) * torch.where(near_end, direct, torch.log1p(torch.where(near_end, 0.0, ratio)))
         # arctan(a) - arctan(b) = atan2(a - b, 1 + a b); first argument > 0, so no branch cut.
         a_d = _k(lam, k) * (d / big_d) * torch.atan2(2 * L * big_d, p * p + d2 - L * L)
         dax, day = _unrotate(a_p, a_d, cos, sin)

@@ -24,29 +24,38 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[
     return metrics
 
 
-def binary_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """ROC AUC, PR AUC, and precision, recall and F1 at the threshold that maximises F1.
+def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float | None = None) -> dict[str, float]:
+    """ROC AUC, PR AUC, and precision, recall and F1 at a decision threshold.
 
-    scores (N,) probabilities of the positive class, labels (N,) 0/1. The threshold is tuned
-    on these very outputs (the validation split), as one would before deploying a finder;
-    it is reported so it can be reused.
+    scores (N,) probabilities of the positive class, labels (N,) 0/1. ``threshold=None`` tunes
+    it on these very outputs (the validation split) for F1, as one would before deploying a
+    finder, and reports it so it can be reused; the test split is scored at the one chosen on val.
     """
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
     labels = labels.astype(np.int64)
     if not 0 < labels.sum() < len(labels):
         nan = float("nan")
-        return {"roc_auc": nan, "pr_auc": nan, "precision": nan, "recall": nan, "f1": nan, "threshold": nan}
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
-    best = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
+        return {"roc_auc": nan, "pr_auc": nan, "precision": nan, "recall": nan, "f1": nan,
+                "threshold": nan if threshold is None else float(threshold)}
+    if threshold is None:
+        precision, recall, thresholds = precision_recall_curve(labels, scores)
+        f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
+        best = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
+        precision, recall, f1, threshold = precision[best], recall[best], f1[best], thresholds[best]
+    else:
+        found = scores >= threshold
+        true_positives = float((found & (labels == 1)).sum())
+        precision = true_positives / found.sum() if found.any() else 0.0
+        recall = true_positives / (labels == 1).sum()
+        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
     return {
         "roc_auc": float(roc_auc_score(labels, scores)),
         "pr_auc": float(average_precision_score(labels, scores)),
-        "precision": float(precision[best]),
-        "recall": float(recall[best]),
-        "f1": float(f1[best]),
-        "threshold": float(thresholds[best]),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "threshold": float(threshold),
     }
 
 

@@ -39,6 +39,11 @@ class Source:
         return tags
 
 
+def in_store(reference: str) -> bool:
+    """Whether ``reference`` names weights in an MLflow store (a run id, a registered model), not a file."""
+    return bool(_MODEL_URI.match(reference) or _RUN_ID.match(reference)) and not os.path.exists(reference)
+
+
 def source_for(cfg, tracking_uri: str) -> Source | None:
     """The resolved ``init_from`` of a config whose task has one and sets it; None otherwise."""
     init_from = getattr(cfg, "init_from", "")
@@ -67,7 +72,7 @@ def inherited(task, source: Source | None, tracking_uri: str, given: set[str]) -
         for key, value in params.items():
             mine = own + key[len(theirs):]
             if key.startswith(theirs) and mine not in given and config_lib.is_value_key(schema, mine):
-                values[mine] = config_lib.load_yaml(value) if value != "" else ""
+                values[mine] = config_lib.from_param(value)
     return values
 
 
@@ -86,41 +91,42 @@ def initialise(model, task, cfg, tracking_uri: str) -> list[str] | None:
     return (task.init_weights or (lambda m, s, c: load_matching(m, s)))(model, state, cfg)
 
 
-def resolve(init_from: str, client: tracking.MlflowClient | None) -> Source:
-    """Check that ``init_from`` points at weights, before any cluster work; a one-line error if not."""
+def resolve(init_from: str, client: tracking.MlflowClient | None, setting: str = "init_from") -> Source:
+    """Check that ``init_from`` points at weights, before any cluster work; a one-line error if not
+    (naming ``setting``: ``model=`` for ``platform.evaluate`` and ``platform.predict``)."""
     expected = ("expected an MLflow run id, models:/<name>/<version|latest>, or a path to best_model.pt")
     match = _MODEL_URI.match(init_from)
     if match:
         name, version = match["name"], match["version"]
         versions = runs.model_versions(client, name)
         if not versions:
-            raise ConfigError(f"init_from={init_from}: no registered model {name!r} in this MLflow store; {expected}")
+            raise ConfigError(f"{setting}={init_from}: no registered model {name!r} in this MLflow store; {expected}")
         if version == "latest":
             chosen = max(versions, key=lambda v: int(v.version))
         else:
             chosen = next((v for v in versions if str(v.version) == version), None)
             if chosen is None:
                 known = ", ".join(sorted((str(v.version) for v in versions), key=int))
-                raise ConfigError(f"init_from={init_from}: model {name!r} has no version {version}; it has {known}")
-        return _from_run(init_from, chosen.run_id, client)
+                raise ConfigError(f"{setting}={init_from}: model {name!r} has no version {version}; it has {known}")
+        return _from_run(init_from, chosen.run_id, client, setting)
     if init_from.startswith("models:/"):
-        raise ConfigError(f"init_from={init_from}: not a model URI; {expected}")
+        raise ConfigError(f"{setting}={init_from}: not a model URI; {expected}")
     if _RUN_ID.match(init_from) and not os.path.exists(init_from):
-        return _from_run(init_from, init_from, client)
+        return _from_run(init_from, init_from, client, setting)
     path = os.path.abspath(os.path.expanduser(init_from))
     if os.path.isfile(path):
         return Source(init_from, None, path)
-    raise ConfigError(f"init_from={init_from}: no such run or file; {expected}")
+    raise ConfigError(f"{setting}={init_from}: no such run or file; {expected}")
 
 
-def _from_run(init_from: str, run_id: str, client: tracking.MlflowClient) -> Source:
+def _from_run(init_from: str, run_id: str, client: tracking.MlflowClient, setting: str) -> Source:
     try:
         client.get_run(run_id)
     except Exception:  # MLflow raises its own RESOURCE_DOES_NOT_EXIST error
-        raise ConfigError(f"init_from={init_from}: no MLflow run {run_id} in this store") from None
+        raise ConfigError(f"{setting}={init_from}: no MLflow run {run_id} in this store") from None
     folder, name = os.path.split(BEST_ARTIFACT)
     if name not in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, folder)}:
-        raise ConfigError(f"init_from={init_from}: run {run_id} logged no {BEST_ARTIFACT} (did it finish an epoch?)")
+        raise ConfigError(f"{setting}={init_from}: run {run_id} logged no {BEST_ARTIFACT} (did it finish an epoch?)")
     return Source(init_from, run_id, None)
 
 

@@ -34,7 +34,7 @@ class Task:
     name          the value of ``task=`` on the command line
     config        a dataclass whose fields become top-level config sections (``model``, ...)
     build_model   cfg -> nn.Module
-    build_data    cfg -> {"train": Shards, "val": Shards}, or (those splits, {dotted key: value}):
+    build_data    cfg -> {"train": Shards, "val": Shards, "test": Shards}, or (those splits, {dotted key: value}):
                   the settings the data decided (a class weight from the label counts, statistics
                   to normalise by), which the core applies as one more config layer, so they are
                   validated, printed, logged and compared on resume like any other setting. Never
@@ -65,9 +65,14 @@ class Task:
                   ``embedding_colour`` (``label``: the class; or a truth parameter, ``theta_e``)
     threshold_metric  a binary finder's: the metric (logged as ``val/<it>``) that holds the decision
                   threshold chosen on the val split; the views mark as lenses the images above the one
-                  of the best epoch (else 0.5)
+                  of the best epoch (else 0.5). Its ``evaluate`` and ``plots`` then take ``threshold=``:
+                  the test split and other data are scored at the one chosen on val
     references    what the DeepLense community published for this task, shown beside the best runs
                   by ``python -m platform.report``: ``platform.report.Reference`` records
+    predict       (model, images (B, C, H, W) on the model's device, cfg) -> {column: per-image
+                  values}: what ``platform.predict`` writes for unlabelled images (class
+                  probabilities, a lens score, parameters in their units; an (N, C, H, W) value is
+                  written as one .npy file per image). A finder's takes ``threshold=`` too
     when          (dotted key, value) for one of several registrations under one name, each serving
                   the configs with that setting: ``task=mae_finetune head=superres`` is the
                   ``when=("head", "superres")`` one. All of a name's registrations share ``config``;
@@ -102,6 +107,7 @@ class Task:
     embedding_colour: str = "label"
     references: tuple = ()
     threshold_metric: Optional[str] = None
+    predict: Optional[Callable[..., Any]] = None
     when: Optional[tuple[str, Any]] = None
     description: str = ""
 

@@ -72,7 +72,8 @@ class Row:
     experiment_id: str
     objective: str  # e.g. "auc_macro"
     mode: str
-    value: float
+    value: float  # the best epoch's val/<objective>: what the sweep chose by
+    test: float  # test/<objective> of those weights, scored once (NaN: a run from before test splits)
     metrics: dict  # the run's other val/* metrics (last epoch)
     params: dict  # what was searched (a sweep) or the main training settings
     data: str
@@ -83,7 +84,9 @@ SHOWN_SETTINGS = ("train.epochs", "train.lr", "train.batch_size", "init_from")
 
 def data_of(params: dict) -> str:
     """The data a run saw, in words: simulated (which preset) or a folder of real images."""
-    sizes = f"{params.get('data.num_train', '?')} train / {params.get('data.num_val', '?')} val images"
+    num_test = params.get("data.num_test") if params.get("data.num_test") not in (None, "", "None") else None
+    test = f" / {num_test or params.get('data.num_val', '?')} test" if "data.num_test" in params else ""
+    sizes = f"{params.get('data.num_train', '?')} train / {params.get('data.num_val', '?')} val{test} images"
     if params.get("data.path") not in (None, "", "None"):
         return f"folder {params['data.path']}"
     return f"simulated ({params.get('data.preset', '?')}), {sizes}"
@@ -126,6 +129,7 @@ def collect(client, experiment_ids: list[str]) -> tuple[list[Row], list[str]]:
         rows.append(Row(task=task_name, group=group, kind=kind, runs=len(members), run_id=best.info.run_id,
                         experiment_id=best.info.experiment_id, objective=objective, mode=mode,
                         value=best.data.metrics[f"best/{objective}"],
+                        test=best.data.metrics.get(f"test/{objective}", math.nan),
                         metrics={k: v for k, v in sorted(best.data.metrics.items())
                                  if k.startswith("val/") and k != f"val/{objective}"},
                         params=shown, data=data_of(params)))
@@ -156,7 +160,8 @@ def markdown(rows: list[Row], ui_url: str, store: str, notes: list[str]) -> str:
     lines = [
         "# DeepLense platform report", "",
         f"From the MLflow store `{masking.redact(store)}`, {now}. One row per sweep (its best trial) and per "
-        "training run outside a sweep; every value is on the validation split that run used.", "",
+        "training run outside a sweep, chosen by its validation score; the headline is its test score: the test "
+        "split, which no search or choice saw, scored once with that run's best weights.", "",
         "The published numbers under each table were measured on other data, often with another protocol or "
         "metric definition, and some on real telescope images: read them as context, and compare only where the "
         "data and protocol match.", "",
@@ -164,16 +169,17 @@ def markdown(rows: list[Row], ui_url: str, store: str, notes: list[str]) -> str:
     for task_name, objective, mine in sections(rows):
         task = registry.get(task_name)
         better = "higher" if task.mode == "max" else "lower"
-        lines += [f"## {task_name}: val/{objective} ({better} is better)", "",
-                  "| sweep / run | kind | best val/" + objective + " | other metrics (last epoch) | parameters | data "
-                  "| MLflow run |", "|---|---|---|---|---|---|---|"]
+        lines += [f"## {task_name}: {objective} ({better} is better)", "",
+                  f"| sweep / run | kind | test/{objective} | best val/{objective} | other val metrics (last epoch) "
+                  "| parameters | data | MLflow run |", "|---|---|---|---|---|---|---|---|"]
         for r in mine:
             kind = f"sweep, {r.runs} trials" if r.kind == "sweep" else r.kind
             others = ", ".join(f"{k[4:]} {_number(v)}" for k, v in list(r.metrics.items())[:4])
             params = ", ".join(f"{k}={_number(v)}" for k, v in r.params.items())
             link = tracking.ui_link(ui_url, r.experiment_id, r.run_id)
-            lines.append(f"| {_cell(r.group)} | {kind} | **{_number(r.value)}** | {_cell(others)} | {_cell(params)} "
-                         f"| {_cell(r.data)} | [{r.run_id[:8]}]({link}) |")
+            test = f"**{_number(r.test)}**" if math.isfinite(r.test) else "not scored"
+            lines.append(f"| {_cell(r.group)} | {kind} | {test} | {_number(r.value)} | {_cell(others)} "
+                         f"| {_cell(params)} | {_cell(r.data)} | [{r.run_id[:8]}]({link}) |")
         lines.append("")
         published = references(task_name)
         published = [ref for ref in published if ref.metric == objective] or published
@@ -194,20 +200,23 @@ def markdown(rows: list[Row], ui_url: str, store: str, notes: list[str]) -> str:
 
 
 def figure(rows: list[Row]):
-    """One panel per task: each sweep's or run's best value, published values of the same metric as lines."""
+    """One panel per task: each sweep's or run's test value (bars) and best val (ticks), published values
+    of the same metric as lines."""
     from platform.plots import pyplot
 
     panels = sections(rows)
     fig, axes = pyplot().subplots(len(panels), 1, figsize=(8, 0.6 + 1.9 * max(1, len(panels))), squeeze=False)
     for ax, (task_name, objective, mine) in zip(axes[:, 0], panels):
         mine = mine[::-1]  # best at the top
-        ax.barh([r.group for r in mine], [r.value for r in mine], color="tab:blue")
+        ax.barh([r.group for r in mine], [r.test if math.isfinite(r.test) else 0 for r in mine], color="tab:blue",
+                label="test (headline)")
+        ax.plot([r.value for r in mine], range(len(mine)), "k|", markersize=12, label="best val")
         for k, ref in enumerate(r for r in references(task_name) if r.metric == objective):
             ax.axvline(ref.value, color=f"C{k + 1}", ls="--", lw=1,
                        label=f"{ref.value:.4g}: {ref.model[:40]} ({ref.data[:38]}...)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, loc="lower right")
-        ax.set_title(f"{task_name}: val/{objective} ({'higher' if mine[0].mode == 'max' else 'lower'} is better)",
+        ax.set_title(f"{task_name}: {objective} ({'higher' if mine[0].mode == 'max' else 'lower'} is better)",
                      fontsize=9)
         ax.tick_params(labelsize=7)
     fig.tight_layout()

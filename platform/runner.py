@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from platform import cluster, runs, tracking
+from platform import cluster, provenance, runs, tracking
 from platform import config as config_lib
 from platform.data import shards as shards_lib
 
@@ -45,8 +45,13 @@ def put_in_memory(cfg, shards: dict) -> dict:
     import ray
 
     limit = cfg.data.in_memory_mb * 2**20
-    return {split: ray.put(shards_lib.in_memory(s)) for split, s in shards.items()
+    return {split: ray.put(shards_lib.in_memory(s)) for split, s in training_splits(shards).items()
             if sum(f["bytes"] for f in s.manifest["files"]) <= limit}
+
+
+def training_splits(shards: dict) -> dict:
+    """The splits a run trains and chooses on: train and val. Test is scored once, after (``score_test``)."""
+    return {split: s for split, s in shards.items() if split != "test"}
 
 
 def loop_config(cfg, shards: dict, *, mlflow_run_id: str | None, tracking_uri: str, in_memory: dict | None = None,
@@ -72,7 +77,8 @@ def streamed(shards: dict, in_memory: dict | None) -> dict:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    return {split: ray.data.read_parquet(s.files) for split, s in shards.items() if split not in (in_memory or {})}
+    return {split: ray.data.read_parquet(s.files) for split, s in training_splits(shards).items()
+            if split not in (in_memory or {})}
 
 
 def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tracking_uri: str, callbacks=(),
@@ -111,8 +117,21 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
     )
 
 
-def log_best_model(client, run_id: str, cfg, task, val_shards, register: bool, with_views: bool = False) -> str | None:
-    """Load the run's best weights and log them as an MLflow PyTorch model (registered under the task's name).
+def best_model(client, run_id: str, cfg, task):
+    """The model of ``cfg`` with the run's best-epoch weights, on the CPU."""
+    import torch
+
+    model = task.build_model(cfg)
+    with tracking.downloaded(client, run_id, "checkpoints/best_model.pt") as path:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
+
+
+def log_best_model(client, run_id: str, cfg, task, shards: dict, register: bool, with_views: bool = False,
+                   parent: str | None = None) -> tuple[str | None, dict]:
+    """The run's best weights, kept: scored once on the test split (``test/<metric>`` on the run and
+    on its sweep's ``parent``), then logged as an MLflow PyTorch model (registered under the task's
+    name). Returns (the registered version, the test metrics).
 
     ``with_views``: also its Grad-CAM and embedding figures, which the training loop logs at a
     run's last epoch (a sweep's best trial may have been stopped before it).
@@ -123,22 +142,62 @@ def log_best_model(client, run_id: str, cfg, task, val_shards, register: bool, w
 
     from platform import explain
 
-    model = task.build_model(cfg)
-    with tracking.downloaded(client, run_id, "checkpoints/best_model.pt") as path:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model = best_model(client, run_id, cfg, task)
+    metric = f"val/{task.threshold_metric}"
+    at_best = {metric: runs.at_best_epoch(client, run_id, metric)} if task.threshold_metric else {}
+    threshold = explain.decision_threshold(task, at_best)
     if with_views:
         # The rows the training loop chose at the run's end, read in the same order.
         views = explain.view_rows(cfg, cfg.plots.samples)
-        rows = views.feed(shards_lib.batches(val_shards, cfg.train.batch_size)).rows()
-        metric = f"val/{task.threshold_metric}"
-        at_best = {metric: runs.at_best_epoch(client, run_id, metric)} if task.threshold_metric else {}
-        threshold = explain.decision_threshold(task, at_best)
+        rows = views.feed(shards_lib.batches(shards["val"], cfg.train.batch_size)).rows()
         _, why = explain.log_views(client, run_id, lambda: copy.deepcopy(model), task, cfg, rows, torch.device("cpu"),
                                    threshold)
         if why:
             print(f"warning: Grad-CAM / embedding figures of run {run_id} failed ({why})", file=sys.stderr)
-    example = task.input_example(task.collate(shards_lib.head(val_shards, 2), cfg, False))
-    return tracking.log_model(client, run_id, model, example, task.name if register else None)
+    test = score_test(client, run_id, copy.deepcopy(model), task, cfg, shards["test"],
+                      threshold if task.threshold_metric else None, parent)
+    example = task.input_example(task.collate(shards_lib.head(shards["val"], 2), cfg, False))
+    return tracking.log_model(client, run_id, model, example, task.name if register else None), test
+
+
+def score_test(client, run_id: str, model, task, cfg, test_shards, threshold: float | None,
+               parent: str | None = None) -> dict:
+    """The test split scored once with the best weights: ``test/<metric>`` on the run (and the
+    sweep's parent), its plots under ``plots/test/`` and its per-image predictions."""
+    import os
+    import tempfile
+
+    from platform import scoring
+
+    scored = scoring.score(model, task, cfg, test_shards, scoring.device_for(cfg.scaling.use_gpu), threshold)
+    metrics = {f"test/{k}": v for k, v in scored.metrics.items()}
+    for run in filter(None, (run_id, parent)):
+        tracking.log_metrics(client, run, metrics, step=0)
+    try:
+        tracking.log_figures(client, run_id, scoring.figures(task, model, scored, cfg, threshold), "plots/test")
+    except Exception as error:  # a figure is not worth the run's test numbers
+        print(f"warning: the test plots of run {run_id} failed ({error})", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="deeplense-test-") as folder:
+        table = scoring.predictions(scored, list(cfg.data.classes))
+        tracking.log_file(client, run_id, scoring.write_table(table, os.path.join(folder, "test.csv")),
+                          scoring.PREDICTIONS)
+    objective = task.objective(cfg)
+    tracking.say(f"[{cfg.task}] test/{objective} = {scored.metrics.get(objective, float('nan')):.4f} "
+                 f"({test_shards.num_rows} test images, scored once with the best val epoch's weights)")
+    return metrics
+
+
+def log_split_lists(client, run_id: str, shards: dict) -> None:
+    """The files in each split of real data (``data/<split>_files.txt``), so the split can be audited
+    and reproduced; simulated splits are fixed by their logged seeds and sizes."""
+    import pyarrow.parquet as pq
+
+    from platform.data import FILE_COLUMN
+
+    for split, s in shards.items():
+        if FILE_COLUMN in s.manifest.get("columns", []):
+            files = pq.ParquetDataset(s.files).read(columns=[FILE_COLUMN]).column(FILE_COLUMN).to_pylist()
+            tracking.log_text(client, run_id, "\n".join(files) + "\n", f"data/{split}_files.txt")
 
 
 def open_run(cfg, uri: str, name: str, tags: dict):
@@ -150,4 +209,5 @@ def open_run(cfg, uri: str, name: str, tags: dict):
     client = tracking.MlflowClient(uri)
     experiment = tracking.experiment_id(client, cfg.mlflow.experiment or f"deeplense-{cfg.task}")
     run_id = tracking.start_run(client, experiment, name, {tracking.TASK_TAG: cfg.task, **tags})
+    provenance.record(client, run_id)  # the commit, the command line, the library versions
     return client, experiment, run_id

@@ -5,13 +5,19 @@ The same path a sweep takes for each of its trials, without Tune.
 
 from __future__ import annotations
 
-from platform import cli, cluster, pretrained, registry, tracking
+from platform import cli, cluster, pretrained, provenance, registry, tracking
 from platform import config as config_lib
-from platform.runner import data_and_settings, default_name, log_best_model, make_trainer, open_run, put_in_memory
+from platform.runner import (data_and_settings, default_name, log_best_model, log_split_lists, make_trainer, open_run,
+                             put_in_memory)
 
 
 def main(argv: list[str]) -> int:
     task_name, overrides = config_lib.parse_cli(argv)
+    uri = tracking.tracking_uri(str(overrides.get("mlflow.tracking_uri", "")))
+    given_task = task_name if any(a.startswith("task=") for a in argv) else None
+    recorded_task, recorded = provenance.from_run(overrides, uri, given_task)
+    task_name = recorded_task or task_name
+    overrides = {**recorded, **overrides}
     cfg = config_lib.build(task_name, [overrides])
     task = registry.task_of(cfg)
     cluster.check_fits(cfg.scaling, cfg.ray.address)
@@ -48,11 +54,12 @@ def train_and_log(cfg, task, shards, client, run_id: str, uri: str, name: str, r
     """
     tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
+    log_split_lists(client, run_id, shards)
     result = make_trainer(cfg, shards, name=name, mlflow_run_id=run_id, tracking_uri=uri,
                           in_memory=put_in_memory(cfg, shards) if in_memory is None else in_memory).fit()
     if result.error:
         raise result.error
-    version = log_best_model(client, run_id, cfg, task, shards["val"], register)
+    version, _ = log_best_model(client, run_id, cfg, task, shards, register)
     return result.metrics.get(f"best/{task.objective(cfg)}"), version
 
 

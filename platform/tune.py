@@ -13,10 +13,10 @@ import signal
 import sys
 import tempfile
 
-from platform import cli, cluster, insight, pretrained, registry, runs, space as space_lib, tracking
+from platform import cli, cluster, insight, pretrained, provenance, registry, runs, space as space_lib, tracking
 from platform import config as config_lib
-from platform.runner import (data_and_settings, default_name, log_best_model, loop_config, make_trainer, open_run,
-                             put_in_memory, storage_path, streamed)
+from platform.runner import (data_and_settings, default_name, log_best_model, log_split_lists, loop_config,
+                             make_trainer, open_run, put_in_memory, storage_path, streamed)
 
 FAILURE_TAG = tracking.FAILURE_TAG
 
@@ -374,7 +374,7 @@ def main(argv: list[str]) -> int:
     resume, earlier = resume_plan(cfg, tracking.MlflowClient(uri) if tracking.store_exists(uri) else None,
                                   experiment_name, sweep, space)
     print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
-    init_tags = source.tags() if source else {}
+    init_tags = {**provenance.source_tags(), **(source.tags() if source else {})}  # the trials' runs have them too
     client, experiment, parent = open_sweep(cfg, uri, sweep, space, resume, earlier, init_tags)
     with cli.ends_run(client, parent):
         if not resume:
@@ -382,6 +382,7 @@ def main(argv: list[str]) -> int:
             tracking.log_params(client, parent, {k: v for k, v in config_lib.flatten(config_lib.to_dict(cfg)).items()
                                                  if k not in space.params})
             tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
+            log_split_lists(client, parent, shards)
         results = fit_sweep(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
                             init_tags=init_tags, resume=resume, client=client)
         keep_best_trial(cfg, task, space, shards, results, client=client, uri=uri, experiment=experiment,
@@ -392,20 +393,24 @@ def main(argv: list[str]) -> int:
 def checked_settings(argv: list[str]):
     """(task, config, search space, init_from source, MLflow URI), every one checked before any work."""
     task_name, overrides = config_lib.parse_cli(argv)
-    task = registry.get(task_name)
+    given_task = task_name if any(a.startswith("task=") for a in argv) else None
+    recorded_task, recorded = provenance.from_run(  # a run's recorded config as the sweep's fixed settings
+        overrides, tracking.tracking_uri(str(overrides.get("mlflow.tracking_uri", ""))), given_task)
+    task = registry.get(recorded_task or task_name)
     space = space_lib.load(overrides.get("tune.space") or space_lib.default_path(task), task.name, overrides)
-    cfg = config_lib.build(task.name, [space.fixed, overrides])
+    fixed = {**space.fixed, **recorded}
+    cfg = config_lib.build(task.name, [fixed, overrides])
     if cfg.train.compare_random_init:
         raise config_lib.ConfigError("train.compare_random_init=true is for python -m platform.train (a pretrained "
                                      "and a random start side by side), not for sweeps")
     cluster.check_fits(cfg.scaling, cfg.ray.address)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     source = pretrained.source_for(cfg, uri)  # init_from checked before any work; linked in MLflow
-    inherited = pretrained.inherited(task, source, uri, given=set(overrides) | set(space.fixed))
+    inherited = pretrained.inherited(task, source, uri, given=set(overrides) | set(fixed))
     if inherited:
         print(pretrained.describe_inherited(inherited, source))
     # Trials run in their own working directories: every path they get must be absolute.
-    layers = [inherited or {}, space.fixed, overrides]
+    layers = [inherited or {}, fixed, overrides]
     cfg = config_lib.build(task.name, [*layers, {"train.storage_path": storage_path(config_lib.build(task.name, layers))}])
     return registry.task_of(cfg), cfg, space, source, uri
 
@@ -449,6 +454,25 @@ def fit_sweep(cfg, space, shards: dict, *, uri: str, experiment: str, parent: st
     return results
 
 
+def sweep_note(cfg, task, sweep: str, trials: int, best_trial: str, best_run: str, value: float, test: dict) -> str:
+    """The parent run's description (the MLflow note on its page): what was swept on what data, the
+    best trial's val and test numbers, and the commands that reproduce the sweep and its best model."""
+    objective = task.objective(cfg)
+    data = (f"the folder {cfg.data.path}" if cfg.data.path else
+            f"simulated {cfg.data.preset} ({cfg.data.num_train} train / {cfg.data.num_val} val / "
+            f"{cfg.data.num_test or cfg.data.num_val} test images, data.seed={cfg.data.seed})")
+    tags = provenance.source_tags()
+    commit = tags.get("mlflow.source.git.commit", "")
+    test_value = test.get(f"test/{objective}", float("nan"))
+    return (f"**{cfg.task}** sweep `{sweep}`: {trials} trials ({cfg.tune.search} search, {cfg.tune.scheduler} "
+            f"stopping, tune.seed={cfg.tune.seed}) on {data}.\n\n"
+            f"Best trial {best_trial} (run `{best_run}`), chosen on val: val/{objective} = {value:.4f}; "
+            f"test/{objective} = {test_value:.4f} (the test split, scored once, for this trial alone).\n\n"
+            f"Reproduce the sweep: `{tags.get(provenance.COMMAND_TAG, 'python -m platform.tune task=' + cfg.task)}`"
+            + (f" at commit `{commit[:12]}`" if commit else "")
+            + f"; the best model alone: `python -m platform.train from_run={best_run}`.")
+
+
 def keep_best_trial(cfg, task, space, shards: dict, results, *, client, uri: str, experiment: str, parent: str,
                     sweep: str) -> None:
     """The best trial's model registered, its values on the parent run, the sweep's insight and summary."""
@@ -468,15 +492,18 @@ def keep_best_trial(cfg, task, space, shards: dict, results, *, client, uri: str
         raise cli.CommandFailed(f"no trial of sweep {sweep} finished with {metric}; see the trial errors above")
     best = client.get_run(best_run).data
     best_trial = best.tags[tracking.TRIAL_TAG]
-    sampled = {key: config_lib.load_yaml(best.params[key]) for key in space.params}
+    sampled = {key: config_lib.from_param(best.params[key]) for key in space.params}
     best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), sampled])
     # A best trial that ASHA stopped before its last epoch has not drawn its Grad-CAM and embedding figures.
     views_missing = wanted(task, cfg) and tracking.VIEWS_TAG not in best.tags
-    version = log_best_model(client, best_run, best_cfg, task, shards["val"], cfg.mlflow.register_model,
-                             with_views=views_missing)
+    # The test split is scored once, for this trial alone: the sweep chose it on val.
+    version, test = log_best_model(client, best_run, best_cfg, task, shards, cfg.mlflow.register_model,
+                                   with_views=views_missing, parent=parent)
     tracking.log_metrics(client, parent, {f"best/{objective}": value}, step=0)
     tracking.set_tags(client, parent, {"platform.best_run_id": best_run, "platform.best_trial": best_trial,
-                                        "platform.registered_version": version or ""})
+                                        "platform.registered_version": version or "",
+                                        "mlflow.note.content": sweep_note(cfg, task, sweep, len(results), best_trial,
+                                                                          best_run, value, test)})
     explain_sweep(client, parent, objective, task, sweep)
     print(f"\n{len(results)} trials ({len(failed)} failed). Best trial {best_trial}: {metric} = {value:.4f}")
     for key, v in sorted(sampled.items()):

@@ -59,6 +59,12 @@ def class_figures(outputs: dict, cfg) -> dict:
     }
 
 
+def class_predictions(logits: torch.Tensor, cfg) -> dict:
+    """Unlabelled images' class probabilities (B, K) and the most likely class, by name."""
+    probs = logits.float().softmax(dim=1)  # (B, K)
+    return {"probs": probs, "predicted": np.asarray(cfg.data.classes)[probs.argmax(dim=1).cpu().numpy()]}
+
+
 def resized(images: torch.Tensor, size: int) -> torch.Tensor:
     """(B, C, H, W) images at (size, size), antialiased; as they are when already that size."""
     if images.shape[-2:] == (size, size):

@@ -21,7 +21,7 @@ from platform.data.augment import AugmentConfig
 from platform.explain import timm_features, timm_target
 from platform.registry import Task, register
 from platform.report import Reference
-from tasks._shared import class_figures, class_metrics, labelled_images, timm_classifier
+from tasks._shared import class_figures, class_metrics, class_predictions, labelled_images, timm_classifier
 
 
 @dataclass
@@ -85,6 +85,7 @@ register(Task(
     plots=plots,
     gradcam=gradcam,
     embed=embed,
+    predict=lambda model, images, cfg: class_predictions(model(images), cfg),
     references=(
         Reference("auc_macro", 0.9942, "micro-average one-vs-rest ROC AUC over the 3 classes (not macro)", "ResNet-18",
                   "simulated Model F (Alexander et al. 2020's Model A), 150x150: no / sphere / vortex",

@@ -49,7 +49,7 @@ class AugmentConfig:
 @dataclass
 class SimConfig:
     train_positive_fraction: float = bounded(1 / 17, 0.0, 1.0, low_open=True)  # ~1:16, the DeepLense training split
-    val_positive_fraction: float = bounded(1 / 101, 0.0, 1.0, low_open=True)  # ~1:100, its test split
+    val_positive_fraction: float = bounded(1 / 101, 0.0, 1.0, low_open=True)  # val and test: ~1:100, as its test split
 
 
 @dataclass
@@ -66,10 +66,11 @@ def build_data(cfg) -> dict:
     if d.source == "folder" or d.path:
         if not d.path:
             raise DataError("data.source=folder needs data.path=/path/to/lens_finding (train_lenses/, ...)")
-        splits = data.from_folder(d.path, list(d.classes), root, d.shard_size)
+        splits = data.from_folder(d.path, list(d.classes), root, d.shard_size, d.val_fraction, d.seed)
     else:
-        sizes = {"train": d.num_train, "val": d.num_val}
-        fractions = {"train": cfg.sim.train_positive_fraction, "val": cfg.sim.val_positive_fraction}
+        sizes = data.split_sizes(d)
+        fractions = {"train": cfg.sim.train_positive_fraction, "val": cfg.sim.val_positive_fraction,
+                     "test": cfg.sim.val_positive_fraction}
         splits = {}
         for split in data.SPLITS:
             seed = data.split_seed(d.seed, split)
@@ -82,8 +83,7 @@ def build_data(cfg) -> dict:
         negatives, positives = shards.manifest["counts"]
         if positives == 0 or negatives == 0:
             raise DataError(f"the {split} split has {positives} lenses and {negatives} non-lenses; both are needed "
-                            f"(raise data.num_{'train' if split == 'train' else 'val'} or "
-                            f"sim.{split}_positive_fraction)")
+                            f"(raise data.num_{split} or sim.{'train' if split == 'train' else 'val'}_positive_fraction)")
     if cfg.loss.pos_weight is not None:
         return splits
     negatives, positives = splits["train"].manifest["counts"]
@@ -125,13 +125,20 @@ def eval_step(model, batch: dict, cfg) -> dict:
     return {"score": torch.sigmoid(model(batch["image"]).squeeze(1).float()), "label": batch["label"]}
 
 
-def evaluate(outputs: dict, cfg) -> dict:
-    return binary_metrics(outputs["score"], outputs["label"])
+def evaluate(outputs: dict, cfg, threshold: float | None = None) -> dict:
+    """The finder's metrics; at ``threshold`` (the one chosen on val) or, on val, at the best F1's."""
+    return binary_metrics(outputs["score"], outputs["label"], threshold)
 
 
-def plots(model, batch: dict, outputs: dict, cfg) -> dict:
-    metrics = binary_metrics(outputs["score"], outputs["label"])
-    return binary_curves_figures(outputs["score"], outputs["label"].astype(np.int64), metrics["threshold"])
+def plots(model, batch: dict, outputs: dict, cfg, threshold: float | None = None) -> dict:
+    threshold = binary_metrics(outputs["score"], outputs["label"], threshold)["threshold"]
+    return binary_curves_figures(outputs["score"], outputs["label"].astype(np.int64), threshold)
+
+
+def predict(model, images: torch.Tensor, cfg, threshold: float | None = None) -> dict:
+    """Unlabelled images: the lens score and the verdict at the run's own threshold (chosen on its val split)."""
+    score = torch.sigmoid(model(images).squeeze(1).float())  # (B,)
+    return {"lens_score": score, "is_lens": score >= (0.5 if threshold is None else threshold)}
 
 
 def gradcam(model, cfg):
@@ -157,6 +164,7 @@ register(Task(
     plots=plots,
     gradcam=gradcam,
     embed=embed,
+    predict=predict,
     references=tuple(
         Reference("roc_auc", value, "ROC AUC, lens vs non-lens", model,
                   "REAL Hyper Suprime-Cam images (HSC-SSP PDR2), about 40,000, about 100 non-lenses per lens; "

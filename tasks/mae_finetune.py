@@ -35,7 +35,7 @@ from platform.pretrained import load_matching
 from platform.registry import Task, register
 from platform.report import Reference
 from tasks import mae, superres
-from tasks._shared import class_figures, class_metrics, labelled_images
+from tasks._shared import class_figures, class_metrics, class_predictions, labelled_images
 
 
 @dataclass
@@ -200,6 +200,7 @@ register(Task(
     plots=lambda model, batch, outputs, cfg: class_figures(outputs, cfg),
     gradcam=lambda model, cfg: vit_target(model, model.encoder.blocks, model.encoder.patch_embed.grid_size),
     embed=lambda model, batch, cfg: embed(model, batch["image"]),
+    predict=lambda model, images, cfg: class_predictions(model(images), cfg),
     references=(
         published("auc_macro", 0.968, "macro one-vs-rest ROC AUC, 3 classes (accuracy 88.65%)",
                   "ViT, MAE-pretrained at a 90% mask ratio, fine-tuned"),
@@ -218,6 +219,7 @@ register(Task(
     metric="psnr",
     plots=superres_plots,
     embed=lambda model, batch, cfg: embed(model, batch["lr"]),
+    predict=lambda model, images, cfg: {"sr": model(images).float()},  # (B, 1, H, W) from LR images
     input_example=lambda batch: batch["lr"][:2].numpy(),
     references=(
         published("psnr", 33.0, "PSNR (dB), about; SSIM 0.961; 16x16 -> 64x64", "ViT, MAE-pretrained, super-resolution head"),),

@@ -31,7 +31,7 @@ from platform.data.augment import AugmentConfig
 from platform.explain import Logits, timm_features, timm_target
 from platform.plots import image_rows_figure
 from platform.registry import Task, register
-from tasks._shared import check_timm_name, class_figures, class_metrics, labelled_images
+from tasks._shared import check_timm_name, class_figures, class_metrics, class_predictions, labelled_images
 
 
 @dataclass
@@ -152,5 +152,6 @@ register(Task(
     plots=plots,
     gradcam=gradcam,
     embed=embed,
+    predict=lambda model, images, cfg: class_predictions(model(images)[0], cfg),
     description="shared timm encoder: substructure classification + image reconstruction",
 ))

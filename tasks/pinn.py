@@ -53,7 +53,7 @@ from platform.metrics import classification_metrics
 from platform.plots import pyplot, roc_figure
 from platform.registry import Task, register
 from platform.report import Reference
-from tasks._shared import check_timm_name
+from tasks._shared import check_timm_name, class_predictions
 
 SCHEDULES = ("constant", "linear", "cosine", "step")
 THETA_E_RANGE = (0.2, 3.0)  # arcsec: every galaxy-scale lens, and rings that fit in the DeepLense fields
@@ -336,6 +336,12 @@ def eval_step(model, batch: dict, cfg) -> dict:
     return outputs
 
 
+def predict(model, images: torch.Tensor, cfg) -> dict:
+    """Unlabelled images: class probabilities, and the lens the physics branch fitted."""
+    out = model(images)
+    return {**class_predictions(out["logits"], cfg), "theta_e_arcsec": out["lens"]["theta_e"].float()}
+
+
 def evaluate(outputs: dict, cfg) -> dict:
     metrics = classification_metrics(outputs["probs"], outputs["label"].astype(np.int64), list(cfg.data.classes))
     metrics["physics_loss"] = float(outputs["physics"].mean())
@@ -432,6 +438,7 @@ register(Task(
     plots=plots,
     gradcam=gradcam,
     embed=embed,
+    predict=predict,
     references=(
         Reference("auc_macro", 0.865, "ROC AUC of a BINARY task (no substructure vs CDM subhalos), not 3 classes",
                   "Lensiformer: a transformer with an inverse-lensing layer, 13M parameters",

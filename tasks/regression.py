@@ -146,13 +146,28 @@ def train_step(model, batch: dict, cfg) -> dict:
     return {"loss": F.mse_loss(prediction, _targets(batch["truth"], cfg))}
 
 
-def eval_step(model, batch: dict, cfg) -> dict:
-    out = model(batch["image"]).float()  # (B, 7)
+def physical(out: torch.Tensor, cfg) -> torch.Tensor:
+    """The network's (B, 7) outputs as the six parameters (B, 6) in their units."""
+    out = out.float()
     mean = torch.tensor(cfg.targets.mean, device=out.device)
     std = torch.tensor(cfg.targets.std, device=out.device)
     angle = 0.5 * torch.atan2(out[:, 6], out[:, 5]) % torch.pi  # (B,) in [0, pi)
-    predicted = torch.cat([out[:, :5] * std + mean, angle[:, None]], 1)  # (B, 6) physical units
-    return {"predicted": predicted, "truth": batch["truth"]}
+    return torch.cat([out[:, :5] * std + mean, angle[:, None]], 1)  # (B, 6) physical units
+
+
+def eval_step(model, batch: dict, cfg) -> dict:
+    return {"predicted": physical(model(batch["image"]), cfg), "truth": batch["truth"]}
+
+
+def predict(model, images: torch.Tensor, cfg) -> dict:
+    """Unlabelled images: each parameter in its unit (theta_e_arcsec, ..., shear_angle_rad)."""
+    if len(cfg.targets.mean) != 5 or len(cfg.targets.std) != 5:
+        raise ConfigError("targets.mean and targets.std put the outputs in their units: give the training run's "
+                          "(model=<its run id> reads them from the run)")
+    if cfg.encoder.arch == "mae":
+        images = resized(images, cfg.encoder.mae.img_size)  # (B, 1, size, size)
+    predicted = physical(model(images), cfg)  # (B, 6)
+    return {f"{p}_{UNITS[p]}" if UNITS[p] else p: predicted[:, k] for k, p in enumerate(PARAMETERS)}
 
 
 def angle_error(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -201,6 +216,7 @@ register(Task(
     mode="min",
     plots=plots,
     embed=embed,
+    predict=predict,
     embedding_colour="theta_e",  # the Einstein radius: the map should order the images by it
     init_weights=init_weights,
     inherit={"encoder.mae.": "model."},  # a mae run's encoder size (used with encoder.arch=mae)

@@ -52,8 +52,6 @@ class DegradeConfig:
     factor: int = bounded(2, 2)  # HR pixels per LR pixel along each axis
     psf_fwhm: float = bounded(0.1, 0.0)  # arcsec: the LR instrument's extra Gaussian blur; 0: none
     noise_sigma: float = bounded(0.01, 0.0)  # Gaussian read noise on LR, in HR units (HR spans [0, 1])
-    # Real HR/LR folders: the share of pairs held out for validation (simulated splits use data.num_val).
-    val_fraction: float = bounded(0.1, 0.0, 1.0, low_open=True, high_open=True)
 
 
 @dataclass
@@ -189,7 +187,7 @@ def check_pairs(splits: dict, factor: int) -> None:
 
 
 def build_data(cfg) -> dict:
-    """Train and val pairs (HR ``image``, LR ``lr``) from cfg.data and cfg.degrade alone.
+    """Train, val and test pairs (HR ``image``, LR ``lr``) from cfg.data and cfg.degrade alone.
 
     Simulated: the simulator's HR images, degraded by ``degrade``, cached by every setting
     that decides them. Real: ``data.path``, a folder of HR/ and LR/ pairs or platform shards.
@@ -199,7 +197,8 @@ def build_data(cfg) -> dict:
         if not d.path:
             raise DataError("data.source=folder needs data.path=/path/to/pairs (HR/*.npy and LR/*.npy, "
                             "paired by name)")
-        splits = data.from_pairs(os.path.expanduser(d.path), root, d.shard_size, g.val_fraction, d.seed)
+        splits = data.from_pairs(os.path.expanduser(d.path), root, d.shard_size, d.val_fraction, d.test_fraction,
+                                 d.seed)
         check_pairs(splits, g.factor)
         return splits
     if d.preset not in simulate.PRESETS:
@@ -210,7 +209,7 @@ def build_data(cfg) -> dict:
         divisors = [str(k) for k in range(2, size + 1) if size % k == 0][:4]
         raise ConfigError(f"degrade.factor={g.factor} does not divide the {size}-pixel images of "
                           f"data.preset={d.preset}; use one of {', '.join(divisors)}, ...")
-    sizes = {"train": d.num_train, "val": d.num_val}
+    sizes = data.split_sizes(d)
     splits = {}
     for split in data.SPLITS:
         seed = data.split_seed(d.seed, split)
@@ -333,6 +332,7 @@ register(Task(
     metric="psnr",
     mode="max",
     plots=plots,
+    predict=lambda model, images, cfg: {"sr": model(images).float()},  # (B, 1, H, W) from LR images
     input_example=lambda batch: batch["lr"][:2].numpy(),
     references=tuple(
         Reference("psnr", value, definition, model, "simulated DeepLense Model I images (LR and HR sizes, scale not stated)",

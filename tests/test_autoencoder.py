@@ -80,7 +80,7 @@ def test_train_the_autoencoder_then_regression_from_its_encoder(tmp_path):
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
     assert client.get_metric_history(run.info.run_id, "val/recon_mse")[-1].value < 0.2
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"plots/reconstructions.png", "plots/embeddings.png"}
+    assert plots == {"plots/reconstructions.png", "plots/embeddings.png", "plots/test"}  # test/: the test split's
 
     regression = run_cli("platform.train", "task=regression", f"init_from={run.info.run_id}", "encoder.arch=resnet10t",
                          "train.epochs=1", "scaling.num_workers=0", *tiny(tmp_path / "cache", db), cwd=str(tmp_path))

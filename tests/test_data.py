@@ -1,6 +1,7 @@
 """Datasets: simulated shards reused by manifest, real DeepLense folders read strictly, the data CLI."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -47,14 +48,74 @@ def test_damaged_shards_are_regenerated(tmp_path):
     assert os.path.getsize(again.files[0]) == again.manifest["files"][0]["bytes"]
 
 
+def split_files(splits) -> dict[str, set]:
+    return {split: set(shards_lib.read(s)[1]["file"]) for split, s in splits.items()}
+
+
 def test_real_folder_with_aliases_and_2d_files(tmp_path):
     root = make_deeplense_folder(tmp_path / "real", shape=(32, 32), names=("no_substructure", "subhalo", "vortex"))
     splits = data.from_folder(str(root), ["no", "sphere", "vort"], str(tmp_path / "cache"), shard_size=4)
-    assert splits["train"].num_rows == 9 and splits["val"].num_rows == 9
-    assert splits["train"].image_shape == (1, 32, 32) and splits["train"].manifest["counts"] == [3, 3, 3]
-    images, columns = shards_lib.read(splits["train"])
-    original = np.load(root / "train" / "subhalo" / "0.npy")
-    assert np.allclose(images[columns["label"] == 1][0, 0], original, atol=1e-7)
+    # The release's held-out val/ is the test split; validation is carved from train/, one per class here.
+    assert (splits["train"].num_rows, splits["val"].num_rows, splits["test"].num_rows) == (6, 3, 9)
+    assert splits["train"].image_shape == (1, 32, 32) and splits["train"].manifest["counts"] == [2, 2, 2]
+    assert splits["val"].manifest["counts"] == [1, 1, 1] and splits["test"].manifest["counts"] == [3, 3, 3]
+    files = split_files(splits)
+    assert all(f.startswith("train/") for f in files["train"] | files["val"]) and not files["train"] & files["val"]
+    assert files["test"] == {f"val/{c}/{i}.npy" for c in ("no_substructure", "subhalo", "vortex") for i in range(3)}
+    images, columns = shards_lib.read(splits["test"])
+    original = np.load(root / "val" / "subhalo" / "0.npy")
+    assert np.allclose(images[list(columns["file"]).index("val/subhalo/0.npy"), 0], original, atol=1e-7)
+
+
+def test_validation_is_carved_by_class_and_seed(tmp_path):
+    root = make_deeplense_folder(tmp_path / "real", per_class=20)
+    carve = lambda fraction, seed: split_files(data.from_folder(  # noqa: E731
+        str(root), ["no", "sphere", "vort"], str(tmp_path / "cache"), 4, val_fraction=fraction, seed=seed))
+    first = carve(0.25, 0)
+    assert len(first["val"]) == 15 and len(first["train"]) == 45  # 5 of each class's 20
+    assert {f.split("/")[1] for f in first["val"]} == {"no", "sphere", "vort"}
+    assert carve(0.25, 0) == first and carve(0.25, 1)["val"] != first["val"]  # seeded: the same split again
+
+
+def test_a_folder_with_all_three_splits_is_used_as_it_is(tmp_path):
+    root = make_deeplense_folder(tmp_path / "real", splits=("train", "val", "test"))
+    files = split_files(data.from_folder(str(root), ["no", "sphere", "vort"], str(tmp_path / "cache"), 4))
+    assert {split: {f.split("/")[0] for f in names} for split, names in files.items()} == {
+        "train": {"train"}, "val": {"val"}, "test": {"test"}}
+
+
+def test_a_folder_without_a_held_out_split_is_refused(tmp_path):
+    root = make_deeplense_folder(tmp_path / "real", splits=("train",))
+    with pytest.raises(DataError, match="only a training split .* a held-out split is needed for the test numbers"):
+        data.from_folder(str(root), ["no", "sphere", "vort"], str(tmp_path / "cache"), 4)
+
+
+@pytest.mark.parametrize("content, found", [
+    (np.full((1, 32, 32), np.nan), r"found 1024 NaN and 0 infinite pixels; every pixel must be a finite number"),
+    (np.where(np.eye(32)[None] > 0, np.inf, 0.5), r"found 0 NaN and 32 infinite pixels"),
+    (np.full((1, 32, 32), 0.25), r"every pixel is 0.25, a blank image"),
+    (np.linspace(0, 255, 1024).reshape(1, 32, 32), r"pixels from 0 to 255, far outside this layout's range \[0, 1\]"),
+    (np.arange(1024, dtype=np.int64).reshape(1, 32, 32), r"found dtype int64; expected floating-point pixels"),
+    (np.ones((1, 32, 32), dtype=np.complex64), r"found dtype complex64; expected floating-point pixels"),
+])
+def test_a_file_that_cannot_be_trusted_is_named_before_any_work(tmp_path, content, found):
+    root = make_deeplense_folder(tmp_path / "real")
+    np.save(root / "val" / "sphere" / "1.npy", content)
+    with pytest.raises(DataError, match=r"val/sphere/1\.npy: " + found):
+        data.from_folder(str(root), ["no", "sphere", "vort"], str(tmp_path / "cache"), shard_size=4)
+    assert not (tmp_path / "cache" / "folders").exists() or not any((tmp_path / "cache" / "folders").rglob("*.parquet"))
+
+
+def test_images_shared_between_train_and_test_are_counted(tmp_path, capsys):
+    root = make_deeplense_folder(tmp_path / "real", per_class=4)
+    for i in (0, 1):
+        (root / "val" / "no" / f"{i}.npy").write_bytes((root / "train" / "no" / f"{i}.npy").read_bytes())
+    data.from_folder(str(root), ["no", "sphere", "vort"], str(tmp_path / "cache"), 4)
+    warnings = re.findall(r"warning: (\d+) image\(s\) of the test split are also in the (train|val) split",
+                          capsys.readouterr().err)
+    assert sum(int(n) for n, _ in warnings) == 2, warnings  # in train, or in the val carved from it
+    data.from_folder(str(root), ["no", "sphere", "vort"], str(tmp_path / "cache"), 4)  # converted once, said each time
+    assert "of the test split are also in the" in capsys.readouterr().err
 
 
 def test_corrupt_file_is_named(tmp_path):
@@ -73,7 +134,7 @@ def test_pickled_object_array_is_refused(tmp_path):
 
 def test_misshaped_file_names_shape_found(tmp_path):
     root = make_deeplense_folder(tmp_path / "real")
-    np.save(root / "train" / "sphere" / "2.npy", np.zeros((1, 16, 16)))
+    np.save(root / "train" / "sphere" / "2.npy", np.random.default_rng(0).random((1, 16, 16)))
     with pytest.raises(DataError, match=r"train/sphere/2\.npy: found shape \(1, 16, 16\); expected \(1, 32, 32\)"):
         data.from_folder(str(root), ["no", "sphere", "vort"], str(tmp_path / "cache"), shard_size=4)
 
@@ -98,7 +159,8 @@ def test_data_cli_converts_a_real_folder_and_previews_it(tmp_path):
     result = run_cli("platform.data", "task=classification", f"data.path={root}", f"data.cache_dir={tmp_path}/cache",
                      cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "train: 9 images (1, 32, 32)  no=3, sphere=3, vort=3" in result.stdout
+    assert "train: 6 images (1, 32, 32)  no=2, sphere=2, vort=2" in result.stdout
+    assert " test: 9 images (1, 32, 32)  no=3, sphere=3, vort=3" in result.stdout
     preview = result.stdout.split("preview: ")[1].strip()
     assert os.path.getsize(preview) > 1000
 
@@ -121,11 +183,15 @@ def test_data_cli_converts_a_lens_finding_folder(tmp_path):
     result = run_cli("platform.data", "task=classification", f"data.path={root}", "data.classes=[nonlenses,lenses]",
                      f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "train: 7 images (3, 64, 64)  nonlenses=5, lenses=2" in result.stdout
-    assert "val: 7 images (3, 64, 64)  nonlenses=5, lenses=2" in result.stdout  # test_* is the validation split
-    images, columns = shards_lib.read(data.from_folder(str(root), ["nonlenses", "lenses"], str(tmp_path / "cache"), 4)["train"])
+    assert "train: 5 images (3, 64, 64)  nonlenses=4, lenses=1" in result.stdout
+    assert "  val: 2 images (3, 64, 64)  nonlenses=1, lenses=1" in result.stdout  # carved from train_*
+    assert " test: 7 images (3, 64, 64)  nonlenses=5, lenses=2" in result.stdout  # test_* is the test split
+    splits = data.from_folder(str(root), ["nonlenses", "lenses"], str(tmp_path / "cache"), 4)
     first_lens = np.load(root / "train_lenses" / "lenses_0.npy")
-    assert any(np.array_equal(image, first_lens) for image, label in zip(images, columns["label"]) if label == 1)
+    (images, columns), = [read for read in (shards_lib.read(splits[s]) for s in ("train", "val"))
+                          if "train_lenses/lenses_0.npy" in list(read[1]["file"])]  # in train, or carved into val
+    row = list(columns["file"]).index("train_lenses/lenses_0.npy")
+    assert np.array_equal(images[row], first_lens) and columns["label"][row] == 1
 
 
 def test_npz_under_an_npy_name_is_refused(tmp_path):
@@ -142,6 +208,7 @@ def test_data_cli_simulates(tmp_path):
                      "data.num_val=3", f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "train: 6 images (1, 150, 150)" in result.stdout and "val: 3 images (1, 150, 150)" in result.stdout
+    assert "test: 3 images (1, 150, 150)" in result.stdout  # data.num_test: as num_val
 
 
 @pytest.mark.slow  # real interpreters

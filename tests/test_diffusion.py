@@ -230,4 +230,4 @@ def test_tune_diffusion_through_the_cli(tmp_path):
         history = client.get_metric_history(trial.info.run_id, f"val/{metric}")
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
     plots = {a.path for a in client.list_artifacts(trial.info.run_id, "plots")}
-    assert plots == {"plots/samples.png", "plots/slerp_walk.png"}
+    assert plots == {"plots/samples.png", "plots/slerp_walk.png", "plots/test"}  # test/: the best trial's test split

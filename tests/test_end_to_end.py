@@ -98,7 +98,7 @@ def test_train_on_two_ddp_workers_is_one_run(tmp_path):
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
     assert steps == [1, 2], steps
     manifests = list((tmp_path / "bucket" / "sim").glob("*/manifest.json"))
-    assert len(manifests) == 2  # train and val, uploaded with their manifests last
+    assert len(manifests) == 3  # train, val and test, uploaded with their manifests last
 
 
 def test_fp16_trains_through_the_grad_scaler(tmp_path):

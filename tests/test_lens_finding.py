@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -34,6 +35,10 @@ def test_threshold_is_tuned_for_f1():
     # At 0.35: 3 lenses and 1 non-lens above it, F1 6/7; at 0.8 precision is perfect but F1 only 0.8.
     assert m["threshold"] == pytest.approx(0.35) and m["precision"] == 0.75 and m["recall"] == 1.0
     assert m["f1"] == pytest.approx(6 / 7) and m["roc_auc"] == pytest.approx(11 / 12)
+    # On the test split, the threshold chosen on val is applied as it is: at 0.8, two of three lenses.
+    fixed = binary_metrics(scores, labels, threshold=0.8)
+    assert fixed["threshold"] == 0.8 and fixed["precision"] == 1.0 and fixed["recall"] == pytest.approx(2 / 3)
+    assert fixed["roc_auc"] == m["roc_auc"]
 
 
 def test_loss_falls_when_overfitting_a_small_batch(tmp_path):
@@ -73,8 +78,32 @@ def test_tune_lens_finding_through_the_cli(tmp_path):
         history = client.get_metric_history(trial.info.run_id, f"val/{metric}")
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
     plots = {a.path for a in client.list_artifacts(trial.info.run_id, "plots")}
-    assert plots == {"plots/roc.png", "plots/pr.png", "plots/gradcam.png", "plots/embeddings.png"}
+    assert plots == {"plots/roc.png", "plots/pr.png", "plots/gradcam.png", "plots/embeddings.png", "plots/test"}
     assert_figure(client, trial.info.run_id, "plots/gradcam.png")
+
+    # The test split, scored once for the best trial, at the threshold the trial chose on val.
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    at_best = [m.value for m in client.get_metric_history(trial.info.run_id, "val/threshold")
+               if str(m.step) == trial.data.tags["platform.best_epoch"]]
+    assert trial.data.metrics["test/threshold"] == pytest.approx(at_best[-1])
+    for metric in ("roc_auc", "pr_auc", "precision", "recall", "f1"):
+        assert len(client.get_metric_history(trial.info.run_id, f"test/{metric}")) == 1
+        assert parent.data.metrics[f"test/{metric}"] == trial.data.metrics[f"test/{metric}"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"test/roc_auc = {trial.data.metrics['test/roc_auc']:.4f}" in note
+    assert f"python -m platform.train from_run={trial.info.run_id}" in note
+
+    # New cutouts, unlabelled: a score each, and the verdict at that same threshold.
+    rng = np.random.default_rng(5)
+    (tmp_path / "cutouts").mkdir()
+    for i in range(6):
+        np.save(tmp_path / "cutouts" / f"c{i}.npy", rng.random((3, 64, 64)).astype(np.float32))
+    found = run_cli_here("platform.predict", "model=models:/lens_finding/latest", f"data.path={tmp_path}/cutouts",
+                         f"evaluate.out={tmp_path}/lenses.csv", f"mlflow.tracking_uri=sqlite:///{db}", cwd=str(tmp_path))
+    assert found.returncode == 0, found.stderr
+    table = pd.read_csv(tmp_path / "lenses.csv")
+    assert list(table["file"]) == [f"c{i}.npy" for i in range(6)]
+    assert list(table["is_lens"]) == list(table["lens_score"] >= at_best[-1])
 
 
 @pytest.mark.slow

@@ -95,7 +95,7 @@ def test_pretrain_then_finetune_both_heads_linked_in_mlflow(tmp_path):
         history = client.get_metric_history(trial.info.run_id, f"val/{metric}")
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
     assert {a.path for a in client.list_artifacts(trial.info.run_id, "plots")} == {
-        "plots/roc.png", "plots/confusion_matrix.png", "plots/gradcam.png", "plots/embeddings.png"}
+        "plots/roc.png", "plots/confusion_matrix.png", "plots/gradcam.png", "plots/embeddings.png", "plots/test"}
     assert_figure(client, trial.info.run_id, "plots/gradcam.png")  # the ViT's tokens laid out as a grid
 
     result = run_cli("platform.train", "task=mae_finetune", "head=superres", f"init_from={mae_version.run_id}",

@@ -59,7 +59,7 @@ def test_tune_multitask_then_regression_from_its_encoder(tmp_path):
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
     plots = {a.path for a in client.list_artifacts(trial.info.run_id, "plots")}
     assert plots == {"plots/roc.png", "plots/confusion_matrix.png", "plots/reconstructions.png", "plots/gradcam.png",
-                     "plots/embeddings.png"}
+                     "plots/embeddings.png", "plots/test"}
     assert_figure(client, trial.info.run_id, "plots/gradcam.png")
 
     # The registered multitask model's encoder starts a regression run.

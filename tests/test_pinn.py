@@ -215,5 +215,5 @@ def test_tune_pinn_through_the_cli(tmp_path):
         history = client.get_metric_history(trial.info.run_id, f"val/{metric}")
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
     plots = {a.path for a in client.list_artifacts(trial.info.run_id, "plots")}
-    assert plots == {"plots/lensing.png", "plots/roc.png", "plots/gradcam.png", "plots/embeddings.png"}
+    assert plots == {"plots/lensing.png", "plots/roc.png", "plots/gradcam.png", "plots/embeddings.png", "plots/test"}
     assert_figure(client, trial.info.run_id, "plots/gradcam.png")

@@ -80,7 +80,8 @@ def test_regression_from_a_pretrained_mae_against_a_random_start(tmp_path):
             history = client.get_metric_history(run.info.run_id, f"val/{metric}")
             assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
         assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/predicted_vs_true.png",
-                                                                                    "plots/embeddings.png"}
+                                                                                    "plots/embeddings.png", "plots/test"}
+        assert math.isfinite(run.data.metrics["test/mae_mean"])  # each side of the comparison scored on test once
     assert set(parent.data.metrics) == {"pretrained/best_mae_mean", "random_init/best_mae_mean"}
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/pretrained_vs_random_init.png"]
 

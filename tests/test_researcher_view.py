@@ -286,14 +286,15 @@ def test_insight_rebuilds_a_finished_sweeps_figures_from_mlflow_alone(two_sweeps
     for name in ("sweep", "trials.csv", "trials.parquet"):
         path = os.path.join(artifacts, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"sweep.yaml"}
+    # source/: the uncommitted diff, when the sweep ran from a changed tree
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} - {"source"} == {"sweep.yaml"}
 
     result = run_cli_here("platform.insight", "task=autoencoder", "tune.name=ae", f"mlflow.tracking_uri={store['uri']}",
                           cwd=str(store["folder"]))
     assert result.returncode == 0, result.stderr
     assert parent.info.run_id in result.stdout
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"sweep", "sweep.yaml", "trials.csv",
-                                                                           "trials.parquet"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} - {"source"} == {
+        "sweep", "sweep.yaml", "trials.csv", "trials.parquet"}
     assert len(pd.read_csv(client.download_artifacts(parent.info.run_id, "trials.csv", str(store["folder"] / "t3")))) == 2
 
     missing = run_cli_here("platform.insight", "task=autoencoder", "tune.name=nope",
@@ -318,10 +319,12 @@ def test_the_report_holds_the_best_run_of_each_sweep_beside_the_published_number
         (row,) = [r for r in rows if r.startswith(f"| {sweep} ")]
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == f"sweep, {trials} trials"
-        assert cells[2] == f"**{parent.data.metrics[f'best/{metric}']:.4g}**"
-        assert "simulated (model_ii), 48 train / 48 val images" == cells[5]
-        assert cells[6] == f"[{best[:8]}](http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{best}?workflowType=machine_learning)"
-        assert f"## {task}: val/{metric} ({'higher' if metric == 'auc_macro' else 'lower'} is better)" in text
+        # The headline is the test split's number, scored once for the best trial; beside it the val it was chosen by.
+        assert cells[2] == f"**{parent.data.metrics[f'test/{metric}']:.4g}**"
+        assert cells[3] == f"{parent.data.metrics[f'best/{metric}']:.4g}"
+        assert "simulated (model_ii), 48 train / 48 val / 48 test images" == cells[6]
+        assert cells[7] == f"[{best[:8]}](http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{best}?workflowType=machine_learning)"
+        assert f"## {task}: {metric} ({'higher' if metric == 'auc_macro' else 'lower'} is better)" in text
     # Beside each: what was published, with its data and protocol stated.
     assert "| 0.9942 | micro-average one-vs-rest ROC AUC" in text and "simulated Model F" in text
     assert "anomaly-detection ROC AUC" in text
@@ -467,7 +470,8 @@ def test_plots_can_be_turned_off(store):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     client = MlflowClient(f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("deeplense-lens_finding").experiment_id])
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/roc.png", "plots/pr.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/roc.png", "plots/pr.png",
+                                                                                "plots/test"}
 
 
 def test_a_figure_that_fails_never_fails_the_run(tmp_path, capsys):
@@ -568,7 +572,7 @@ def test_a_best_trial_stopped_before_its_end_gets_its_figures_at_the_sweeps_end(
     cfg = config_lib.from_dict(config_lib.load_yaml(open(client.download_artifacts(best, "config.yaml",
                                                                                    str(store["folder"] / "t4"))).read()))
     task = registry.get("classification")
-    log_best_model(client, best, cfg, task, task.build_data(cfg)["val"], register=False, with_views=True)
+    log_best_model(client, best, cfg, task, task.build_data(cfg), register=False, with_views=True)
     assert client.get_run(best).data.tags[tracking.VIEWS_TAG] == "gradcam.png,embeddings.png"
     for name in ("gradcam.png", "embeddings.png"):
         assert_figure(client, best, f"plots/{name}")
@@ -586,14 +590,16 @@ def test_the_report_gives_each_metric_its_own_table(tmp_path):
         tracking.log_params(client, run, {"head": head, "train.epochs": 2, "data.preset": "model_ii",
                                           "data.num_train": 64, "data.num_val": 32})
         tracking.log_metrics(client, run, {f"val/{metric}": value, f"best/{metric}": value}, step=1)
+        if head == "superres":  # a run with its test split scored; the other from before there were test splits
+            tracking.log_metrics(client, run, {"test/psnr": 30.9}, step=0)
         tracking.end_run(client, run, "FINISHED")
     result = run_cli_here("platform.report", f"mlflow.tracking_uri=sqlite:///{db}", f"report.out={tmp_path / 'r'}",
                           cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "r" / "report.md").read_text()
-    auc, psnr = text.index("## mae_finetune: val/auc_macro"), text.index("## mae_finetune: val/psnr")
+    auc, psnr = text.index("## mae_finetune: auc_macro"), text.index("## mae_finetune: psnr")
     assert auc < psnr
-    assert "| cls | train | **0.81** |" in text[auc:psnr] and "| sr | train | **31.5** |" in text[psnr:]
+    assert "| cls | train | not scored | 0.81 |" in text[auc:psnr] and "| sr | train | **30.9** | 31.5 |" in text[psnr:]
     assert "| sr |" not in text[auc:psnr] and "| cls |" not in text[psnr:]
     # Under each, the published numbers of that metric.
     assert "| 0.968 | macro one-vs-rest" in text[auc:psnr] and "| 33 | PSNR (dB)" in text[psnr:]

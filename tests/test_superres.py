@@ -145,17 +145,18 @@ def write_pairs(root, n: int = 6, size: int = 32, factor: int = 2):
 
 def test_a_real_pairs_folder_is_split_once_and_reused(tmp_path, monkeypatch):
     hr, lr = write_pairs(tmp_path / "pairs")
-    splits = data_lib.from_pairs(str(tmp_path / "pairs"), str(tmp_path / "cache"), 100, 0.2, seed=0)
-    assert splits["train"].num_rows == 5 and splits["val"].num_rows == 1
+    splits = data_lib.from_pairs(str(tmp_path / "pairs"), str(tmp_path / "cache"), 100, 0.2, 0.2, seed=0)
+    assert (splits["train"].num_rows, splits["val"].num_rows, splits["test"].num_rows) == (4, 1, 1)
     rows = {split: shards_lib.read(shards) for split, shards in splits.items()}
-    found_hr = np.concatenate([rows["train"][0], rows["val"][0]])
-    found_lr = np.concatenate([rows["train"][1]["lr"], rows["val"][1]["lr"]])
+    assert sorted(f for _, columns in rows.values() for f in columns["file"]) == [f"img{i}.npy" for i in range(6)]
+    found_hr = np.concatenate([rows[split][0] for split in data_lib.SPLITS])
+    found_lr = np.concatenate([rows[split][1]["lr"] for split in data_lib.SPLITS])
     order = np.argsort(found_hr.sum(axis=(1, 2, 3)))
     assert np.allclose(found_hr[order], hr[np.argsort(hr.sum(axis=(1, 2, 3)))])  # every pair, once
     assert np.allclose(degrade(found_hr, 2, 0.1, 0.0, 0.05, seed=0), found_lr, atol=1e-5)  # each HR with its own LR
 
     monkeypatch.setattr(folders, "read_pairs", lambda root: pytest.fail("the cached pairs were read again"))
-    again = data_lib.from_pairs(str(tmp_path / "pairs"), str(tmp_path / "cache"), 100, 0.2, seed=0)
+    again = data_lib.from_pairs(str(tmp_path / "pairs"), str(tmp_path / "cache"), 100, 0.2, 0.2, seed=0)
     assert again["val"].path == splits["val"].path
 
 
@@ -241,7 +242,7 @@ def test_tune_superres_on_a_pairs_folder_through_the_cli(tmp_path):
     write_pairs(tmp_path / "pairs", n=40)
     sweep = run_cli("platform.tune", "task=superres", "scaling.num_workers=0",
                     "tune.num_samples=1", "train.epochs=2", "tune.name=sr",
-                    f"data.path={tmp_path}/pairs", "degrade.val_fraction=0.25", *SMALL, *tiny(tmp_path / "cache", db),
+                    f"data.path={tmp_path}/pairs", "data.val_fraction=0.25", *SMALL, *tiny(tmp_path / "cache", db),
                     cwd=str(tmp_path))
     assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-4000:]
     assert "1 trials (0 failed)" in sweep.stdout
@@ -254,4 +255,8 @@ def test_tune_superres_on_a_pairs_folder_through_the_cli(tmp_path):
         history = client.get_metric_history(trial.info.run_id, f"val/{metric}")
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
     assert {a.path for a in client.list_artifacts(trial.info.run_id, "plots")} == {"plots/panels.png",
-                                                                                  "plots/power_spectrum.png"}
+                                                                                  "plots/power_spectrum.png", "plots/test"}
+    # The pairs held out for test, scored once with the best weights: in their own folder.
+    assert {a.path for a in client.list_artifacts(trial.info.run_id, "plots/test")} == {"plots/test/panels.png",
+                                                                                       "plots/test/power_spectrum.png"}
+    assert all(math.isfinite(trial.data.metrics[f"test/{metric}"]) for metric in METRICS)

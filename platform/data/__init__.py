@@ -1,8 +1,10 @@
 """Datasets: simulated or real DeepLense images, always materialised as Parquet shards.
 
-``substructure(cfg)`` is what a task's ``build_data`` calls: it returns the train and
-val splits as ``Shards``, simulating them on first use from ``(preset, size, seed)`` or
-converting a real DeepLense folder, and reusing earlier shards whose manifest matches.
+``substructure(cfg)`` is what a task's ``build_data`` calls: it returns the train, val and
+test splits as ``Shards``, simulating them on first use from ``(preset, size, seed)`` or
+converting a real DeepLense folder, and reusing earlier shards whose manifest matches. The
+search and every choice a run makes see ``val`` only; ``test`` is scored once, for the model
+that is kept.
 It runs on the driver before any Ray work, so a missing path or a corrupt file is
 reported before a cluster is touched. Training workers then stream the shards through
 Ray Data, from local disk or object storage alike.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -21,10 +24,16 @@ from platform.data import folders
 from platform.data import shards as shards_lib
 from platform.data.shards import DataError, Shards, decode_images, open_shards, reuse, write
 
-__all__ = ["DataError", "Shards", "cached_simulation", "decode_images", "from_folder", "from_pairs", "simulated",
-           "split_seed", "substructure"]
+__all__ = ["DataError", "SPLITS", "Shards", "cached_simulation", "decode_images", "from_folder", "from_pairs",
+           "simulated", "split_seed", "split_sizes", "substructure"]
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+FILE_COLUMN = "file"  # real data: each row's source file, relative to data.path (the split lists of a run)
+
+
+def split_sizes(data_cfg) -> dict[str, int]:
+    """Rows of each simulated split: ``data.num_test`` defaults to ``data.num_val``."""
+    return {"train": data_cfg.num_train, "val": data_cfg.num_val, "test": data_cfg.num_test or data_cfg.num_val}
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -59,38 +68,78 @@ def simulated(preset: str, num_rows: int, seed: int, root: str, shard_size: int)
                              list(simulate.CLASS_NAMES), root, shard_size)
 
 
-def from_folder(path: str, classes: list[str], root: str, shard_size: int) -> dict[str, Shards]:
-    """The splits of a real DeepLense folder (converted once), or of a folder of platform shards."""
+def from_folder(path: str, classes: list[str], root: str, shard_size: int, val_fraction: float = 0.1,
+                seed: int = 0) -> dict[str, Shards]:
+    """The train, val and test splits of a real DeepLense folder (converted once), or of platform shards.
+
+    The release's held-out split is ``test``; ``val`` is carved from the training files
+    (``val_fraction`` of each class, seeded) unless the folder has both ``val`` and ``test``.
+    """
     if all(shards_lib.exists(shards_lib.join(path, split, shards_lib.MANIFEST)) for split in SPLITS):
         return {split: open_shards(shards_lib.join(path, split)) for split in SPLITS}
     if shards_lib.is_uri(path):
-        raise DataError(f"data.path={path}: no platform shards there (train/ and val/ with {shards_lib.MANIFEST}); "
-                        f"DeepLense .npy folders are read from local disk")
-    splits = folders.class_dirs(path, classes)
-    key = hashlib.sha256(json.dumps([folders.fingerprint(path), classes]).encode()).hexdigest()
-    out = {}
-    for split, class_dirs in splits.items():
-        expected = {"source": "folder", "origin": os.path.abspath(path), "split": split, "fingerprint": key}
-        target = os.path.join(root, "folders", f"{os.path.basename(os.path.abspath(path))}-{key[:12]}", split)
-        shards = reuse(target, expected)
-        if shards is None:
-            images, labels, _ = folders.read_split(class_dirs)
+        raise DataError(f"data.path={path}: no platform shards there (train/, val/ and test/ with "
+                        f"{shards_lib.MANIFEST}); DeepLense .npy folders are read from local disk")
+    dirs, layout = folders.class_dirs(path, classes)
+    carve = "test" not in dirs or "val" not in dirs
+    key = hashlib.sha256(json.dumps([folders.fingerprint(path), classes, carve and [val_fraction, seed]])
+                         .encode()).hexdigest()
+    folder = os.path.join(root, "folders", f"{os.path.basename(os.path.abspath(path))}-{key[:12]}")
+    expected = {split: {"source": "folder", "origin": os.path.abspath(path), "split": split, "fingerprint": key}
+                for split in SPLITS}
+    found = {split: reuse(os.path.join(folder, split), expected[split]) for split in SPLITS}
+    if not all(found.values()):
+        files = {split: folders.labelled_files(d) for split, d in dirs.items()}
+        if carve:  # the one held-out split is the test split; validation comes from train
+            files["test"] = files.pop("val", None) or files["test"]
+            labels = np.array([label for label, _ in files["train"]])
+            picked = set(folders.stratified_split(labels, val_fraction, seed).tolist())
+            files["val"] = [f for i, f in enumerate(files["train"]) if i in picked]
+            files["train"] = [f for i, f in enumerate(files["train"]) if i not in picked]
+        read = {split: folders.read_files(files[split], value_range=folders.VALUE_RANGES[layout]) for split in SPLITS}
+        shared = shared_images({split: images for split, (images, _, _) in read.items()})
+        for split, (images, labels, paths) in read.items():
             counts = np.bincount(labels, minlength=len(classes)).tolist()
-            manifest = {**expected, "classes": list(classes), "counts": counts}
-            shards = write(target, images, {"label": labels}, manifest, shard_size)
-        out[split] = shards
+            manifest = {**expected[split], "classes": list(classes), "counts": counts,
+                        "shared_images": shared.get(split, {})}
+            columns = {"label": labels, FILE_COLUMN: np.array([os.path.relpath(p, path) for p in paths])}
+            found[split] = write(os.path.join(folder, split), images, columns, manifest, shard_size)
+    warn_shared(found)
+    return found
+
+
+def shared_images(images: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """{split: {earlier split: images of it with the same pixels as one there}} where any are shared."""
+    digests = {split: {hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest() for x in rows}
+               for split, rows in images.items()}
+    out = {}
+    for i, split in enumerate(SPLITS):
+        for other in SPLITS[:i]:
+            if split in digests and other in digests and digests[split] & digests[other]:
+                out.setdefault(split, {})[other] = len(digests[split] & digests[other])
     return out
 
 
+def warn_shared(splits: dict[str, Shards]) -> None:
+    """A warning for every pair of splits that share images (the same pixels): a test image also in
+    train makes the test numbers optimistic."""
+    for split, shards in splits.items():
+        for other, count in shards.manifest.get("shared_images", {}).items():
+            print(f"warning: {count} image(s) of the {split} split are also in the {other} split (the same pixels); "
+                  f"its numbers are optimistic by that much: remove the duplicates from {shards.manifest.get('origin')}",
+                  file=sys.stderr, flush=True)
+
+
 def substructure(cfg) -> dict[str, Shards]:
-    """Train and val splits for the three-class substructure tasks (no / sphere / vort)."""
+    """Train, val and test splits for the three-class substructure tasks (no / sphere / vort)."""
     data, root = cfg.data, config_lib.cache_dir(cfg)
     if data.source == "folder" or data.path:  # a path means real data, whatever the source says
         if not data.path:
             raise DataError("data.source=folder needs data.path=/path/to/deeplense/folder")
-        splits = from_folder(os.path.expanduser(data.path), list(data.classes), root, data.shard_size)
+        splits = from_folder(os.path.expanduser(data.path), list(data.classes), root, data.shard_size,
+                             data.val_fraction, data.seed)
     else:
-        sizes = {"train": data.num_train, "val": data.num_val}
+        sizes = split_sizes(data)
         splits = {split: simulated(data.preset, sizes[split], split_seed(data.seed, split), root, data.shard_size)
                   for split in SPLITS}
     check_classes(splits, list(data.classes))
@@ -106,33 +155,44 @@ def check_classes(splits: dict[str, Shards], classes: list[str]) -> None:
                             f"[{','.join(found)}]; set data.classes=[{','.join(found)}]")
 
 
-def from_pairs(path: str, root: str, shard_size: int, val_fraction: float, seed: int) -> dict[str, Shards]:
+def from_pairs(path: str, root: str, shard_size: int, val_fraction: float, test_fraction: float,
+               seed: int) -> dict[str, Shards]:
     """The splits of a folder of HR/LR pairs (see ``folders.paired_files``), or of platform shards.
 
     Converted once: HR is the ``image`` column, LR the second image column ``lr``. A seeded
-    permutation holds out ``val_fraction`` of the pairs (at least one, never all) for
-    validation. The HR values' range goes into the manifest, so a task can check it.
+    permutation holds out ``test_fraction`` of the pairs for the test split and
+    ``val_fraction`` of the rest for validation (each at least one). The HR values' range goes
+    into the manifest, so a task can check it.
     """
     if all(shards_lib.exists(shards_lib.join(path, split, shards_lib.MANIFEST)) for split in SPLITS):
         return {split: open_shards(shards_lib.join(path, split)) for split in SPLITS}
     if shards_lib.is_uri(path):
-        raise DataError(f"data.path={path}: no platform shards there (train/ and val/ with {shards_lib.MANIFEST}); "
-                        f"HR/ LR/ .npy folders are read from local disk")
+        raise DataError(f"data.path={path}: no platform shards there (train/, val/ and test/ with "
+                        f"{shards_lib.MANIFEST}); HR/ LR/ .npy folders are read from local disk")
     pairs = folders.paired_files(path)  # every name checked before a file is read
-    key = hashlib.sha256(json.dumps([folders.fingerprint(path), val_fraction, seed]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([folders.fingerprint(path), val_fraction, test_fraction, seed])
+                         .encode()).hexdigest()
     folder = os.path.join(root, "pairs", f"{os.path.basename(os.path.abspath(path))}-{key[:12]}")
     expected = {split: {"source": "pairs", "origin": os.path.abspath(path), "split": split, "fingerprint": key}
                 for split in SPLITS}
     found = {split: reuse(os.path.join(folder, split), expected[split]) for split in SPLITS}
     if all(found.values()):
+        warn_shared(found)
         return found
-    if len(pairs) < 2:
-        raise DataError(f"data.path={path}: {len(pairs)} pair(s); a train and a val split need at least 2")
-    hr, lr, _ = folders.read_pairs(path)  # (N, 1, H, W), (N, 1, h, w)
-    n_val = min(max(1, round(val_fraction * len(hr))), len(hr) - 1)
+    if len(pairs) < 3:
+        raise DataError(f"data.path={path}: {len(pairs)} pair(s); a train, a val and a test split need at least 3")
+    hr, lr, names = folders.read_pairs(path)  # (N, 1, H, W), (N, 1, h, w)
     order = np.random.default_rng(np.random.SeedSequence([seed, 0x70616972])).permutation(len(hr))  # "pair"
-    rows = {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
+    n_test = min(max(1, round(test_fraction * len(hr))), len(hr) - 2)
+    n_val = min(max(1, round(val_fraction * (len(hr) - n_test))), len(hr) - n_test - 1)
+    rows = {"test": np.sort(order[:n_test]), "val": np.sort(order[n_test:n_test + n_val]),
+            "train": np.sort(order[n_test + n_val:])}
+    shared = shared_images({split: hr[rows[split]] for split in SPLITS})
     value_range = [float(hr.min()), float(hr.max())]
-    return {split: write(os.path.join(folder, split), hr[rows[split]], {"lr": lr[rows[split]]},
-                         {**expected[split], "value_range": value_range}, shard_size)
-            for split in SPLITS}
+    found = {split: write(os.path.join(folder, split), hr[rows[split]],
+                          {"lr": lr[rows[split]], FILE_COLUMN: np.asarray(names)[rows[split]]},
+                          {**expected[split], "value_range": value_range, "shared_images": shared.get(split, {})},
+                          shard_size)
+             for split in SPLITS}
+    warn_shared(found)
+    return found

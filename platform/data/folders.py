@@ -9,6 +9,11 @@ Lens finding (Test II), a folder per split and class side by side::
 
     <root>/{train,test}_{lenses,nonlenses}/*.npy   (3, 64, 64) float32
 
+The release's held-out split (``val/`` of Common Test I, ``test_*`` of Test II) is the
+platform's **test** split; ``platform.data`` carves validation from the training files. A
+folder with ``train``, ``val`` and ``test`` is used as it is (``HELD_OUT`` says which names
+count as which).
+
 ``data.classes`` names the class folders in label order (``[nonlenses, lenses]`` for lens
 finding, so a lens is label 1). Class folders go by several names across the DeepLense
 releases; ``CLASS_ALIASES`` maps each class to the names it is known by. Every file is
@@ -31,7 +36,9 @@ CLASS_ALIASES = {
     "lenses": ("lenses", "lens", "lensed"),
     "nonlenses": ("nonlenses", "nonlens", "non_lenses", "unlensed"),
 }
-SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "validation", "test")}
+SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "validation"), "test": ("test", "testing")}
+# Pixel values a layout's files hold; "far outside" is more than the range's width beyond it.
+VALUE_RANGES = {"nested": (0.0, 1.0), "pairs": (0.0, 1.0), "flat": None}  # Test II's flat layout states none
 
 
 def _aliases(name: str) -> tuple[str, ...]:
@@ -64,12 +71,32 @@ def load_npy(path: str) -> np.ndarray:
     return array
 
 
-def _as_chw(array: np.ndarray, path: str, channels: int | None) -> np.ndarray:
+def checked_image(array: np.ndarray, path: str, channels: int | None,
+                  value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """``array`` as float32 (C, H, W), or a one-line error naming ``path`` and what is wrong with it:
+    its shape, a non-float dtype, NaN or infinite pixels, a constant image, values far outside
+    ``value_range``. Data that cannot be trusted never reaches a loss."""
     if array.ndim == 2:
         array = array[None]
-    if array.ndim != 3 or (channels is not None and array.shape[0] != channels) or array.dtype.kind not in "fiu":
+    if array.ndim != 3 or (channels is not None and array.shape[0] != channels) or array.dtype.kind not in "fiuc":
         expected = f"({channels}, H, W)" + (" or (H, W)" if channels == 1 else "") if channels else "(C, H, W) or (H, W)"
         raise DataError(f"{path}: found shape {array.shape} dtype {array.dtype}; expected {expected} numbers")
+    if array.dtype.kind != "f":
+        raise DataError(f"{path}: found dtype {array.dtype}; expected floating-point pixels (float32 or float64): "
+                        f"integers or complex numbers are not the intensities a DeepLense image holds")
+    finite = np.isfinite(array)
+    if not finite.all():
+        nan = int(np.isnan(array).sum())
+        raise DataError(f"{path}: found {nan} NaN and {array.size - int(finite.sum()) - nan} infinite pixels; "
+                        f"every pixel must be a finite number")
+    low, high = float(array.min()), float(array.max())
+    if low == high:
+        raise DataError(f"{path}: every pixel is {low:g}, a blank image; remove the file")
+    if value_range is not None:
+        width = value_range[1] - value_range[0]
+        if low < value_range[0] - width or high > value_range[1] + width:
+            raise DataError(f"{path}: pixels from {low:.4g} to {high:.4g}, far outside this layout's range "
+                            f"[{value_range[0]:g}, {value_range[1]:g}]; is it from another dataset or unnormalised?")
     return array.astype(np.float32)
 
 
@@ -80,8 +107,15 @@ def _npy_files(folder: str) -> list[str]:
     return files
 
 
-def read_split(class_dirs: list[tuple[int, str]], channels: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images (N, C, H, W) float32, labels (N,) int64 and source paths of one split's class folders.
+def labelled_files(class_dirs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """(label, path) of every .npy file in a split's class folders, in a fixed order."""
+    return [(label, path) for label, folder in class_dirs for path in _npy_files(folder)]
+
+
+def read_files(files: list[tuple[int, str]], channels: int | None = None,
+               value_range: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images (N, C, H, W) float32, labels (N,) int64 and source paths of (label, path) files, each
+    checked (``checked_image``).
 
     ``channels=None`` takes the first file's; every file must then match it.
     """
@@ -89,11 +123,10 @@ def read_split(class_dirs: list[tuple[int, str]], channels: int | None = None) -
 
     images, labels, paths = [], [], []
     shape = None
-    files = [(label, path) for label, folder in class_dirs for path in _npy_files(folder)]
     with progress(len(files), f"reading {os.path.dirname(os.path.dirname(files[0][1])) if files else ''}",
                   unit="file") as bar:
         for label, path in files:
-            image = _as_chw(load_npy(path), path, channels)  # (C, H, W)
+            image = checked_image(load_npy(path), path, channels, value_range)  # (C, H, W)
             if shape is None:
                 shape = image.shape
             elif image.shape != shape:
@@ -105,14 +138,19 @@ def read_split(class_dirs: list[tuple[int, str]], channels: int | None = None) -
     return np.stack(images), np.asarray(labels, dtype=np.int64), paths
 
 
-def class_dirs(root: str, classes: list[str]) -> dict[str, list[tuple[int, str]]]:
-    """{split: [(label, class folder)]} for either layout: <split>/<class>/ or <split>_<class>/."""
+def class_dirs(root: str, classes: list[str]) -> tuple[dict[str, list[tuple[int, str]]], str]:
+    """({split: [(label, class folder)]} for the splits the folder has, its layout) for either
+    layout: ``<split>/<class>/`` ("nested") or ``<split>_<class>/`` ("flat")."""
     if not os.path.isdir(root):
         raise DataError(f"data.path={root} does not exist or is not a folder")
     present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    nested_layout = any(n in present for names in SPLIT_ALIASES.values() for n in names)
     out = {}
     for split, split_names in SPLIT_ALIASES.items():
         nested = next((os.path.join(root, n) for n in split_names if n in present), None)
+        flat = [f"{s}_{c}" for s in split_names for c in _aliases(classes[0])]
+        if not nested and not any(f in present for f in flat) and split != "train":
+            continue  # a held-out split the release does not have: carved from train
         found = []
         for label, name in enumerate(classes):
             if nested:
@@ -122,7 +160,22 @@ def class_dirs(root: str, classes: list[str]) -> dict[str, list[tuple[int, str]]
                 folder = _find_dir(root, tuple(flat), f"{split} split (or {split} class {name!r})")
             found.append((label, folder))
         out[split] = found
-    return out
+    if len(out) == 1:
+        raise DataError(f"data.path={root}: only a training split (found {', '.join(present)}); a held-out split "
+                        f"is needed for the test numbers: val/ or test/ (or test_<class>/) beside train")
+    return out, "nested" if nested_layout else "flat"
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Positions (sorted) of about ``fraction`` of each class's rows, seeded: the validation rows
+    carved from a training split. Every class with two or more rows gives at least one and keeps one."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x76616C]))  # "val"
+    picked = []
+    for k in np.unique(labels):
+        rows = np.flatnonzero(labels == k)
+        n = min(max(1, round(fraction * len(rows))), len(rows) - 1) if len(rows) >= 2 else 0
+        picked.append(rng.permutation(rows)[:n])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
 def fingerprint(root: str) -> list:
@@ -174,7 +227,7 @@ def read_pairs(root: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     shapes = {}
     for hr_path, lr_path in paired_files(root):
         for path, images, kind in ((hr_path, hr_images, "HR"), (lr_path, lr_images, "LR")):
-            image = _as_chw(load_npy(path), path, 1)  # (1, H, W)
+            image = checked_image(load_npy(path), path, 1, VALUE_RANGES["pairs"])  # (1, H, W)
             expected = shapes.setdefault(kind, image.shape)
             if image.shape != expected:
                 raise DataError(f"{path}: found shape {image.shape}; expected {expected} like the {kind} files "

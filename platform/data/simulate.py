@@ -32,7 +32,7 @@ __all__ = ["CLASS_NAMES", "PRESETS", "Preset", "SIMULATOR_VERSION", "preview_gri
 
 CLASS_NAMES = ("no", "sphere", "vort")
 # Bump when a preset or the rendering changes, so cached datasets are rebuilt.
-SIMULATOR_VERSION = 2  # 2: true Poisson photon noise
+SIMULATOR_VERSION = 3  # 2: true Poisson photon noise; 3: no NaN image at a vortex rod's end
 SEED_BLOCK = 256
 # Images rendered together: a (32, 150, 150) float32 map is ~3 MB and stays in cache,
 # which on CPU is ~2x faster than whole blocks. Fixed, because results round differently
