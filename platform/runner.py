@@ -169,6 +169,12 @@ def score_test(client, run_id: str, model, task, cfg, test_shards, threshold: fl
 
     from platform import scoring
 
+    objective = task.objective(cfg)
+    earlier = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("test/")}
+    if f"test/{objective}" in earlier:  # an extended sweep whose best trial was kept before: never scored twice
+        if parent:
+            tracking.log_metrics(client, parent, earlier, step=0)
+        return earlier
     scored = scoring.score(model, task, cfg, test_shards, scoring.device_for(cfg.scaling.use_gpu), threshold)
     metrics = {f"test/{k}": v for k, v in scored.metrics.items()}
     for run in filter(None, (run_id, parent)):
@@ -181,7 +187,6 @@ def score_test(client, run_id: str, model, task, cfg, test_shards, threshold: fl
         table = scoring.predictions(scored, list(cfg.data.classes))
         tracking.log_file(client, run_id, scoring.write_table(table, os.path.join(folder, "test.csv")),
                           scoring.PREDICTIONS)
-    objective = task.objective(cfg)
     tracking.say(f"[{cfg.task}] test/{objective} = {scored.metrics.get(objective, float('nan')):.4f} "
                  f"({test_shards.num_rows} test images, scored once with the best val epoch's weights)")
     return metrics

@@ -123,3 +123,9 @@ def test_a_sweep_resumed_without_its_pos_weight_is_refused(tmp_path):
     # With its own weight it is the same sweep again: one more trial.
     result = run_cli("platform.tune", *common, "loss.pos_weight=5", "tune.resume=force", cwd=str(tmp_path))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    # Each kept trial's test split scored once, however many times the sweep ended: never twice.
+    client = MlflowClient(f"sqlite:///{db}")
+    trials = [r for r in client.search_runs([client.get_experiment_by_name("deeplense-lens_finding").experiment_id])
+              if "platform.trial_id" in r.data.tags]
+    scored = [len(client.get_metric_history(t.info.run_id, "test/roc_auc")) for t in trials]
+    assert len(trials) == 2 and 1 <= sum(scored) <= 2 and max(scored) == 1, scored
