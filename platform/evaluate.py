@@ -31,6 +31,14 @@ def data_of(cfg) -> str:
     return f"folder {cfg.data.path}" if cfg.data.path else f"simulated {cfg.data.preset} (seed {cfg.data.seed})"
 
 
+def threshold_params(threshold: float | None, source) -> dict:
+    """Where a finder's decision threshold came from, as params of the evaluation run."""
+    if threshold is None:
+        return {}
+    return {"evaluate.threshold": threshold, "evaluate.threshold_from":
+            f"the val split of run {source.run_id}" if source.run_id else "the default 0.5 (a bare checkpoint)"}
+
+
 def main(argv: list[str]) -> int:
     task, cfg, settings, source, uri, client = model_config(argv, "evaluate")
     model = load_model(task, cfg, source, client)
@@ -57,7 +65,7 @@ def main(argv: list[str]) -> int:
     with cli.ends_run(client, run_id):
         tracking.log_params(client, run_id, {**config_lib.flatten(config_lib.to_dict(cfg)), "model": settings.model,
                                              "evaluate.split": settings.evaluate.split,
-                                             **({"threshold_from_val": threshold} if threshold is not None else {})})
+                                             **threshold_params(threshold, source)})
         tracking.log_metrics(client, run_id, {f"{settings.evaluate.split}/{k}": v for k, v in scored.metrics.items()}, step=0)
         try:
             tracking.log_figures(client, run_id, scoring.figures(task, model, scored, cfg, threshold))

@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
     if task.predict is None:
         raise ConfigError(f"task {task.name} makes no predictions for unlabelled images (no Task.predict); "
                           f"score it on labelled data with python -m platform.evaluate")
-    if not cfg.data.path or not settings.evaluate.out:
+    if not any(a.startswith("data.path=") for a in argv) or not settings.evaluate.out:
         raise ConfigError("data.path= (a folder of .npy images) and evaluate.out= (a .csv or .parquet file) are "
                           "both required")
     root = os.path.abspath(os.path.expanduser(cfg.data.path))

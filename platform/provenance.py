@@ -23,7 +23,8 @@ DIRTY_TAG = "platform.git_dirty"
 DIFF_ARTIFACT = "source/uncommitted.diff"
 # Settings a run recorded that say where it ran, not what it is: never carried into another command.
 NOT_CARRIED = ("train.name", "train.storage_path", "tune.name", "ray.address", "mlflow.tracking_uri")
-DATA_SOURCE = ("data.path", "data.source", "data.preset")  # dropped together when a command names other data
+DATA_SOURCE = ("data.path", "data.source", "data.preset")
+DATA_DECIDED_TAG = "platform.data_decided"  # the settings the run's data decided (a class weight, target statistics)  # dropped together when a command names other data
 invoked: list[str] = []  # this process's command: set by cli.run
 
 
@@ -109,12 +110,16 @@ def from_run(overrides: dict, uri: str, task_given: str | None) -> tuple[str | N
         client.get_run(run_id)
     except Exception:  # MLflow's own RESOURCE_DOES_NOT_EXIST
         raise config_lib.ConfigError(f"from_run={run_id}: no such run in {uri}") from None
-    task_name, layer, unknown = recorded_config(client, run_id)
+    # Other data decides again what the run's data decided (a class weight from its label counts, ...).
+    decided_by_data = client.get_run(run_id).data.tags.get(DATA_DECIDED_TAG, "")
+    redecided = tuple(decided_by_data.split(",")) if decided_by_data and any(k in overrides for k in DATA_SOURCE) else ()
+    task_name, layer, unknown = recorded_config(client, run_id, drop=redecided)
     if task_given and task_given != task_name:
         raise config_lib.ConfigError(f"task={task_given}, but from_run={run_id} is a run of task={task_name}")
     overridden = sorted(k for k in overrides if k in layer and layer[k] != overrides[k])
     print(f"from_run={run_id}: {len(layer)} recorded settings of task {task_name}"
           + (f"; the command line changes {', '.join(overridden)}" if overridden else "")
+          + (f"; the new data decides {', '.join(redecided)} again" if redecided else "")
           + (f"; not applied (unknown in this version): {', '.join(unknown)}" if unknown else ""), flush=True)
     return task_name, layer
 

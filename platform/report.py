@@ -208,7 +208,7 @@ def figure(rows: list[Row]):
     fig, axes = pyplot().subplots(len(panels), 1, figsize=(8, 0.6 + 1.9 * max(1, len(panels))), squeeze=False)
     for ax, (task_name, objective, mine) in zip(axes[:, 0], panels):
         mine = mine[::-1]  # best at the top
-        ax.barh([r.group for r in mine], [r.test if math.isfinite(r.test) else 0 for r in mine], color="tab:blue",
+        ax.barh([r.group for r in mine], [r.test for r in mine], color="tab:blue",  # NaN: not scored, no bar
                 label="test (headline)")
         ax.plot([r.value for r in mine], range(len(mine)), "k|", markersize=12, label="best val")
         for k, ref in enumerate(r for r in references(task_name) if r.metric == objective):

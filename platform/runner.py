@@ -14,12 +14,19 @@ from platform import config as config_lib
 from platform.data import shards as shards_lib
 
 
-def data_and_settings(task, cfg):
-    """(the task's splits, ``cfg`` with the settings its data decided as one more layer on top)."""
+def built_data(task, cfg):
+    """(the task's splits, ``cfg`` with the settings its data decided as one more layer on top, the
+    tags that name those settings: ``from_run=`` with other data lets the new data decide them again)."""
     built = task.build_data(cfg)
     splits, decided = built if isinstance(built, tuple) else (built, {})
     if decided:
         cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), decided])
+    return splits, cfg, ({provenance.DATA_DECIDED_TAG: ",".join(sorted(decided))} if decided else {})
+
+
+def data_and_settings(task, cfg):
+    """(the task's splits, ``cfg`` with the settings its data decided as one more layer on top)."""
+    splits, cfg, _ = built_data(task, cfg)
     return splits, cfg
 
 
@@ -154,10 +161,16 @@ def log_best_model(client, run_id: str, cfg, task, shards: dict, register: bool,
                                    threshold)
         if why:
             print(f"warning: Grad-CAM / embedding figures of run {run_id} failed ({why})", file=sys.stderr)
-    test = score_test(client, run_id, copy.deepcopy(model), task, cfg, shards["test"],
-                      threshold if task.threshold_metric else None, parent)
     example = task.input_example(task.collate(shards_lib.head(shards["val"], 2), cfg, False))
-    return tracking.log_model(client, run_id, model, example, task.name if register else None), test
+    version = tracking.log_model(client, run_id, model, example, task.name if register else None)
+    try:  # the model is kept first: a failure on the test split loses its numbers, never the model
+        test = score_test(client, run_id, model, task, cfg, shards["test"],
+                          threshold if task.threshold_metric else None, parent)
+    except Exception as error:
+        print(f"warning: the test split of run {run_id} could not be scored ({type(error).__name__}: {error}); "
+              f"score it with python -m platform.evaluate model={run_id}", file=sys.stderr)
+        test = {}
+    return version, test
 
 
 def score_test(client, run_id: str, model, task, cfg, test_shards, threshold: float | None,

@@ -81,18 +81,22 @@ def score(model, task, cfg, shards: shards_lib.Shards, device: torch.device,
     return Scored(evaluate(task, outputs, cfg, threshold), outputs, data, first_batch)
 
 
+WIDEST_OUTPUT = 16  # columns a (N, K) output may take in a predictions table; wider ones are features
+
+
 def predictions(scored: Scored, class_names: list[str] | None = None) -> dict[str, np.ndarray]:
     """One row per scored image: its position, its file (real data), the truth where known and the
-    model's outputs. A (N, K) output becomes K columns, named by class when K is the number of
-    classes; image-sized outputs are left out (a per-image CSV cannot hold them)."""
+    model's outputs. A (N, K) output becomes K columns (``probs`` named by class); image-sized
+    outputs and feature vectors (wider than ``WIDEST_OUTPUT``) are left out."""
     n = len(next(iter(scored.outputs.values())))
     table = {"row": np.arange(n)}
     for name, values in {**scored.columns, **scored.outputs}.items():
         values = np.asarray(values)
-        if len(values) != n or values.ndim > 2 or name in table:
+        if len(values) != n or values.ndim > 2 or name in table or (values.ndim == 2 and values.shape[1] > WIDEST_OUTPUT):
             continue
         if values.ndim == 2:
-            names = class_names if class_names and values.shape[1] == len(class_names) else range(values.shape[1])
+            by_class = name == "probs" and class_names and values.shape[1] == len(class_names)
+            names = class_names if by_class else range(values.shape[1])
             table.update({f"{name}_{k}": values[:, j] for j, k in enumerate(names)})
         else:
             table[name] = values

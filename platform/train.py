@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from platform import cli, cluster, pretrained, provenance, registry, tracking
 from platform import config as config_lib
-from platform.runner import (data_and_settings, default_name, log_best_model, log_split_lists, make_trainer, open_run,
+from platform.runner import (built_data, default_name, log_best_model, log_split_lists, make_trainer, open_run,
                              put_in_memory)
 
 
@@ -31,13 +31,13 @@ def main(argv: list[str]) -> int:
         cfg = config_lib.build(task_name, [inherited, overrides])
         task = registry.task_of(cfg)
         print(pretrained.describe_inherited(inherited, source))
-    shards, cfg = data_and_settings(task, cfg)
+    shards, cfg, data_tags = built_data(task, cfg)
     print(config_lib.to_yaml(cfg), flush=True)
 
     name = cfg.train.name or default_name(cfg)
     if cfg.train.compare_random_init:
         return compare_with_random_init(cfg, task, shards, uri, name, source)
-    client, experiment, run_id = open_run(cfg, uri, name, source.tags() if source else {})
+    client, experiment, run_id = open_run(cfg, uri, name, {**(source.tags() if source else {}), **data_tags})
     with cli.ends_run(client, run_id):
         value, version = train_and_log(cfg, task, shards, client, run_id, uri, name, cfg.mlflow.register_model)
         print(f"\nbest val/{task.objective(cfg)} = {value:.4f}   MLflow run {run_id}"

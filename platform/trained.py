@@ -53,6 +53,8 @@ def model_config(argv: list[str], command: str):
     # The weights are the run's own: where they once started from (init_from) is not loaded again.
     recorded = (provenance.recorded_config(client, source.run_id, drop=("init_from", *other_data))[1]
                 if source.run_id else {})
+    # The weights come from the run: a local file its model started from need not exist here.
+    recorded = {k: v for k, v in recorded.items() if not k.endswith("pretrained_path")}
     if source.run_id:
         trained_for = client.get_run(source.run_id).data.tags.get(tracking.TASK_TAG, "")
         if task_given and task_name != trained_for:
@@ -83,8 +85,14 @@ def load_model(task, cfg, source, client):
 
 
 def run_threshold(task, client, source) -> float | None:
-    """A binary finder's threshold chosen on its run's validation split (None: not a finder, or no run)."""
-    if not task.threshold_metric or not source.run_id:
+    """A binary finder's threshold chosen on its run's validation split; 0.5 for a bare checkpoint,
+    which has no val split to have chosen one on (never one tuned on the data being scored); None
+    for a task that is not a finder."""
+    if not task.threshold_metric:
         return None
+    if not source.run_id:
+        print(f"note: model={source.init_from} has no run, so no threshold chosen on its val split: "
+              f"{task.name} is scored at 0.5", flush=True)
+        return 0.5
     metric = f"val/{task.threshold_metric}"
     return explain.decision_threshold(task, {metric: runs.at_best_epoch(client, source.run_id, metric)})

@@ -15,7 +15,7 @@ import tempfile
 
 from platform import cli, cluster, insight, pretrained, provenance, registry, runs, space as space_lib, tracking
 from platform import config as config_lib
-from platform.runner import (data_and_settings, default_name, log_best_model, log_split_lists, loop_config,
+from platform.runner import (built_data, default_name, log_best_model, log_split_lists, loop_config,
                              make_trainer, open_run, put_in_memory, storage_path, streamed)
 
 FAILURE_TAG = tracking.FAILURE_TAG
@@ -370,11 +370,12 @@ def main(argv: list[str]) -> int:
     task, cfg, space, source, uri = checked_settings(argv)
     sweep = cfg.tune.name or default_name(cfg)
     experiment_name = cfg.mlflow.experiment or f"deeplense-{cfg.task}"
-    shards, cfg = data_and_settings(task, cfg)  # before the resume check: what the data decided is compared too
+    shards, cfg, data_tags = built_data(task, cfg)  # before the resume check: what the data decided is compared too
     resume, earlier = resume_plan(cfg, tracking.MlflowClient(uri) if tracking.store_exists(uri) else None,
                                   experiment_name, sweep, space)
     print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
-    init_tags = {**provenance.source_tags(), **(source.tags() if source else {})}  # the trials' runs have them too
+    # The trials' runs have them too.
+    init_tags = {**provenance.source_tags(), **(source.tags() if source else {}), **data_tags}
     client, experiment, parent = open_sweep(cfg, uri, sweep, space, resume, earlier, init_tags)
     with cli.ends_run(client, parent):
         if not resume:

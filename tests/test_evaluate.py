@@ -159,6 +159,22 @@ def test_predict_marks_lenses_at_a_threshold(tmp_path):
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(out)
     assert len(table) == 5 and list(table["is_lens"]) == list(table["lens_score"] >= 0.5)  # no run: no val threshold
+    assert "has no run, so no threshold chosen on its val split: lens_finding is scored at 0.5" in result.stdout
+
+    # Scored on labelled data, a bare checkpoint is never given a threshold tuned on that data.
+    small = ["data.num_train=12", "data.num_val=10", "data.num_test=10", "sim.train_positive_fraction=0.3",
+             "sim.val_positive_fraction=0.3", f"data.cache_dir={tmp_path}/cache", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
+    scored = run_cli_here("platform.evaluate", "task=lens_finding", f"model={model}", "model.name=resnet10t",
+                          "loss.pos_weight=16", *small, cwd=str(tmp_path))
+    assert scored.returncode == 0, scored.stderr
+    assert "test/threshold = 0.5000" in scored.stdout
+    (run,) = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_runs(["1"])
+    assert run.data.params["evaluate.threshold_from"] == "the default 0.5 (a bare checkpoint)"
+
+    # predict runs on the folder given on its command line, never on a run's recorded data.
+    missing = run_cli_here("platform.predict", "task=lens_finding", f"model={model}", "model.name=resnet10t",
+                           f"evaluate.out={out}", cwd=str(tmp_path))
+    assert missing.returncode == 2 and "data.path= (a folder of .npy images) and evaluate.out=" in missing.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -229,3 +245,14 @@ def test_from_run_starts_from_a_runs_recorded_config(tmp_path):
     wrong = run_cli_here("platform.train", "task=mae", f"from_run={earlier}", f"mlflow.tracking_uri=sqlite:///{db}",
                          cwd=str(tmp_path))
     assert wrong.returncode == 2 and f"task=mae, but from_run={earlier} is a run of task=classification" in wrong.stderr
+
+    # What a finder's data decided (its class weight) is decided again by other data, kept with the same data.
+    finder = tracking.start_run(client, tracking.experiment_id(client, "deeplense-lens_finding"), "finder",
+                                {tracking.TASK_TAG: "lens_finding", "platform.data_decided": "loss.pos_weight"})
+    tracking.log_params(client, finder, {"loss.pos_weight": 16.0, "model.name": "resnet10t"})
+    tracking.end_run(client, finder, "FINISHED")
+    for data, redecided in ((["data.preset=model_iii"], True), ([], False)):
+        result = run_cli_here("platform.train", f"from_run={finder}", *data, "scaling.num_workers=999",
+                              f"mlflow.tracking_uri=sqlite:///{db}", cwd=str(tmp_path))
+        assert result.returncode == 2, result.stderr
+        assert ("the new data decides loss.pos_weight again" in result.stdout) == redecided, result.stdout

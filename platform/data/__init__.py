@@ -96,28 +96,31 @@ def from_folder(path: str, classes: list[str], root: str, shard_size: int, val_f
             picked = set(folders.stratified_split(labels, val_fraction, seed).tolist())
             files["val"] = [f for i, f in enumerate(files["train"]) if i in picked]
             files["train"] = [f for i, f in enumerate(files["train"]) if i not in picked]
-        read = {split: folders.read_files(files[split], value_range=folders.VALUE_RANGES[layout]) for split in SPLITS}
-        shared = shared_images({split: images for split, (images, _, _) in read.items()})
-        for split, (images, labels, paths) in read.items():
-            counts = np.bincount(labels, minlength=len(classes)).tolist()
-            manifest = {**expected[split], "classes": list(classes), "counts": counts,
-                        "shared_images": shared.get(split, {})}
-            columns = {"label": labels, FILE_COLUMN: np.array([os.path.relpath(p, path) for p in paths])}
-            found[split] = write(os.path.join(folder, split), images, columns, manifest, shard_size)
+        for checked in (False, True):  # every file checked before anything is written, then one split at a time
+            digests = {}
+            for split in SPLITS:
+                images, labels, paths = folders.read_files(files[split], value_range=folders.VALUE_RANGES[layout])
+                digests[split] = image_digests(images)
+                if checked:
+                    counts = np.bincount(labels, minlength=len(classes)).tolist()
+                    manifest = {**expected[split], "classes": list(classes), "counts": counts,
+                                "shared_images": shared_with_earlier(split, digests)}
+                    columns = {"label": labels, FILE_COLUMN: np.array([os.path.relpath(p, path) for p in paths])}
+                    found[split] = write(os.path.join(folder, split), images, columns, manifest, shard_size)
+                del images
     warn_shared(found)
     return found
 
 
-def shared_images(images: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
-    """{split: {earlier split: images of it with the same pixels as one there}} where any are shared."""
-    digests = {split: {hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest() for x in rows}
-               for split, rows in images.items()}
-    out = {}
-    for i, split in enumerate(SPLITS):
-        for other in SPLITS[:i]:
-            if split in digests and other in digests and digests[split] & digests[other]:
-                out.setdefault(split, {})[other] = len(digests[split] & digests[other])
-    return out
+def image_digests(images: np.ndarray) -> set[bytes]:
+    return {hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest() for x in images}
+
+
+def shared_with_earlier(split: str, digests: dict[str, set]) -> dict[str, int]:
+    """{earlier split: images of ``split`` with the same pixels as one there}, where any are shared."""
+    earlier = SPLITS[:SPLITS.index(split)]
+    return {other: len(digests[split] & digests[other]) for other in earlier
+            if other in digests and digests[split] & digests[other]}
 
 
 def warn_shared(splits: dict[str, Shards]) -> None:
@@ -187,12 +190,12 @@ def from_pairs(path: str, root: str, shard_size: int, val_fraction: float, test_
     n_val = min(max(1, round(val_fraction * (len(hr) - n_test))), len(hr) - n_test - 1)
     rows = {"test": np.sort(order[:n_test]), "val": np.sort(order[n_test:n_test + n_val]),
             "train": np.sort(order[n_test + n_val:])}
-    shared = shared_images({split: hr[rows[split]] for split in SPLITS})
+    digests = {split: image_digests(hr[rows[split]]) for split in SPLITS}
     value_range = [float(hr.min()), float(hr.max())]
     found = {split: write(os.path.join(folder, split), hr[rows[split]],
                           {"lr": lr[rows[split]], FILE_COLUMN: np.asarray(names)[rows[split]]},
-                          {**expected[split], "value_range": value_range, "shared_images": shared.get(split, {})},
-                          shard_size)
+                          {**expected[split], "value_range": value_range,
+                           "shared_images": shared_with_earlier(split, digests)}, shard_size)
              for split in SPLITS}
     warn_shared(found)
     return found
