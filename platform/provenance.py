@@ -22,7 +22,8 @@ COMMAND_TAG = "platform.command"
 DIRTY_TAG = "platform.git_dirty"
 DIFF_ARTIFACT = "source/uncommitted.diff"
 # Settings a run recorded that say where it ran, not what it is: never carried into another command.
-NOT_CARRIED = ("train.name", "train.storage_path", "tune.name", "ray.address", "mlflow.tracking_uri")
+NOT_CARRIED = ("train.name", "train.storage_path", "tune.name", "tune.space", "tune.resume", "ray.address",
+               "mlflow.tracking_uri")
 DATA_SOURCE = ("data.path", "data.source", "data.preset")
 DATA_DECIDED_TAG = "platform.data_decided"  # the settings the run's data decided (a class weight, target statistics)  # dropped together when a command names other data
 invoked: list[str] = []  # this process's command: set by cli.run
