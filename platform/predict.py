@@ -26,7 +26,7 @@ import torch
 from platform import cli, scoring
 from platform.config import ConfigError
 from platform.data import folders
-from platform.data.shards import progress
+from platform.data.shards import DataError, progress
 from platform.trained import load_model, model_config, run_threshold
 
 
@@ -42,13 +42,14 @@ def image_files(folder: str) -> list[str]:
 
 def checked_shape(files: list[str]) -> tuple:
     """Every file read and checked once, before any prediction; the (C, H, W) they all share."""
-    shape = None
+    shape = first = None
     with progress(len(files), "checking", unit="file") as bar:
         for path in files:
-            image = folders.checked_image(folders.load_npy(path), path, shape[0] if shape else None)
-            if shape is not None and image.shape != shape:
-                raise ConfigError(f"{path}: found shape {image.shape}; expected {shape} like the files before it")
-            shape = image.shape
+            image = folders.checked_image(folders.load_npy(path), path, None)
+            if shape is not None and image.shape != shape:  # named beside the first file, whichever is odd
+                raise DataError(f"{path}: found shape {image.shape}; expected {shape} like the files before it "
+                                f"(the first: {first})")
+            shape, first = image.shape, first or path
             bar.update()
     return shape
 

@@ -16,12 +16,13 @@ trial must never be the first to find out that a value is out of range.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
 from platform import PROJECT_ROOT
 from platform import config as config_lib
-from platform.config import ConfigError, load_yaml
+from platform.config import ConfigError, load_yaml, shown
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 
@@ -41,12 +42,18 @@ def default_path(task) -> str:
 def _number(value, where: str):
     # A quoted "1e-4" is still the number it obviously is.
     try:
-        return float(value) if isinstance(value, str) else value
+        number = float(value) if isinstance(value, str) else value
     except ValueError:
         raise ConfigError(f"{where}: {value!r} is not a number") from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ConfigError(f"{where}: {value!r} is not a number; bounds are numbers, e.g. [0.5, 0.9]")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ConfigError(f"{where}: {value!r} is not a finite number; a search needs finite bounds")
+    return number
 
 
 def _parse_param(key: str, spec, where: str) -> tuple[str, list]:
+    key = shown(key)  # for messages: a key with a newline stays on one line
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ConfigError(f"{where}: {key} must be one distribution, e.g. {{uniform: [0.5, 0.9]}}; got {spec!r}")
     (kind, args), = spec.items()
@@ -55,6 +62,10 @@ def _parse_param(key: str, spec, where: str) -> tuple[str, list]:
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where}: {key}: choice needs a non-empty list of values")
+        for value in args:  # what Optuna can record as a categorical value
+            if value is not None and not isinstance(value, (bool, int, float, str)):
+                raise ConfigError(f"{where}: {key}: choice values are numbers, strings, booleans or null; "
+                                  f"got {value!r}")
         return kind, args
     if not isinstance(args, list) or len(args) != 2:
         raise ConfigError(f"{where}: {key}: {kind} needs [low, high]; got {args!r}")
@@ -74,7 +85,7 @@ def load(path: str, task_name: str, overrides: dict | None = None) -> SearchSpac
     """Read and check a search-space file for ``task_name`` (with the command line's ``overrides``)."""
     if not os.path.isfile(path):
         raise ConfigError(f"tune.space={path}: no such file (each task's default is search_spaces/<task>.yaml)")
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes: YAML's reader names a byte that is not UTF-8 and where it is
         try:
             content = load_yaml(f) or {}
         except ConfigError as error:
@@ -83,10 +94,14 @@ def load(path: str, task_name: str, overrides: dict | None = None) -> SearchSpac
         raise ConfigError(f"{path}: expected a mapping with fixed: and search:, got a {type(content).__name__}")
     unknown = set(map(str, content)) - {"fixed", "search"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; expected fixed: and search:")
+        raise ConfigError(f"{path}: unknown section(s) {shown(', '.join(sorted(unknown)))}; expected fixed: and search:")
     for section in ("fixed", "search"):
         if not isinstance(content.get(section) or {}, dict):
             raise ConfigError(f"{path}: {section}: must map dotted config keys to values, e.g. train.lr: ...")
+        for key in content.get(section) or {}:
+            if not isinstance(key, str):
+                raise ConfigError(f"{path}: {section}: {key!r} is not a dotted config key; keys are names like "
+                                  f"train.lr")
     fixed = dict(content.get("fixed") or {})
     params = {key: _parse_param(key, spec, path) for key, spec in (content.get("search") or {}).items()}
     space = SearchSpace(path, fixed, params)

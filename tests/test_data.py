@@ -48,6 +48,45 @@ def test_damaged_shards_are_regenerated(tmp_path):
     assert os.path.getsize(again.files[0]) == again.manifest["files"][0]["bytes"]
 
 
+def flip_bytes(path: str) -> None:
+    """Damage a file as a failing disk or a stray write would: bytes changed, its size kept."""
+    content = bytearray(open(path, "rb").read())
+    middle = len(content) // 2
+    content[middle:middle + 16] = bytes(b ^ 0xFF for b in content[middle:middle + 16])
+    with open(path, "wb") as f:
+        f.write(content)
+
+
+def test_a_cached_shard_with_flipped_bytes_is_found_by_its_hash_and_rebuilt(tmp_path, capsys):
+    first = data.simulated("model_ii", 9, seed=0, root=str(tmp_path), shard_size=4)
+    images, columns = shards_lib.read(first)
+    flip_bytes(first.files[1])
+    assert os.path.getsize(first.files[1]) == first.manifest["files"][1]["bytes"]  # a size check sees nothing
+    again = data.simulated("model_ii", 9, seed=0, root=str(tmp_path), shard_size=4)
+    assert capsys.readouterr().err.strip() == (f"cached data at {first.path} is corrupted (part-00001.parquet: content "
+                                              f"hash differs); rebuilding it")
+    back, back_columns = shards_lib.read(again)
+    np.testing.assert_array_equal(back, images)
+    np.testing.assert_array_equal(back_columns["label"], columns["label"])
+    assert again.manifest["content_hash"] == first.manifest["content_hash"]
+    mtime = os.path.getmtime(again.files[1])
+    data.simulated("model_ii", 9, seed=0, root=str(tmp_path), shard_size=4)  # intact now: reused, nothing said
+    assert capsys.readouterr().err == "" and os.path.getmtime(again.files[1]) == mtime
+
+
+def test_a_converted_folder_with_a_corrupted_shard_is_converted_again(tmp_path, capsys):
+    root = make_deeplense_folder(tmp_path / "real")
+    convert = lambda: data.from_folder(str(root), ["no", "sphere", "vort"], str(tmp_path / "cache"), shard_size=4)  # noqa: E731
+    first = convert()
+    flip_bytes(first["test"].files[0])
+    again = convert()
+    assert f"cached data at {first['test'].path} is corrupted (part-00000.parquet: content hash differs); " \
+           f"rebuilding it" in capsys.readouterr().err
+    images, columns = shards_lib.read(again["test"])
+    for image, name in zip(images, columns["file"]):  # every row is its file's pixels again
+        np.testing.assert_array_equal(image, np.load(root / name).astype(np.float32))
+
+
 def split_files(splits) -> dict[str, set]:
     return {split: set(shards_lib.read(s)[1]["file"]) for split, s in splits.items()}
 

@@ -23,7 +23,9 @@ opened with ``np.load(allow_pickle=False)``: a data file must never be able to r
 from __future__ import annotations
 
 import glob
+import math
 import os
+import tokenize
 
 import numpy as np
 
@@ -59,16 +61,59 @@ def _find_dir(root: str, names: tuple[str, ...], what: str) -> str:
     )
 
 
+# One image file's pixels; a DeepLense image is well under 1 MB. A header claiming more is refused
+# before anything is allocated: numpy would first allocate what the header claims.
+MAX_IMAGE_BYTES = 2**30
+
+
 def load_npy(path: str) -> np.ndarray:
+    """The array in one ``.npy`` file, or a one-line ``DataError`` naming it: never unpickled, and
+    never an allocation larger than the file (its header is checked against its size first)."""
     try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+        with open(path, "rb") as f:
+            start = f.read(8)
+            if start.startswith(b"PK\x03\x04"):  # a zip, which np.load would open as an .npz archive
+                raise DataError(f"{path}: an .npz archive, not a .npy array; save one image per file with np.save")
+            if start.startswith(b"\x93NUMPY"):
+                _check_header(f, path)
+            f.seek(0)
+            array = np.load(f, allow_pickle=False)
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, SyntaxError, RecursionError, tokenize.TokenError) as error:
+        # SyntaxError, TokenError, RecursionError: numpy reads the header's dict as Python literals
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{path}: not a readable .npy array ({reason})") from None
-    if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
-        array.close()
-        raise DataError(f"{path}: an .npz archive, not a .npy array")
     return array
+
+
+def _check_header(f, path: str) -> None:
+    """What a .npy header claims (its own length, the array's shape and dtype) against the file's size."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    major, _ = np.lib.format.read_magic(f)
+    if major not in (1, 2, 3):
+        return  # np.load names the format version it cannot read
+    length_bytes = 2 if major == 1 else 4
+    header_length = int.from_bytes(f.read(length_bytes), "little")
+    if 8 + length_bytes + header_length > size:
+        raise DataError(f"{path}: not a readable .npy array (its header claims {header_length} bytes; the file "
+                        f"holds {size}): truncated or not written by np.save")
+    f.seek(0)
+    np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(f)
+    if dtype.hasobject:
+        return  # np.load refuses it (allow_pickle=False)
+    if any(n < 0 for n in shape):
+        raise DataError(f"{path}: not a readable .npy array (its header claims shape {shape}, with a negative size)")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > size - f.tell():
+        raise DataError(f"{path}: not a readable .npy array (its header claims shape {shape} {dtype}, "
+                        f"{nbytes} bytes; the file holds {max(0, size - f.tell())} after it): truncated?")
+    if nbytes > MAX_IMAGE_BYTES:
+        raise DataError(f"{path}: shape {shape} {dtype}, {nbytes / 2**30:.3g} GiB, more than one image file may hold "
+                        f"({MAX_IMAGE_BYTES / 2**30:g} GiB); save one image per file")
 
 
 def checked_image(array: np.ndarray, path: str, channels: int | None,
@@ -78,7 +123,8 @@ def checked_image(array: np.ndarray, path: str, channels: int | None,
     ``value_range``. Data that cannot be trusted never reaches a loss."""
     if array.ndim == 2:
         array = array[None]
-    if array.ndim != 3 or (channels is not None and array.shape[0] != channels) or array.dtype.kind not in "fiuc":
+    if (array.ndim != 3 or (channels is not None and array.shape[0] != channels) or array.dtype.kind not in "fiuc"
+            or array.size == 0):
         expected = f"({channels}, H, W)" + (" or (H, W)" if channels == 1 else "") if channels else "(C, H, W) or (H, W)"
         raise DataError(f"{path}: found shape {array.shape} dtype {array.dtype}; expected {expected} numbers")
     if array.dtype.kind != "f":
@@ -90,14 +136,19 @@ def checked_image(array: np.ndarray, path: str, channels: int | None,
         raise DataError(f"{path}: found {nan} NaN and {array.size - int(finite.sum()) - nan} infinite pixels; "
                         f"every pixel must be a finite number")
     low, high = float(array.min()), float(array.max())
-    if low == high:
-        raise DataError(f"{path}: every pixel is {low:g}, a blank image; remove the file")
+    if max(-low, high) > float(np.finfo(np.float32).max):
+        raise DataError(f"{path}: pixels from {low:.4g} to {high:.4g}, beyond float32's range (3.4e38) that images "
+                        f"are kept in; is it unnormalised?")
+    image = array.astype(np.float32)
+    if image.min() == image.max():  # in the file, or once in float32 (1e8 + tiny steps)
+        kept = "" if low == high else " once in float32, which images are kept in"
+        raise DataError(f"{path}: every pixel is {float(image.min()):g}{kept}, a blank image; remove the file")
     if value_range is not None:
         width = value_range[1] - value_range[0]
         if low < value_range[0] - width or high > value_range[1] + width:
             raise DataError(f"{path}: pixels from {low:.4g} to {high:.4g}, far outside this layout's range "
                             f"[{value_range[0]:g}, {value_range[1]:g}]; is it from another dataset or unnormalised?")
-    return array.astype(np.float32)
+    return image
 
 
 def _npy_files(folder: str) -> list[str]:
@@ -128,9 +179,10 @@ def read_files(files: list[tuple[int, str]], channels: int | None = None,
         for label, path in files:
             image = checked_image(load_npy(path), path, channels, value_range)  # (C, H, W)
             if shape is None:
-                shape = image.shape
+                shape, first = image.shape, path
             elif image.shape != shape:
-                raise DataError(f"{path}: found shape {image.shape}; expected {shape} like the files before it")
+                raise DataError(f"{path}: found shape {image.shape}; expected {shape} like the files before it "
+                                f"(the first: {first})")
             images.append(image)
             labels.append(label)
             paths.append(path)
@@ -184,7 +236,10 @@ def fingerprint(root: str) -> list:
     for dirpath, _, filenames in os.walk(root):
         for name in sorted(filenames):
             if name.endswith(".npy"):
-                stat = os.stat(os.path.join(dirpath, name))
+                try:
+                    stat = os.stat(os.path.join(dirpath, name))
+                except OSError as error:  # a link to nothing
+                    raise DataError(f"{os.path.join(dirpath, name)}: cannot be read ({error.strerror})") from None
                 entries.append([os.path.relpath(os.path.join(dirpath, name), root), stat.st_size, stat.st_mtime_ns])
     return sorted(entries)
 

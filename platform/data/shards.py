@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 1
+# 2: each file's sha256 in the manifest, checked when a local cache is reused (a version-1 cache is built again)
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -122,7 +123,8 @@ def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifes
             digest.update(image_columns[key][start:stop].tobytes())
         for key in sorted(columns):
             digest.update(np.ascontiguousarray(np.asarray(columns[key])[start:stop]).tobytes())
-        files.append({"name": name, "rows": stop - start, "bytes": os.path.getsize(os.path.join(staging, name))})
+        files.append({"name": name, "rows": stop - start, "bytes": os.path.getsize(os.path.join(staging, name)),
+                      "sha256": file_sha256(os.path.join(staging, name))})
     manifest = {
         **manifest,
         "format_version": FORMAT_VERSION,
@@ -181,8 +183,22 @@ def open_shards(path: str) -> Shards:
     return Shards(path, manifest)
 
 
+def file_sha256(path: str) -> str:
+    """The sha256 of a local file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def reuse(path: str, expected: dict) -> Shards | None:
-    """The shards at ``path`` if their manifest records ``expected`` and every file is intact in size."""
+    """The shards at ``path`` if their manifest records ``expected`` and every file is intact: its size,
+    and on local disk its sha256. A damaged cache is named in one line on stderr, and the caller
+    builds it again.
+
+    The per-file sha256 is of the Parquet bytes, checked at the speed of reading the files once
+    (the manifest's ``content_hash`` is of the decoded arrays: checking it would decode every
+    row). Object storage keeps checksums of its own, and reading a remote split back on every
+    command would download it: there the sizes are checked.
+    """
     try:
         shards = open_shards(path)
     except DataError:
@@ -194,9 +210,21 @@ def reuse(path: str, expected: dict) -> Shards | None:
         return None
     fs, root = _filesystem(path)
     infos = fs.get_file_info([f"{root}/{f['name']}" for f in manifest["files"]])
-    if any(info.type != pafs.FileType.File or info.size != f["bytes"] for info, f in zip(infos, manifest["files"])):
-        return None
+    for info, f in zip(infos, manifest["files"]):
+        if info.type != pafs.FileType.File:
+            return _corrupted(path, f"{f['name']}: missing")
+        if info.size != f["bytes"]:
+            return _corrupted(path, f"{f['name']}: {info.size} bytes, {f['bytes']} when written")
+    if not is_uri(path):
+        for f in manifest["files"]:
+            if file_sha256(os.path.join(path, f["name"])) != f.get("sha256"):
+                return _corrupted(path, f"{f['name']}: content hash differs")
     return shards
+
+
+def _corrupted(path: str, what: str) -> None:
+    print(f"cached data at {path} is corrupted ({what}); rebuilding it", file=sys.stderr, flush=True)
+    return None
 
 
 def read(shards: Shards) -> tuple[np.ndarray, dict[str, np.ndarray]]:
