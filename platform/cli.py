@@ -28,21 +28,29 @@ def run(main, argv: list[str]) -> int:
 
     spec = main.__globals__.get("__spec__")
     module = (getattr(spec, "name", None) or main.__module__).removesuffix(".__main__")
-    provenance.invoked[:] = provenance.command_line(list(argv), module)
+    # Recorded on the command's runs: a password on the command line (a store URI's) is not.
+    provenance.invoked[:] = [masking.redact(word) for word in provenance.command_line(list(argv), module)]
     # A SIGTERM (a cluster stopping the job, a spot node going away) unwinds like Ctrl-C,
     # so open MLflow runs are closed as KILLED rather than left RUNNING.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Every error line and traceback goes out with the passwords in it masked: an error may quote a
+    # setting (mlflow.tracking_uri=postgresql://user:pw@...), a library's message the store's address.
     try:
         return main(argv)
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(masking.redact(f"error: {error}"), file=sys.stderr)
         return 2
     except CommandFailed as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(masking.redact(f"error: {error}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug: its whole traceback, as the interpreter would print it
+        import traceback
+
+        print(masking.redact(traceback.format_exc()), file=sys.stderr, end="", flush=True)
+        return 1
 
 
 def exit_with(main) -> None:

@@ -1,7 +1,8 @@
 """A Ray cluster launcher file checked offline, before ``ray up`` (``python -m platform.cluster cluster.yaml``):
-Ray's own autoscaler validator, then the platform's rules (no port open to the world, the MLflow server on
-loopback with a database behind it, spot workers that can scale to zero, the head advertising
-``trial_driver``, ...).
+Ray's own autoscaler validator, then the platform's rules (no password written in the file, an MLflow
+server that requires a login and whose credentials reach the workers, no port open to the world, the MLflow
+server on a private address with a database behind it, spot workers that can scale to zero, the head
+advertising ``trial_driver``, ...).
 """
 
 from __future__ import annotations
@@ -38,6 +39,87 @@ def _options(command: str, program: tuple[str, ...]) -> dict[str, str] | None:
 
 def _first(commands: list[str], program: tuple[str, ...]) -> dict[str, str] | None:
     return next((o for o in (_options(c, program) for c in commands) if o is not None), None)
+
+
+# A password written out: in a URI (scheme://user:pw@), SQL (PASSWORD 'pw'), a flag (--password pw),
+# a key or a variable (password: pw, db_password = pw, PGPASSWORD=pw). What follows a `$` (a variable,
+# "$(cat ~/.mlflow/db_password)") or is a printf placeholder (%s) is read at set-up, not written here.
+_WRITTEN_PASSWORDS = (
+    ("a password in a URI", re.compile(r"[a-z][a-z0-9+.-]*://[^:/@\s'\"]*:(?P<value>[^@\s'\"/]+)@", re.I)),
+    ("a PASSWORD '...' statement", re.compile(r"\bPASSWORD\s+(?P<value>'[^']*'|\"[^\"]*\")", re.I)),
+    ("a --password flag", re.compile(r"(?<![\w-])--?pass(?:word|wd)?(?:=|\s+)(?P<value>\S+)", re.I)),
+    ("a password or secret key setting",
+     re.compile(r"\b\w*(?:pass(?:word|wd)|secret_key)\w*\s*[:=]\s*(?P<value>[^\s,;}]+)", re.I)),
+)
+CREDENTIALS_FILE = ".mlflow/credentials"  # MLflow's client reads its login there (mlflow_tracking_username/password)
+
+
+def _written(value: str) -> bool:
+    value = value.strip("'\"")
+    return bool(value) and not value.startswith(("$", "%s", "***"))
+
+
+def _scalars(node, key: str = ""):
+    """(the key above it, the scalar node) for every string in a composed YAML document."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            yield from _scalars(value_node, str(key_node.value))
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            yield from _scalars(item, key)
+    elif isinstance(node, yaml.ScalarNode):
+        yield key, node
+
+
+def _line(lines: list[str], node, text: str) -> int:
+    """The file's line (1-based) where ``text`` of ``node``'s value is written (a command folded over
+    several lines: the line that holds it), else the line the value starts on."""
+    first, last = node.start_mark.line, node.end_mark.line
+    probe = text[:24]
+    return next((i + 1 for i in range(first, min(last, len(lines) - 1) + 1) if probe in lines[i]), first + 1)
+
+
+def secret_problems(text: str) -> list[str]:
+    """``line N: ...`` for each password written in a cluster (or Kubernetes) file, each ``mlflow server``
+    that anyone who reaches it may use without a login, and MLflow credentials that never reach the workers."""
+    import yaml
+
+    lines, problems, servers, values = text.splitlines(), [], [], []
+    for root in yaml.compose_all(text, Loader=yaml.SafeLoader):
+        for key, node in _scalars(root):
+            value = str(node.value)
+            values.append(value)
+            if re.search(r"pass(word|wd)", key, re.I) and _written(value):
+                problems.append(f"line {node.start_mark.line + 1}: {key} is a password written in the file; generate "
+                                f"it at set-up (openssl rand -hex 24 > ~/.mlflow/..., readable only by its user) or "
+                                f"keep it in a Secret, and read it from there")
+                continue
+            for kind, pattern in _WRITTEN_PASSWORDS:
+                match = next((m for m in pattern.finditer(value) if _written(m["value"])), None)
+                if match:
+                    problems.append(f"line {_line(lines, node, match[0])}: {kind} written in the file; generate it "
+                                    f"at set-up (openssl rand -hex 24 > ~/.mlflow/db_password, readable only by its "
+                                    f"user) and read it from there (\"$(cat ~/.mlflow/db_password)\", ~/.pgpass)")
+                    break
+            options = _options(value, ("mlflow", "server"))
+            if options is not None:
+                servers.append((node, options))
+    proxy = any(re.search(r"oauth2-proxy|auth_basic", v) for v in values)  # an authenticating proxy in front
+    for node, options in servers:
+        if options.get("app-name") != "basic-auth" and not proxy:
+            problems.append(f"line {_line(lines, node, 'mlflow server')}: mlflow server without --app-name basic-auth "
+                            f"lets anyone who reaches it read and change every run; add --app-name basic-auth (with "
+                            f"MLFLOW_AUTH_CONFIG_PATH and an admin password generated at set-up) or an "
+                            f"authenticating proxy in front")
+    launcher = [d for d in yaml.safe_load_all(text) if isinstance(d, dict) and "available_node_types" in d]
+    if servers and launcher and not proxy and not any(
+            str(p).endswith(CREDENTIALS_FILE) for p in launcher[0].get("cluster_synced_files") or []):
+        problems.append(f"cluster_synced_files has no ~/{CREDENTIALS_FILE}: the workers' trials would log to MLflow "
+                        f"without a login and be refused; add /home/ubuntu/{CREDENTIALS_FILE} (written at set-up "
+                        f"on the head)")
+    return problems
 
 
 def cluster_file_problems(config: dict) -> list[str]:
@@ -118,7 +200,8 @@ def check_cluster_file(path: str) -> dict:
 
     try:
         with open(path) as f:
-            config = yaml.safe_load(f)
+            text = f.read()
+        config = yaml.safe_load(text)
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: {' '.join(str(error).split())}") from None
     if not isinstance(config, dict):
@@ -129,7 +212,7 @@ def check_cluster_file(path: str) -> dict:
     except Exception as error:  # jsonschema's ValidationError, ValueError, KeyError: all a bad file
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(f"{path}: Ray's validator: {message}") from None
-    problems = cluster_file_problems(config)
+    problems = secret_problems(text) + cluster_file_problems(config)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ConfigError(f"{path}: {problems[0]}{more}")
