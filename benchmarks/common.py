@@ -86,11 +86,12 @@ def free_ports(count: int) -> list[int]:
 
 
 def start_head(folder: str, env: dict, num_cpus: int | None = None, log: str = os.devnull,
-               takes_jobs: bool = False) -> dict:
+               takes_jobs: bool = False, cwd: str | None = None) -> dict:
     """``ray start --head --block`` on loopback with its files in ``folder`` (under /tmp: Ray's socket
     paths must stay under 108 bytes), as a user starts one on a workstation or a cluster's head node.
     Returns {"address": "127.0.0.1:port", "dashboard": "http://127.0.0.1:port", "pid"} once clients
-    can connect, and with ``takes_jobs`` once ``ray job submit`` is accepted.
+    can connect, and with ``takes_jobs`` once ``ray job submit`` is accepted. ``cwd``: the folder it is
+    started in, where jobs submitted without a working dir run.
 
     The servers with fixed default ports (the dashboard agent's 52365, the Ray client's 10001) get
     ports of their own, so another Ray on this machine does not collide with it; Ray picks the
@@ -106,7 +107,7 @@ def start_head(folder: str, env: dict, num_cpus: int | None = None, log: str = o
                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
                                  f"--ray-client-server-port={client_server}", f"--dashboard-agent-listen-port={agent}",
                                  *([f"--num-cpus={num_cpus}"] if num_cpus is not None else [])],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 300  # room for a slow first start (a cold page cache, a busy machine)
     while (not os.path.exists(os.path.join(folder, "ray_current_cluster")) or not _listens(dashboard)

@@ -52,7 +52,9 @@ def trace(db: str, sweep: str) -> list[float]:
     client = MlflowClient(f"sqlite:///{db}")
     experiment = client.get_experiment_by_name(f"deeplense-{TASK}").experiment_id
     events = []
-    for run_ in client.search_runs([experiment], filter_string=f"tags.`platform.sweep` = '{sweep}'"):
+    from platform.runs import sweep_runs
+
+    for run_ in sweep_runs(client, experiment, sweep):
         if "platform.trial_id" in run_.data.tags:
             events += [(m.timestamp, m.step, m.value) for m in client.get_metric_history(run_.info.run_id, METRIC)]
     return [value for _, _, value in sorted(events)]

@@ -198,8 +198,9 @@ def measure(kind: str, trials: int, overrides: list[str], workdir: str, name: st
                    "mlflow.register_model=false"], cwd=workdir)
     client = MlflowClient(f"sqlite:///{db}")
     experiment = client.get_experiment_by_name(f"deeplense-{TASK}").experiment_id
-    runs = [r for r in client.search_runs([experiment], filter_string=f"tags.`platform.sweep` = '{name}'")
-            if "platform.trial_id" in r.data.tags]
+    from platform.runs import sweep_runs
+
+    runs = [r for r in sweep_runs(client, experiment, name) if "platform.trial_id" in r.data.tags]
     return {"wall_s": wall, "to_first_step_s": [r.data.metrics["time/to_first_step_s"] for r in runs],
             "span_s": (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000}
 

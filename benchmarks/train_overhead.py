@@ -101,7 +101,9 @@ def platform_run(overrides: list[str], workdir: str, name: str) -> dict:
                    f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.register_model=false"], cwd=workdir)
     client = MlflowClient(f"sqlite:///{db}")
     experiment = client.get_experiment_by_name(f"deeplense-{TASK}")
-    run_id = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")[0].info.run_id
+    from platform import runs
+
+    run_id = runs.find_run(client, experiment.experiment_id, {"mlflow.runName": name})
     history = sorted(client.get_metric_history(run_id, "train/samples_per_s"), key=lambda m: m.step)
     first = client.get_metric_history(run_id, "time/to_first_step_s")
     return {"wall_s": wall, "samples_per_s": [m.value for m in history], "to_first_step_s": first[0].value}

@@ -71,16 +71,30 @@ SHIP_EXCLUDES = [".venv", ".git", "ray_results", "mlruns", "mlflow.db", "__pycac
 
 
 def runtime_env(same_machine: bool = True) -> dict:
-    from platform.config import under_ray_job
-
-    if under_ray_job():
-        return {}  # under `ray job submit`: the job's working_dir already leads PYTHONPATH
+    if _job_ships_its_code():
+        return {}  # `ray job submit --working-dir .`: the job's copy of the project leads PYTHONPATH
     if not same_machine:
         # This checkout's path means nothing on other nodes: ship the project; Ray unpacks it
         # on every node and puts it first on the workers' PYTHONPATH.
         return {"working_dir": PROJECT_ROOT, "excludes": SHIP_EXCLUDES}
     pythonpath = os.pathsep.join(p for p in [PROJECT_ROOT, os.environ.get("PYTHONPATH", "")] if p)
     return {"env_vars": {"PYTHONPATH": pythonpath}}
+
+
+def _job_ships_its_code() -> bool:
+    """Whether this is a `ray job submit` whose own runtime env brings the project to its workers.
+
+    Submitted without ``--working-dir`` (as users type it), the job runs in the folder its head was
+    started from: this driver found the project there, and its workers get it as any driver's do.
+    """
+    import json
+
+    from platform.config import under_ray_job
+
+    if not under_ray_job():
+        return False
+    job = (json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]).get("runtime_env") or {})
+    return bool(job.get("working_dir") or job.get("py_modules") or "PYTHONPATH" in (job.get("env_vars") or {}))
 
 
 def _on_this_machine(address: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from platform import registry
@@ -47,12 +48,42 @@ _Yaml12Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
     |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
 
 
+MAX_YAML_VALUES = 100_000  # more than any settings or search-space file holds: aliases (*a) multiplying lists
+MAX_YAML_DEPTH = 50
+
+
 def load_yaml(text) -> Any:
     """Settings and search-space files: YAML with 1.2's booleans and floats."""
     try:
-        return yaml.load(text, Loader=_Yaml12Loader)
+        value = yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as error:
         raise ConfigError(f"not valid YAML ({' '.join(str(error).split())})") from None
+    except ValueError as error:  # an integer of over 4300 digits; a !!timestamp of a day that never was
+        raise ConfigError(f"not valid YAML ({' '.join(str(error).split(':')[0].split())})") from None
+    except RecursionError:
+        raise ConfigError("not valid YAML (nested deeper than Python can read)") from None
+    _check_size(value, [0], 0)
+    return value
+
+
+def _check_size(value, count: list, depth: int) -> None:
+    # YAML aliases share one object between places: `&a [*a]` refers to itself and ten lists of ten
+    # aliases of the one before are 10^10 values, which copying into a config would never finish.
+    count[0] += 1
+    if depth > MAX_YAML_DEPTH:
+        raise ConfigError(f"YAML nested deeper than {MAX_YAML_DEPTH} levels, or a value that holds itself (&a [*a])")
+    if count[0] > MAX_YAML_VALUES:
+        raise ConfigError(f"YAML of more than {MAX_YAML_VALUES} values (aliases *a repeating lists?)")
+    for item in (value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()):
+        _check_size(item, count, depth + 1)
+
+
+def shown(value) -> str:
+    """``value`` for a one-line message: as it is, or quoted with escapes when it holds a newline or
+    another character a terminal would not show as itself; a long one cut short."""
+    text = str(value)
+    text = text if len(text) <= 200 else f"{text[:60]}...({len(text)} characters)"
+    return text if text.isprintable() else repr(text)
 
 
 def choice(default, options, **kw):
@@ -66,9 +97,22 @@ def bounded(default, low=None, high=None, *, low_open=False, high_open=False):
     )
 
 
-def searchable_name(default: str = ""):
-    """A name the platform finds its runs by (an MLflow filter value): it cannot hold both quote characters."""
-    return field(default=default, metadata={"searchable": True})
+# Seeds reach numpy and Optuna, which take 0 to 2**32 - 1; a run adds trial and epoch counts to its seed.
+SEED_MAX = 2**31 - 1
+
+
+# Names the platform finds its runs by (MLflow filter values) and names folders after (a sweep's
+# Ray results): no quote, no space, no path, nothing a filter or a shell would read as syntax.
+RUN_NAME = (re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"),
+            "letters, digits and _ . - (at most 128, the first a letter or digit), e.g. mae-lr-sweep")
+# An MLflow experiment's name: a hosted workspace's are paths (/Users/me/deeplense).
+EXPERIMENT_NAME = (re.compile(r"[A-Za-z0-9/][A-Za-z0-9_.,:/ -]{0,254}"),
+                   "letters, digits, spaces and _ . , : / - (at most 255), e.g. deeplense-mae")
+
+
+def safe_name(pattern: tuple = RUN_NAME, default: str = ""):
+    """A name checked against ``pattern`` (empty: the platform's default)."""
+    return field(default=default, metadata={"pattern": pattern})
 
 
 @dataclass
@@ -84,7 +128,7 @@ class DataConfig:
     val_fraction: float = bounded(0.1, 0.0, 1.0, low_open=True, high_open=True)
     # Real data with no held-out split at all (a folder of HR/LR pairs): the share held out for test.
     test_fraction: float = bounded(0.1, 0.0, 1.0, low_open=True, high_open=True)
-    seed: int = 0
+    seed: int = bounded(0, 0, SEED_MAX)
     cache_dir: str = ""  # default: $DEEPLENSE_CACHE or ~/.cache/deeplense
     classes: list = field(default_factory=lambda: ["no", "sphere", "vort"])
     shard_size: int = bounded(2048, 1)
@@ -104,14 +148,14 @@ class TrainConfig:
     warmup_epochs: int = bounded(0, 0)
     grad_clip: float = bounded(1.0, 0.0)  # 0 disables clipping
     precision: str = choice("auto", ["auto", "fp32", "bf16", "fp16"])
-    seed: int = 0
+    seed: int = bounded(0, 0, SEED_MAX)
     # Restarts from the latest checkpoint after a lost worker or node (Ray Train), or after an error in
     # a trial that trains in its own process; -1: no limit. A timed-out trial is never restarted.
     max_failures: int = bounded(0, -1)
     max_preemptions: int = bounded(-1, -1)  # restarts after a node drained for preemption; -1: no limit
     preemption_check_steps: int = bounded(20, 0)  # steps between checks for SIGTERM / a drain notice; 0: none
     checkpoints_to_keep: int = bounded(2, 1)
-    name: str = searchable_name()  # `platform.train` run name; default: <task>-<date>-<time>
+    name: str = safe_name()  # `platform.train` run name; default: <task>-<date>-<time>
     compare_random_init: bool = False  # `platform.train` with init_from: also train from a random start, side by side
     storage_path: str = ""  # Ray checkpoints and results; default: $DEEPLENSE_RESULTS or ./ray_results (see output_dir)
 
@@ -137,9 +181,9 @@ class TuneConfig:
     max_concurrent: int = bounded(0, 0)  # 0: derived from the cluster's resources
     grace_period: int = bounded(1, 1)
     reduction_factor: int = bounded(2, 2)
-    name: str = searchable_name()  # default: <task>-<date>-<time>
+    name: str = safe_name()  # default: <task>-<date>-<time>
     space: str = ""  # default: search_spaces/<task>.yaml
-    seed: int = 0
+    seed: int = bounded(0, 0, SEED_MAX)
     # A sweep whose tune.name exists already: auto resumes it if unfinished (refuses a finished
     # one), never refuses it, force resumes it retrying failed trials, or adds tune.num_samples
     # trials to a finished one (it must exist).
@@ -168,8 +212,11 @@ class PlotsConfig:
 @dataclass
 class MlflowConfig:
     tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
-    experiment: str = ""  # default: deeplense-<task>
+    experiment: str = safe_name(EXPERIMENT_NAME)  # default: deeplense-<task>
     register_model: bool = True
+    # How long a run trains on while its tracking server does not answer, its records kept and
+    # delivered when it is back; past this the run fails with the reason (the sweep resumes).
+    outage_limit_s: float = bounded(600.0, 0.0, low_open=True)
 
 
 @dataclass
@@ -241,20 +288,24 @@ def check_key(schema: type, key: str) -> None:
     raise ConfigError(f"unknown config key {key!r}; {hint}{known}")
 
 
-def _validate(obj: Any, prefix: str = "") -> None:
-    for f in dataclasses.fields(obj):
-        key, value = prefix + f.name, getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
+def _validate(node: DictConfig, prefix: str = "") -> None:
+    # The merged values, checked before OmegaConf builds the dataclasses: a task's own checks in its
+    # __post_init__ then see every value within its range (no `embed_dim % num_heads` with num_heads=0).
+    for f in dataclasses.fields(OmegaConf.get_type(node)):
+        key, value = prefix + f.name, node[f.name]
+        if isinstance(value, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(value)):
             _validate(value, key + ".")
             continue
         if isinstance(value, float) and value != value:
             raise ConfigError(f"{key}={value} is not a number")
-        if f.metadata.get("searchable") and "'" in value and '"' in value:
-            raise ConfigError(f"{key}={value} holds both quote characters (' and \"), which no MLflow search can "
-                              f"match; keep one kind")
+        if isinstance(value, float) and value in (math.inf, -math.inf):
+            raise ConfigError(f"{key}={value} is not a finite number")
+        if "pattern" in f.metadata and value and not f.metadata["pattern"][0].fullmatch(value):
+            raise ConfigError(f"{key}={shown(value)} is not a name the platform can use; use "
+                              f"{f.metadata['pattern'][1]}")
         if "choices" in f.metadata and value not in f.metadata["choices"]:
             options = "|".join(str(o) for o in f.metadata["choices"])
-            raise ConfigError(f"{key}={value} is not allowed; expected one of {options}")
+            raise ConfigError(f"{key}={shown(value)} is not allowed; expected one of {options}")
         if "range" in f.metadata and value is not None:
             low, high, low_open, high_open = f.metadata["range"]
             too_low = low is not None and (value <= low if low_open else value < low)
@@ -262,12 +313,12 @@ def _validate(obj: Any, prefix: str = "") -> None:
             if too_low or too_high:
                 left = "" if low is None else f"{low} {'<' if low_open else '<='} "
                 right = "" if high is None else f" {'<' if high_open else '<='} {high}"
-                raise ConfigError(f"{key}={value} is out of range; expected {left}{key}{right}")
+                raise ConfigError(f"{key}={shown(value)} is out of range; expected {left}{key}{right}")
 
 
-def _one_line(error: OmegaConfBaseException, key: str, value: Any) -> ConfigError:
-    reason = str(error).splitlines()[0].strip()
-    return ConfigError(f"{key}={value}: {reason}")
+def _one_line(error: Exception, key: str, value: Any) -> ConfigError:
+    reason = (str(error).splitlines() or [type(error).__name__])[0].strip()
+    return ConfigError(f"{key}={shown(value)}: {reason}")
 
 
 def build(task_name: str, layers: list[dict[str, Any]]) -> Any:
@@ -289,15 +340,20 @@ def build_from(schema: type, layers: list[dict[str, Any]], task_name: str | None
                     raise ConfigError(f"task={value} conflicts with task={task_name}")
                 continue
             check_key(schema, key)
+            if "${" in str(value):
+                # OmegaConf would resolve it (an environment variable into a run name) on the driver and
+                # again, differently, on each worker: settings are plain values.
+                raise ConfigError(f"{key}={shown(value)}: '${{' starts an OmegaConf interpolation, which settings "
+                                  f"do not take; write the value itself")
             try:
                 OmegaConf.update(conf, key, value, merge=True)
-            except OmegaConfBaseException as error:
+            except (OmegaConfBaseException, OverflowError) as error:  # OverflowError: an integer past float's range
                 raise _one_line(error, key, value) from None
     try:
+        _validate(conf)
         obj = OmegaConf.to_object(conf)
-    except OmegaConfBaseException as error:
-        raise ConfigError(str(error).splitlines()[0]) from None
-    _validate(obj)
+    except (OmegaConfBaseException, OverflowError) as error:
+        raise ConfigError((str(error).splitlines() or [type(error).__name__])[0]) from None
     return obj
 
 
@@ -319,7 +375,7 @@ def parse_cli(argv: list[str]) -> tuple[str, dict[str, Any]]:
         try:
             overrides[key.strip()] = load_yaml(raw) if raw.strip() else ""
         except ConfigError as error:
-            raise ConfigError(f"{arg}: {error}") from None
+            raise ConfigError(f"{shown(arg)}: {error}") from None
     task_name = overrides.pop("task", "classification")
     return str(task_name), overrides
 

@@ -179,7 +179,7 @@ def setup(loop_config: dict, session: Session) -> Run:
     if session.rank == 0:
         run_id = loop_config.get("mlflow_run_id")
         client = tracking.MlflowClient(loop_config["tracking_uri"]) if run_id else None
-        logger = tracking.EpochLogger(cfg.task, cfg.train.epochs, client, run_id)
+        logger = tracking.EpochLogger(cfg.task, cfg.train.epochs, client, run_id, cfg.mlflow.outage_limit_s)
     where = all_gathered((ray.get_runtime_context().get_node_id(), os.getpid()), session.world_size)
     if logger:
         logger.placement(where)
@@ -466,6 +466,8 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
                 explain.log_best_views(run.logger.client, run.logger.run_id, run.task, run.cfg, unwrap(run.model),
                                        run.best_state, validated.view_rows, run.device,
                                        explain.decision_threshold(run.task, run.best_metrics))
+            if last:  # the run's records all delivered before Tune may end it
+                run.logger.finish()
         run.session.report(shown_first(metrics, objective), checkpoint=checkpoint,
                            checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
     if last and run.best is None:

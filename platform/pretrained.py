@@ -3,12 +3,13 @@
 Three spellings, one meaning, always resolved to the best weights a platform run logged:
 
     init_from=0a1b2c...                      an MLflow run id (its checkpoints/best_model.pt)
-    init_from=models:/mae/3                  a registered model version (or models:/mae/latest)
-    init_from=/path/to/best_model.pt         a checkpoint file (best_model.pt or a loop state.pt)
+    init_from=models:/mae/3                  a registered model version (or models:/mae/latest): its weights.safetensors
+    init_from=/path/to/best_model.pt         a checkpoint file (best_model.pt, a loop state.pt, or .safetensors)
 
-Weights are always read with ``torch.load(weights_only=True)``: a checkpoint can never run
-code, so a pickled MLflow model is never unpickled here. The run they came from is
-recorded, so the MLflow UI links a fine-tuning run to its pretraining run.
+Weights are always read by ``model_files.read_weights`` (safetensors, or ``torch.load(weights_only=True)``):
+a file can never run code. A version an earlier platform registered as a pickled PyTorch model is
+never unpickled: its run's best_model.pt is read instead. The run they came from is recorded, so
+the MLflow UI links a fine-tuning run to its pretraining run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from platform import config as config_lib
-from platform import runs, tracking
+from platform import model_files, runs, tracking
 from platform.config import ConfigError
 
 BEST_ARTIFACT = "checkpoints/best_model.pt"
@@ -30,7 +31,8 @@ _MODEL_URI = re.compile(r"^models:/(?P<name>[^/]+)/(?P<version>\d+|latest)$")
 class Source:
     init_from: str  # what the user wrote
     run_id: str | None  # the MLflow run whose weights these are (None for a bare file)
-    path: str | None  # a local checkpoint file (None: the run's best_model.pt artifact)
+    path: str | None  # a local checkpoint file (None: ``weights``, or the run's best_model.pt)
+    weights: str | None = None  # a registered version's weights.safetensors (its artifact URI); None: not one
 
     def tags(self) -> dict[str, str]:
         tags = {"platform.init_from": self.init_from}
@@ -108,7 +110,7 @@ def resolve(init_from: str, client: tracking.MlflowClient | None, setting: str =
             if chosen is None:
                 known = ", ".join(sorted((str(v.version) for v in versions), key=int))
                 raise ConfigError(f"{setting}={init_from}: model {name!r} has no version {version}; it has {known}")
-        return _from_run(init_from, chosen.run_id, client, setting)
+        return _from_run(init_from, chosen.run_id, client, setting, model=chosen.source)
     if init_from.startswith("models:/"):
         raise ConfigError(f"{setting}={init_from}: not a model URI; {expected}")
     if _RUN_ID.match(init_from) and not os.path.exists(init_from):
@@ -119,29 +121,56 @@ def resolve(init_from: str, client: tracking.MlflowClient | None, setting: str =
     raise ConfigError(f"{setting}={init_from}: no such run or file; {expected}")
 
 
-def _from_run(init_from: str, run_id: str, client: tracking.MlflowClient, setting: str) -> Source:
+def _from_run(init_from: str, run_id: str, client: tracking.MlflowClient, setting: str,
+              model: str | None = None) -> Source:
+    """The weights of run ``run_id``, or of the registered version's ``model`` when it is in the platform's format."""
     try:
         client.get_run(run_id)
     except Exception:  # MLflow raises its own RESOURCE_DOES_NOT_EXIST error
         raise ConfigError(f"{setting}={init_from}: no MLflow run {run_id} in this store") from None
+    weights = _weights_file(client, model) if model else None
+    if weights:
+        return Source(init_from, run_id, None, weights)
     folder, name = os.path.split(BEST_ARTIFACT)
     if name not in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, folder)}:
+        if model:  # an earlier platform's pickled PyTorch model, and no weights beside it to read instead
+            raise ConfigError(f"{setting}={init_from}: its model is not in the platform's format (an earlier version's "
+                              f"pickle?), which is never unpickled here, and its run {run_id} logged no {BEST_ARTIFACT} "
+                              f"to read instead; train it again")
         raise ConfigError(f"{setting}={init_from}: run {run_id} logged no {BEST_ARTIFACT} (did it finish an epoch?)")
     return Source(init_from, run_id, None)
 
 
-def load_state(source: Source, client: tracking.MlflowClient | None = None) -> dict:
-    """The source's weights as a CPU state dict (a loop ``state.pt`` yields its model part)."""
-    import torch
+def _weights_file(client: tracking.MlflowClient, model: str) -> str | None:
+    """Where the weights of a registered version's MLflow model (its source, models:/m-...) are, when it
+    is in the platform's format (``model_files``); None for another (an earlier version's pickle)."""
+    folder = f"data/{model_files.DATA}"
+    model_id = model.removeprefix("models:/")
+    try:
+        names = {a.path.rsplit("/", 1)[-1] for a in client.list_logged_model_artifacts(model_id, folder)}
+        location = client.get_logged_model(model_id).artifact_location
+    except Exception:  # not a logged model of this store (an MLflow 2 runs:/ source): MLflow's own errors
+        return None
+    return f"{location}/{folder}/{model_files.WEIGHTS}" if model_files.WEIGHTS in names else None
 
+
+def load_state(source: Source, client: tracking.MlflowClient | None = None, setting: str = "init_from") -> dict:
+    """The source's weights as a CPU state dict (a loop ``state.pt`` yields its model part), read by
+    ``model_files.read_weights``: never by unpickling."""
+    import tempfile
+
+    import mlflow.artifacts
+
+    what = f"{setting}={source.init_from}"
     if source.path:
-        state = torch.load(source.path, map_location="cpu", weights_only=True)
-    else:
-        with tracking.downloaded(client, source.run_id, BEST_ARTIFACT) as path:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and "optimizer" in state:
-        state = state["model"]  # a full loop checkpoint
-    return state
+        return model_files.read_weights(source.path, what)
+    if source.weights:
+        with tempfile.TemporaryDirectory(prefix="deeplense-") as folder:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=source.weights, dst_path=folder,
+                                                       tracking_uri=client._tracking_client.tracking_uri)
+            return model_files.read_weights(path, what)
+    with tracking.downloaded(client, source.run_id, BEST_ARTIFACT) as path:
+        return model_files.read_weights(path, what)
 
 
 def load_matching(module, state: dict, prefix: str = "") -> list[str]:

@@ -126,19 +126,18 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
 
 def best_model(client, run_id: str, cfg, task):
     """The model of ``cfg`` with the run's best-epoch weights, on the CPU."""
-    import torch
+    from platform import model_files
 
-    model = task.build_model(cfg)
+    what = f"the best weights of run {run_id}"
     with tracking.downloaded(client, run_id, "checkpoints/best_model.pt") as path:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model
+        return model_files.build(task, cfg, model_files.read_weights(path, what), what)
 
 
 def log_best_model(client, run_id: str, cfg, task, shards: dict, register: bool, with_views: bool = False,
                    parent: str | None = None) -> tuple[str | None, dict]:
     """The run's best weights, kept: scored once on the test split (``test/<metric>`` on the run and
-    on its sweep's ``parent``), then logged as an MLflow PyTorch model (registered under the task's
-    name). Returns (the registered version, the test metrics).
+    on its sweep's ``parent``), then logged as an MLflow model (``model_files``: safetensors and the
+    config, no pickle; registered under the task's name). Returns (the registered version, the test metrics).
 
     ``with_views``: also its Grad-CAM and embedding figures, which the training loop logs at a
     run's last epoch (a sweep's best trial may have been stopped before it).
@@ -162,7 +161,7 @@ def log_best_model(client, run_id: str, cfg, task, shards: dict, register: bool,
         if why:
             print(f"warning: Grad-CAM / embedding figures of run {run_id} failed ({why})", file=sys.stderr)
     example = task.input_example(task.collate(shards_lib.head(shards["val"], 2), cfg, False))
-    version = tracking.log_model(client, run_id, model, example, task.name if register else None)
+    version = keep_model(client, run_id, model, cfg, example, task.name if register else None)
     try:  # the model is kept first: a failure on the test split loses its numbers, never the model
         test = score_test(client, run_id, model, task, cfg, shards["test"],
                           threshold if task.threshold_metric else None, parent)
@@ -171,6 +170,20 @@ def log_best_model(client, run_id: str, cfg, task, shards: dict, register: bool,
               f"score it with python -m platform.evaluate model={run_id}", file=sys.stderr)
         test = {}
     return version, test
+
+
+def keep_model(client, run_id: str, model, cfg, example, register_as: str | None) -> str | None:
+    """The run's model logged (and registered) once: a sweep whose driver was killed after
+    registering it finds that version again rather than registering a second. The run keeps the
+    time it ended (logging a model reopens it)."""
+    earlier = [v for v in runs.model_versions(client, register_as) if v.run_id == run_id] if register_as else []
+    if earlier:
+        return earlier[0].version
+    ended = client.get_run(run_id).info
+    version = tracking.log_model(client, run_id, model, cfg, example, register_as)
+    if ended.status != "RUNNING":
+        tracking.end_run(client, run_id, ended.status, end_time=ended.end_time)
+    return version
 
 
 def score_test(client, run_id: str, model, task, cfg, test_shards, threshold: float | None,

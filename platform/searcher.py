@@ -7,6 +7,10 @@ that ended well. Here it is PRUNED: Optuna keeps the per-epoch values it was sen
 (``trial.report``), and TPE ranks pruned trials after the completed ones, a trial pruned
 later above one pruned earlier. A trial that failed is FAIL, not COMPLETE with the value it
 had before failing.
+
+The study outlives the driver (a file beside the sweep's state): a driver killed after telling
+Optuna a trial's end, but before Tune saved its own state, comes back with that trial unfinished;
+the trial's rerun is not told again (Optuna refuses to update a finished trial).
 """
 
 from __future__ import annotations
@@ -33,11 +37,25 @@ class TruthfulOptunaSearch(OptunaSearch):
         self._reported_steps: dict[str, set[int]] = {}  # per trial, the steps Optuna was sent
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self._told_already(trial_id):
+            return
         super().on_trial_result(trial_id, result)
         if trial_id not in self._completed_trials:
             self._reported_steps.setdefault(trial_id, set()).add(result[TRAINING_ITERATION])
 
+    def _told_already(self, trial_id: str) -> bool:
+        """Whether the study holds this trial's end already (told by an earlier driver of the sweep)."""
+        trial = self._ot_trials.get(trial_id)
+        if trial_id in self._completed_trials or trial is None:
+            return False  # Ray's own warning, or its KeyError, as before
+        if not self._ot_study._storage.get_trial(trial._trial_id).state.is_finished():
+            return False
+        self._completed_trials.add(trial_id)
+        return True
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._told_already(trial_id):
+            return
         stopped = not error and bool(result) and result.get("epoch", self.epochs) < self.epochs
         if self.stopped_as == "complete" or trial_id in self._completed_trials or not (error or stopped):
             return super().on_trial_complete(trial_id, result, error)

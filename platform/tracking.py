@@ -40,18 +40,89 @@ STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "dat
 
 
 def tracking_uri(configured: str) -> str:
-    """Absolute tracking URI: Ray workers run in other directories than the driver."""
+    """Absolute tracking URI (Ray workers run in other directories than the driver), its store checked now.
+
+    A database or server that does not answer, or refuses the credentials, is one line here: MLflow
+    itself would retry a database for most of an hour and a server for minutes, then raise a traceback.
+    """
     from platform.config import ConfigError, output_dir
 
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(output_dir(), 'mlflow.db')}"
     source = "mlflow.tracking_uri" if configured else "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else ""
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
     if scheme not in STORE_SCHEMES:
-        raise ConfigError(f"{source or 'mlflow.tracking_uri'}={uri} is not an MLflow store; expected "
+        raise ConfigError(f"{source or 'mlflow.tracking_uri'}={redact(uri)} is not an MLflow store; expected "
                           f"sqlite:///path/mlflow.db, http://host:port or another of {', '.join(STORE_SCHEMES)}")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    elif scheme in _DEFAULT_PORTS and uri not in _ANSWERED:
+        _check_store_answers(uri, scheme, f"{source or 'mlflow.tracking_uri'}={redact(uri)}")
+        _ANSWERED.add(uri)
     return uri
+
+
+# The stores reached over the network, by their default port; and those this process has reached
+# (train and tune resolve their URI twice).
+_DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+_ANSWERED: set[str] = set()
+_DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
+
+
+def _check_store_answers(uri: str, scheme: str, shown: str) -> None:
+    """A one-line ConfigError (``shown``: the setting, password masked) unless the store's driver is
+    installed, its host:port answers, and it takes the credentials it is given."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from platform.config import ConfigError
+
+    engine = None
+    if scheme not in ("http", "https"):
+        import sqlalchemy
+
+        try:  # imports the database's Python driver, connects to nothing
+            engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+        except (ImportError, sqlalchemy.exc.ArgumentError) as error:
+            missing = getattr(error, "name", None)
+            fix = (f"pip install {_DRIVER_PACKAGES.get(missing, missing)}" if missing else
+                   "name an installed driver (postgresql+psycopg://, mysql+pymysql://, ...)")
+            raise ConfigError(f"{shown}: no Python driver for it here ({_one_line(error)}); {fix}") from None
+    try:
+        address = urlsplit(uri)
+        host, port = address.hostname, address.port or _DEFAULT_PORTS[scheme]
+    except ValueError as error:  # a port that is not a number
+        raise ConfigError(f"{shown}: {_one_line(error)}; expected {scheme}://host:port/...") from None
+    if host:  # else a database on a local socket: the connection below says
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as error:
+            raise ConfigError(f"{shown}: nothing answers at {host}:{port} ({_one_line(error) or 'timed out'}); start "
+                              f"the {'tracking server' if engine is None else 'database'} or correct the address") from None
+    if engine is not None:
+        try:
+            engine.connect().close()
+        except Exception as error:  # the driver's own error: a wrong password, no such database
+            raise ConfigError(f"{shown}: the database refuses the connection "
+                              f"({_one_line(getattr(error, 'orig', None) or error)})") from None
+        finally:
+            engine.dispose()
+        return
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:  # with the credentials MLflow itself will send: MLFLOW_TRACKING_USERNAME/PASSWORD, ~/.mlflow/credentials
+        status = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                              max_retries=0, timeout=10, params={"max_results": 1}).status_code
+    except Exception as error:
+        raise ConfigError(f"{shown}: the tracking server does not answer ({_one_line(error)})") from None
+    if status in (401, 403):
+        raise ConfigError(f"{shown}: the tracking server refuses these credentials (HTTP {status}); set "
+                          f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) to a "
+                          f"user of that server")
+
+
+def _one_line(error: BaseException) -> str:
+    return redact(" ".join(str(error).split()))
 
 
 def store_exists(uri: str) -> bool:
@@ -129,10 +200,11 @@ def log_file(client: MlflowClient, run_id: str, path: str, folder: str) -> None:
     client.log_artifact(run_id, path, folder)
 
 
-def end_run(client: MlflowClient, run_id: str, status: str, only_if_running: bool = False) -> None:
+def end_run(client: MlflowClient, run_id: str, status: str, only_if_running: bool = False,
+            end_time: int | None = None) -> None:
     if only_if_running and client.get_run(run_id).info.status != "RUNNING":
         return
-    client.set_terminated(run_id, status)
+    client.set_terminated(run_id, status, end_time=end_time)
 
 
 def model_signature(model, input_example):
@@ -157,25 +229,35 @@ def model_signature(model, input_example):
     return ModelSignature(inputs, Schema([TensorSpec(output.dtype, (-1, *output.shape[1:]))])), True
 
 
-def log_model(client: MlflowClient, run_id: str, model, input_example, register_as: str | None) -> str | None:
-    """Log a torch model as an MLflow PyTorch model on ``run_id``; register it if asked. Returns the version."""
+def log_model(client: MlflowClient, run_id: str, model, cfg, input_example, register_as: str | None) -> str | None:
+    """Log a torch model of ``cfg`` on ``run_id`` as an MLflow pyfunc model of the platform's own format
+    (``platform.model_files``: safetensors weights and the config, no pickle); register it if asked.
+    Returns the version."""
+    import warnings
+
     import mlflow
-    import mlflow.pytorch
+    import mlflow.pyfunc
+
+    from platform import model_files
 
     model = model.cpu().eval()
     signature, servable = model_signature(model, input_example)
-    with using_uri(client._tracking_client.tracking_uri), mlflow.start_run(run_id=run_id, nested=True):
-        info = mlflow.pytorch.log_model(
-            model,
+    with (using_uri(client._tracking_client.tracking_uri), mlflow.start_run(run_id=run_id, nested=True),
+          tempfile.TemporaryDirectory(prefix="deeplense-model-") as folder, warnings.catch_warnings()):
+        # Left out on purpose for a model that returns several tensors (below): not worth a warning.
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+        info = mlflow.pyfunc.log_model(
             name="model",
+            # Rebuilt by the platform's own module from the weights and the config: nothing in the
+            # folder is unpickled, so a model from a shared registry cannot carry code.
+            loader_module=model_files.LOADER,
+            data_path=model_files.save(model, cfg, folder),
             signature=signature,
             # MLflow checks the example by serving it: only for a model that returns one tensor.
             input_example=input_example if servable else None,
             # Inferring requirements imports and inspects the whole environment: slow, and known here.
-            pip_requirements=["torch", "timm", "numpy"],
-            # Pickled with a reference to the task's module: loads wherever the project
-            # is importable (the platform itself, `init_from=models:/...`).
-            serialization_format="pickle",
+            pip_requirements=["torch", "timm", "numpy", "safetensors", "omegaconf", "pyyaml"],
+            metadata={"platform.task": cfg.task},
         )
     if not register_as:
         return None
@@ -228,15 +310,127 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class TrackingServerAwayError(ConnectionError):
+    """The tracking server did not answer for longer than ``mlflow.outage_limit_s``."""
+
+
+class PatientClient:
+    """An MlflowClient for a run's writes that never holds training up while the tracking server is away.
+
+    A write the server does not take (it is restarting, its host rebooting) is kept, in order: its
+    file copied, its figure already drawn to a PNG; the kept writes go first at the next write, so
+    the epochs go on meanwhile. ``deliver(wait=True)`` waits for the server (a run's end); a server
+    away longer than ``limit_s`` fails the run with that reason. Reads are the client's own.
+    """
+
+    def __init__(self, client: MlflowClient, limit_s: float):
+        self._client, self.limit_s = client, limit_s
+        self._waiting: list[tuple[str, tuple]] = []  # (client method, its arguments), oldest first
+        self._away_since: float | None = None
+        self._folder = tempfile.mkdtemp(prefix="deeplense-outbox-")  # files kept for a later delivery
+
+    def __getattr__(self, name):  # reads, and anything not a write
+        return getattr(self._client, name)
+
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        self._send("log_batch", run_id, list(metrics), list(params), list(tags))
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self._send("log_text", run_id, text, artifact_file)
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        self._send("log_artifact", run_id, local_path, artifact_path)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        folder = tempfile.mkdtemp(dir=self._folder)  # drawn now: the caller closes the figure
+        path = os.path.join(folder, os.path.basename(artifact_file))
+        figure.savefig(path)
+        self._send("log_artifact", run_id, path, os.path.dirname(artifact_file) or None)
+
+    def _send(self, method: str, *args) -> None:
+        self._waiting.append((method, args))
+        self.deliver()
+
+    def deliver(self, wait: bool = False) -> None:
+        """Send the kept writes, oldest first; with ``wait``, until the server takes them all."""
+        while self._waiting:
+            method, args = self._waiting[0]
+            try:
+                with _failing_fast():
+                    getattr(self._client, method)(*args)
+            except Exception as error:
+                if not _server_away(error):
+                    raise
+                self._keep_files()
+                self._note_away(error)
+                if not wait:
+                    return
+                time.sleep(2)
+                continue
+            self._waiting.pop(0)
+            if self._away_since is not None and not self._waiting:
+                say(f"the tracking server is back after {time.time() - self._away_since:.0f}s; the records kept "
+                    f"meanwhile are delivered")
+                self._away_since = None
+
+    def _keep_files(self) -> None:
+        """Copies of the files waiting to be logged that are not the outbox's own: their folders may go."""
+        import shutil
+
+        for i, (method, args) in enumerate(self._waiting):
+            if method == "log_artifact" and not args[1].startswith(self._folder):
+                copy = os.path.join(tempfile.mkdtemp(dir=self._folder), os.path.basename(args[1]))
+                shutil.copyfile(args[1], copy)
+                self._waiting[i] = (method, (args[0], copy, *args[2:]))
+
+    def _note_away(self, error: Exception) -> None:
+        now = time.time()
+        if self._away_since is None:
+            self._away_since = now
+            say(f"the tracking server does not answer ({_one_line(error)[:200]}); training goes on and its records "
+                f"are kept until it is back (at most mlflow.outage_limit_s={self.limit_s:g}s)")
+        if now - self._away_since > self.limit_s:
+            raise TrackingServerAwayError(
+                f"the tracking server {ui_base(self._client.tracking_uri) or ''} has not answered for "
+                f"{now - self._away_since:.0f}s (mlflow.outage_limit_s={self.limit_s:g}); {len(self._waiting)} "
+                f"records of this run are lost; once it is back, resume with the same command") from None
+
+
+@contextlib.contextmanager
+def _failing_fast():
+    """MLflow's own retries off for a moment: they would hold a write (and training) for minutes
+    while the server is away; PatientClient keeps the write and tries again itself. MLflow reads
+    these at each request."""
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+
+
+def _server_away(error: BaseException) -> bool:
+    """Whether a failed write means the server is not answering (rather than refusing the write)."""
+    text = str(error)
+    return any(sign in text for sign in ("Max retries exceeded", "Connection refused", "Connection aborted",
+                                          "RemoteDisconnected", "Read timed out", "error code 502",
+                                          "error code 503", "error code 504")) or isinstance(error, ConnectionError)
+
+
 class EpochLogger:
     """Rank 0's record of a run, epoch by epoch: its MLflow run (when it has one) and its console line.
 
     A worker (or trial) lost after logging an epoch but before that epoch's checkpoint trains it
-    again: its steps stay logged once, as the first attempt logged them.
+    again: its steps stay logged once, as the first attempt logged them. Its writes wait for a
+    tracking server that is away (``PatientClient``); ``finish`` delivers them before the run ends.
     """
 
-    def __init__(self, task: str, epochs: int, client: MlflowClient | None = None, run_id: str | None = None):
-        self.task, self.epochs, self.client, self.run_id = task, epochs, client, run_id
+    def __init__(self, task: str, epochs: int, client: MlflowClient | None = None, run_id: str | None = None,
+                 outage_limit_s: float = 600.0):
+        self.task, self.epochs, self.run_id = task, epochs, run_id
+        self.client = PatientClient(client, outage_limit_s) if client else None
         self.logged = {m.step for m in client.get_metric_history(run_id, "epoch")} if client else set()
         self.epoch_seconds: list[float] = []  # this process's epochs, evaluation and logging included: the ETA
 
@@ -260,6 +454,11 @@ class EpochLogger:
             set_tags(self.client, self.run_id, {"platform.best_epoch": best[0]})
             if figures:
                 log_figures(self.client, self.run_id, figures())
+
+    def finish(self) -> None:
+        """Every record delivered: waits for a tracking server that is away, up to its limit."""
+        if self.client:
+            self.client.deliver(wait=True)
 
     def progress(self, epoch: int, metrics: dict[str, float], objective: str, steps: int, samples: int,
                  world_size: int, train_seconds: float, epoch_seconds: float) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from platform import explain, pretrained, provenance, registry, runs, tracking
+from platform import explain, model_files, pretrained, provenance, registry, runs, tracking
 from platform import config as config_lib
 from platform.config import ConfigError, choice
 
@@ -50,11 +50,10 @@ def model_config(argv: list[str], command: str):
                           f"mlflow.tracking_uri to the store of the run that trained it")
     source = pretrained.resolve(settings.model, client if needs_store else None, setting="model")
     other_data = provenance.DATA_SOURCE if any(k in overrides for k in provenance.DATA_SOURCE) else ()
-    # The weights are the run's own: where they once started from (init_from) is not loaded again.
-    recorded = (provenance.recorded_config(client, source.run_id, drop=("init_from", *other_data))[1]
+    # The weights are the run's own: where they once started from (init_from, a local pretrained_path) is
+    # not loaded again, and need not exist here.
+    recorded = (model_files.model_settings(provenance.recorded_config(client, source.run_id, drop=other_data)[1])
                 if source.run_id else {})
-    # The weights come from the run: a local file its model started from need not exist here.
-    recorded = {k: v for k, v in recorded.items() if not k.endswith("pretrained_path")}
     if source.run_id:
         trained_for = client.get_run(source.run_id).data.tags.get(tracking.TASK_TAG, "")
         if task_given and task_name != trained_for:
@@ -69,19 +68,8 @@ def model_config(argv: list[str], command: str):
 
 def load_model(task, cfg, source, client):
     """The task's model with the source's weights, every tensor matched, or a one-line error."""
-    model = task.build_model(cfg)
-    state = pretrained.load_state(source, client)
-    missing, unexpected = [], []
-    own = model.state_dict()
-    missing = [k for k in own if k not in state or state[k].shape != own[k].shape]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        first = (missing or unexpected)[0]
-        raise ConfigError(f"model={source.init_from} does not fit task {cfg.task} with these settings: "
-                          f"{len(missing)} tensor(s) missing or of another shape, {len(unexpected)} unexpected "
-                          f"(e.g. {first}); give the model settings it was trained with")
-    model.load_state_dict(state)
-    return model
+    state = pretrained.load_state(source, client, setting="model")
+    return model_files.build(task, cfg, state, f"model={source.init_from}")
 
 
 def run_threshold(task, client, source) -> float | None:

@@ -7,6 +7,7 @@ Each Tune trial is a small function that builds and fits one Ray Train ``TorchTr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -33,19 +34,22 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = config_lib.build(base["task"], [config_lib.flatten(base), sampled])
     client = tracking.MlflowClient(uri)
-    tags = {tracking.SWEEP_TAG: sweep, tracking.TRIAL_TAG: trial_id}
-    # A restarted trial finds its run again: one MLflow run per trial, whatever happens.
-    run_id = runs.find_run(client, experiment, tags)
-    if run_id is None:
-        run_id = tracking.start_run(client, experiment, f"{sweep}-{trial_id}",
-                                    {**tags, **init_tags, tracking.TASK_TAG: cfg.task}, parent=parent)
-    elif client.get_run(run_id).info.status != "RUNNING":
-        client.update_run(run_id, status="RUNNING")  # a resumed sweep continues the trial its driver left
+    run_id, earlier = trial_run(client, experiment, sweep, trial_id, parent, {**init_tags, tracking.TASK_TAG: cfg.task})
+    if earlier is not None and earlier.info.status == "FINISHED":
+        # It ended before its driver died, after the sweep's state was last saved: Tune restored
+        # it unfinished. It is not trained again; Tune (and through it Optuna, if the dead driver
+        # had not told it) gets the result the run ended with.
+        ray.tune.report(dict(earlier.data.metrics))
+        return
     # Only a clean finish is ended here. An error, or Tune stopping the trial (ASHA, the sweep's
     # end), is settled by the sweep's driver from Tune's verdict (finish_trial_runs): a trial
     # that Tune stops is torn down mid-write, and its own guess (FAILED) could land after the
     # driver's FINISHED.
-    tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
+    # A resumed trial's run keeps the values it started with (MLflow refuses changed params: a
+    # resume may change tune.resume, tune.max_concurrent, ...; see CHANGEABLE_ON_RESUME).
+    logged = earlier.data.params if earlier is not None else {}
+    tracking.log_params(client, run_id, {k: v for k, v in config_lib.flatten(config_lib.to_dict(cfg)).items()
+                                         if k not in logged})
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
     tracking.set_tags(client, run_id, {"platform.driver_node": ray.get_runtime_context().get_node_id()})
     if cfg.scaling.num_workers == 0:
@@ -62,6 +66,19 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
         if result.error:
             raise result.error
     tracking.end_run(client, run_id, "FINISHED", only_if_running=True)
+
+
+def trial_run(client, experiment: str, sweep: str, trial_id: str, parent: str, tags: dict):
+    """(run id, the run as an earlier attempt left it, or None): one MLflow run per trial, whatever
+    happens; a resumed sweep's trial finds its run again and, unless it finished, continues it."""
+    trial_tags = {tracking.SWEEP_TAG: sweep, tracking.TRIAL_TAG: trial_id}
+    run_id = runs.find_run(client, experiment, trial_tags)
+    if run_id is None:
+        return tracking.start_run(client, experiment, f"{sweep}-{trial_id}", {**trial_tags, **tags}, parent=parent), None
+    earlier = client.get_run(run_id)
+    if earlier.info.status not in ("RUNNING", "FINISHED"):
+        client.update_run(run_id, status="RUNNING")  # a resumed sweep continues the trial its driver left
+    return run_id, earlier
 
 
 def train_in_process(config: dict, cfg, datasets: dict) -> None:
@@ -149,8 +166,9 @@ def trial_id_of(result) -> str | None:
 
 
 def failure_reason(error: BaseException) -> str:
-    """One line for a failed trial: the innermost ``SomeError: message`` in Ray's wrapped traceback."""
-    lines = [line.strip() for line in str(error).splitlines()]
+    """One line for a failed trial: the innermost ``SomeError: message`` in Ray's wrapped traceback,
+    a URI's password in it masked (it is printed and logged as a tag)."""
+    lines = [tracking.redact(line.strip()) for line in str(error).splitlines()]
     named = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*: ", line)]
     return (named[-1] if named else next((line for line in lines if line), type(error).__name__))[:500]
 
@@ -171,10 +189,27 @@ def sweep_path(cfg, sweep: str) -> str:
     return storage_path(cfg).rstrip("/") + "/" + sweep
 
 
+def study_storage(cfg, sweep: str):
+    """The sweep's Optuna study storage: beside its Ray results (a local file: Optuna's RDB storage
+    is SQL), so the same tune.name continues it."""
+    import optuna
+
+    os.makedirs(local_dir := sweep_folder(cfg, sweep), exist_ok=True)
+    return optuna.storages.RDBStorage(f"sqlite:///{os.path.join(local_dir, 'optuna.db')}")
+
+
+def sweep_folder(cfg, sweep: str) -> str:
+    """A local folder of the sweep's own (its study, its driver's lock): in its Ray results, or
+    under the output folder where those are in object storage."""
+    results = storage_path(cfg)
+    return os.path.join(results if "://" not in results else os.path.join(config_lib.output_dir(), "optuna"), sweep)
+
+
 def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: str, sweep: str,
-                init_tags: dict | None = None, resume: str | None = None):
-    """A new Tuner (also to extend a finished sweep: resume="extend"), or with ``resume`` "auto" or
-    "force" the named sweep's, restored from its state."""
+                init_tags: dict | None = None, resume: str | None = None, samples: int | None = None):
+    """A new Tuner of ``samples`` trials (also to go on with a sweep's parent run and study: resume
+    "extend" or "restart"), or with ``resume`` "auto" or "force" the named sweep's, restored from
+    its state."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -192,12 +227,8 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
                                   resume_errored=resume == "force", restart_errored=False)
     task = registry.task_of(cfg)
     metric = f"val/{task.objective(cfg)}"
-    # The study lives beside the sweep's Ray results (a local file: Optuna's RDB storage is
-    # SQL), so the same tune.name continues it.
-    results = storage_path(cfg)
-    local_dir = os.path.join(results if "://" not in results else os.path.join(config_lib.output_dir(), "optuna"), sweep)
-    os.makedirs(local_dir, exist_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(local_dir, 'optuna.db')}")
+    samples = cfg.tune.num_samples if samples is None else samples
+    storage = study_storage(cfg, sweep)
     try:
         earlier = len(storage.get_all_trials(storage.get_study_id_from_name(sweep)))
     except KeyError:
@@ -233,8 +264,8 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
-                                    num_samples=cfg.tune.num_samples,
-                                    max_concurrent_trials=min(concurrent, cfg.tune.num_samples),
+                                    num_samples=samples,
+                                    max_concurrent_trials=min(concurrent, samples),
                                     # Trials that train in their own process (scaling.num_workers=0) keep
                                     # it from trial to trial: no new process importing torch each time.
                                     reuse_actors=in_process),
@@ -340,13 +371,14 @@ def resume_plan(cfg, client, experiment_name: str, sweep: str, space) -> tuple[s
                                          f"with tune.resume=auto, or choose another tune.name")
         return None, None
     if not restorable:
-        if mode == "force":
+        if mode == "force" and parent is None:
             raise config_lib.ConfigError(f"tune.resume=force: there is no sweep named {sweep} to resume (no Tune state "
                                          f"at {path}); leave tune.resume=auto to start it")
         if parent is not None and parent.info.status == "FINISHED":
             raise config_lib.ConfigError(f"tune.name={sweep} has finished (MLflow run {parent.info.run_id}); choose "
                                          f"another tune.name")
-        return None, None
+        if parent is None:
+            return None, None
     finished = parent is not None and parent.info.status == "FINISHED"
     if mode == "auto" and finished:
         raise config_lib.ConfigError(f"tune.name={sweep} has finished (MLflow run {parent.info.run_id}); choose "
@@ -362,8 +394,9 @@ def resume_plan(cfg, client, experiment_name: str, sweep: str, space) -> tuple[s
         raise config_lib.ConfigError(f"tune.name={sweep} was started with {change}; resume it with its own "
                                      f"settings, or start a new sweep with another tune.name")
     # A finished sweep that is forced goes on with new trials: its Optuna study (TPE sees every
-    # earlier trial) and its MLflow parent run continue.
-    return ("extend" if finished else mode), parent
+    # earlier trial) and its MLflow parent run continue. So does one whose driver died before
+    # Tune first saved its state ("restart"), with the trials it still lacks.
+    return ("extend" if finished else mode if restorable else "restart"), parent
 
 
 def main(argv: list[str]) -> int:
@@ -373,15 +406,55 @@ def main(argv: list[str]) -> int:
     shards, cfg, data_tags = built_data(task, cfg)  # before the resume check: what the data decided is compared too
     resume, earlier = resume_plan(cfg, tracking.MlflowClient(uri) if tracking.store_exists(uri) else None,
                                   experiment_name, sweep, space)
+    with driver_lock(cfg, sweep):  # every check passed: this driver's sweep, or a one-line refusal
+        return run_sweep(task, cfg, space, source, uri, sweep, shards, data_tags, resume, earlier)
+
+
+@contextlib.contextmanager
+def driver_lock(cfg, sweep: str):
+    """The sweep's one driver: a second command with its tune.name is refused while the first runs.
+
+    An OS lock on a file in the sweep's folder, which the kernel drops when its process dies however
+    it dies (a SIGKILL too): nothing stale to clean up. One machine's: drivers run on the head.
+    """
+    import datetime
+    import fcntl
+    import socket
+
+    os.makedirs(folder := sweep_folder(cfg, sweep), exist_ok=True)
+    path = os.path.join(folder, "driver.lock")
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise config_lib.ConfigError(f"tune.name={sweep} is running already ({holder} holds {path}); wait for it "
+                                         f"to end or stop it, or choose another tune.name") from None
+        lock.truncate(0)
+        lock.write(f"platform.tune pid {os.getpid()} on {socket.gethostname()} since "
+                   f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def run_sweep(task, cfg, space, source, uri: str, sweep: str, shards: dict, data_tags: dict, resume: str | None,
+              earlier) -> int:
+    """The sweep, once every check has passed: its parent run, its trials, its best trial kept."""
     print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
     # The trials' runs have them too.
     init_tags = {**provenance.source_tags(), **(source.tags() if source else {}), **data_tags}
     client, experiment, parent = open_sweep(cfg, uri, sweep, space, resume, earlier, init_tags)
     with cli.ends_run(client, parent):
-        if not resume:
-            # The searched keys are left for the best trial's values, at the end (insight).
+        if resume in (None, "restart"):
+            # The searched keys are left for the best trial's values, at the end (insight); a restart
+            # keeps the values its first command logged (a resume may change a few, MLflow none).
+            logged = earlier.data.params if earlier is not None else {}
             tracking.log_params(client, parent, {k: v for k, v in config_lib.flatten(config_lib.to_dict(cfg)).items()
-                                                 if k not in space.params})
+                                                 if k not in space.params and k not in logged})
             tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
             log_split_lists(client, parent, shards)
         results = fit_sweep(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
@@ -425,6 +498,9 @@ def open_sweep(cfg, uri: str, sweep: str, space, resume: str | None, earlier, in
     client = tracking.MlflowClient(uri)
     experiment, parent = earlier.info.experiment_id, earlier.info.run_id
     client.update_run(parent, status="RUNNING")  # the same parent run goes on
+    # What the last driver left RUNNING is dead (one driver per sweep: driver_lock); a trial that
+    # Tune resumes sets its run RUNNING again.
+    end_open_trial_runs(client, experiment, sweep, "KILLED")
     resumed = int(earlier.data.tags.get("platform.resumed", "0")) + 1
     tracking.set_tags(client, parent, {"platform.resumed": resumed})
     doing = "adding trials to" if resume == "extend" else "resuming"
@@ -437,22 +513,43 @@ def fit_sweep(cfg, space, shards: dict, *, uri: str, experiment: str, parent: st
     """Tune's results of the sweep's trials, each trial's MLflow run ended as Tune saw it end."""
     # A SIGTERM (ray job stop, a cluster going down) is a Ctrl+C to Tune: it stops the
     # trials, saves the sweep's state and returns, so the same command resumes it.
+    samples = cfg.tune.num_samples
+    if resume == "restart":  # the trials its dead driver finished count
+        samples -= len(runs.trial_runs(client, experiment, parent, "FINISHED"))
+        if samples <= 0:
+            return []
+    # Tune saves the sweep's state every 10 s or more; a driver killed outright (no chance to save)
+    # loses the trials started since, which the next command must settle and draw again.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     try:
         results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
-                              init_tags=init_tags, resume=resume).fit()
+                              init_tags=init_tags, resume=resume, samples=samples).fit()
     except BaseException as error:  # the trials' runs end with the sweep's, never left RUNNING
         end_open_trial_runs(client, experiment, sweep, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if interrupted(sweep_path(cfg, sweep), results, cfg.tune.num_samples):
+    if interrupted(sweep_path(cfg, sweep), results, samples):
         end_open_trial_runs(client, experiment, sweep, "KILLED")
         print(f"sweep {sweep} interrupted; its state is saved: run the same command again to resume it "
               f"(tune.name={sweep})", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
     finish_trial_runs(client, experiment, sweep, results, cfg.train.epochs)
+    settle_study(cfg, sweep)
     return results
+
+
+def settle_study(cfg, sweep: str) -> None:
+    """Fail the study's trials still RUNNING once every trial of the sweep has ended: the ones a
+    killed driver had asked for after Tune last saved its state, which no driver will finish."""
+    from optuna.trial import TrialState
+
+    storage = study_storage(cfg, sweep)
+    study = storage.get_study_id_from_name(sweep)
+    for trial in storage.get_all_trials(study, deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(trial._trial_id, "platform.failure", "its sweep's driver was killed")
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
 def sweep_note(cfg, task, sweep: str, trials: int, best_trial: str, best_run: str, value: float, test: dict) -> str:

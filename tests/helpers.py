@@ -123,3 +123,40 @@ def assert_figure(client, run_id: str, path: str) -> None:
     image = matplotlib.image.imread(client.download_artifacts(run_id, path, tempfile.mkdtemp()))  # (H, W, 4)
     assert image.shape[0] >= 200 and image.shape[1] >= 200, (path, image.shape)
     assert float(np.asarray(image)[..., :3].std()) > 0.05, f"{path} is blank"
+
+
+def start_mlflow_server(store: str, artifacts: str, port: int | None = None, workers: int = 1):
+    """A real ``mlflow server`` on loopback over the sqlite file ``store``: (its process, its URL), once it
+    answers. Without MLflow's job runner, which the platform never uses."""
+    import time
+    import urllib.request
+
+    port = port or free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", str(workers), "--backend-store-uri", f"sqlite:///{store}",
+                               "--artifacts-destination", artifacts],
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            return server, url
+        except OSError:
+            if server.poll() is not None:
+                break
+            time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"mlflow server on port {port} did not come up")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop a server and the workers it started (its own process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -110,6 +112,44 @@ def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path, ray_head):
     parent = [r for r in runs if r.data.tags.get("platform.kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and len(children) == 1 and parent[0].info.status == "FINISHED"
+
+
+@pytest.mark.own_ray
+def test_ray_job_submit_as_users_type_it_with_the_readmes_token_steps(tmp_path):
+    """The README's steps on a head a user started in the project folder, with nothing on its
+    PYTHONPATH: `ray get-auth-token --generate`, `RAY_AUTH_MODE=token ray start --head`, then
+    `RAY_AUTH_MODE=token ray job submit -- python -m platform.tune ...` without --working-dir.
+    The driver finds the project where the job runs (the head's folder) and passes it to the
+    trial's and its Train workers' processes."""
+    from benchmarks.common import start_head, stop_head
+
+    home = tmp_path / "home"
+    home.mkdir()
+    user = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "DEEPLENSE_"))
+            and k != "PYTHONPATH"}
+    user.update(HOME=str(home), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    # The session's token is the one this process checks the head with; --generate keeps a token that exists.
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(os.environ["RAY_AUTH_TOKEN"])
+    token = subprocess.run([RAY, "get-auth-token", "--generate"], env=user, capture_output=True, text=True, timeout=60)
+    assert token.returncode == 0 and os.environ["RAY_AUTH_TOKEN"] in token.stdout, token.stderr
+    user["RAY_AUTH_MODE"] = "token"
+    folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    head = start_head(folder, user, num_cpus=2, takes_jobs=True, cwd=ROOT, log=str(tmp_path / "head.log"))
+    try:
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", head["dashboard"], "--", "python", "-m", "platform.tune", "task=mae",
+             "tune.num_samples=1", "train.epochs=1", "tune.name=plain-job", "scaling.num_workers=1",
+             "model.depth=1", "model.embed_dim=32", "model.num_heads=2", f"data.cache_dir={tmp_path}/cache",
+             "data.num_train=48", "data.num_val=30", "train.batch_size=16"],
+            cwd=str(tmp_path), env=user, capture_output=True, text=True, timeout=400)
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+        assert "1 trials (0 failed)" in submit.stdout, submit.stdout[-4000:]
+        assert "is not a package" not in submit.stdout + submit.stderr
+    finally:
+        stop_head(head)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_every_trials_epoch_lines_reach_the_console_unfolded(monkeypatch):

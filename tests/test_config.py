@@ -37,7 +37,13 @@ def test_cli_values_are_typed():
     ({"model.mask_ratio": 1.5}, "model.mask_ratio=1.5 is out of range; expected 0.0 <= model.mask_ratio < 1.0"),
     ({"tune.scheduler": "hyperband"}, "tune.scheduler=hyperband is not allowed; expected one of asha|none"),
     ({"scaling.num_workers": -1}, "scaling.num_workers=-1 is out of range; expected 0 <= scaling.num_workers"),
-    ({"tune.name": "it's \"mine\""}, "tune.name=it's \"mine\" holds both quote characters"),
+    # Names runs are found by and folders named after: nothing a filter, a path or a shell would read.
+    ({"tune.name": "x' OR tags.a = 'b"}, "tune.name=x' OR tags.a = 'b is not a name the platform can use; use "
+                                         "letters, digits and _ . -"),
+    ({"tune.name": "../elsewhere"}, "tune.name=../elsewhere is not a name the platform can use"),
+    ({"train.name": "my run"}, "train.name=my run is not a name the platform can use"),
+    ({"mlflow.experiment": "lens'finding"}, "mlflow.experiment=lens'finding is not a name the platform can use; "
+                                            "use letters, digits, spaces and _ . , : / -"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as error:
@@ -116,12 +122,16 @@ def test_bad_input_exits_before_any_cluster_work(tmp_path, args, message):
     (["task=maee"], "error: unknown task 'maee'; did you mean 'mae'?"),
     (["task=mae", "train.epochs=three"], "error: train.epochs=three: Value 'three'"),
     (["task=mae", "ray.address=127.0.0.1:1"], "error: ray.address=127.0.0.1:1: no Ray head answers"),
+    # No tracking server there: one line at once, not MLflow's minutes of retries and tracebacks.
+    (["task=mae", "mlflow.tracking_uri=http://127.0.0.1:1"],
+     "error: mlflow.tracking_uri=http://127.0.0.1:1: nothing answers at 127.0.0.1:1"),
 ])
 @pytest.mark.slow  # real interpreters
 def test_a_real_process_prints_only_the_one_line(tmp_path, args, message):
     # What the user's terminal shows: no warning or log line from a library beside the error.
+    # timeout: a hang guard (MLflow alone would retry an absent server for 4 minutes), not a speed test
     result = run_cli("platform.tune", *args, f"data.cache_dir={tmp_path}/cache", cwd=str(tmp_path),
-                     env={"RAY_ADDRESS": ""})
+                     env={"RAY_ADDRESS": ""}, timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == result.stderr.strip().splitlines()[0], result.stderr
     assert result.stderr.startswith(message), result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr

@@ -28,7 +28,8 @@ def classifier(tmp_path_factory):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     client = MlflowClient(f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("deeplense-classification").experiment_id])
-    return {"folder": folder, "uri": f"sqlite:///{db}", "client": client, "run": run, "stdout": result.stdout}
+    return {"folder": folder, "uri": f"sqlite:///{db}", "client": client, "run": run, "stdout": result.stdout,
+            "stderr": result.stderr}
 
 
 @pytest.mark.slow
@@ -46,6 +47,53 @@ def test_a_run_scores_its_test_split_once_with_its_best_weights(classifier):
     assert accuracy == pytest.approx(metrics["test/accuracy"])  # the logged number is these rows' own
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots/test")} == {
         "plots/test/roc.png", "plots/test/confusion_matrix.png"}
+
+
+@pytest.mark.slow
+def test_the_registered_model_holds_no_pickle_and_serves_the_trained_weights(classifier):
+    """The kept model's MLflow folder: safetensors weights, its config, JSON and YAML, and no pickle in any
+    file; MLflow loads it with the platform's own module, which predicts what the run's best weights do."""
+    import io
+    import os
+    import pickletools
+    import zipfile
+
+    import mlflow.artifacts
+    import mlflow.pyfunc
+    import yaml
+
+    from platform import provenance, tracking
+
+    client, run = classifier["client"], classifier["run"]
+    assert "pickle" not in (classifier["stdout"] + classifier["stderr"]).lower()  # MLflow's warning about its pickles
+    (version,) = client.search_model_versions("name='classification'")
+    location = client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=classifier["uri"],
+                                                 dst_path=str(classifier["folder"] / "registered"))
+    files = {os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names}
+    assert {"MLmodel", "data/model/weights.safetensors", "data/model/config.yaml"} <= files, files
+    for name in files:
+        path = os.path.join(folder, name)
+        assert not zipfile.is_zipfile(path), name  # torch.save's format: a pickle in a zip
+        with pytest.raises(Exception):  # no file is a stream of pickle opcodes
+            pickletools.dis(open(path, "rb").read(), out=io.StringIO())
+    with open(os.path.join(folder, "MLmodel")) as f:
+        flavors = yaml.safe_load(f)["flavors"]
+    assert list(flavors) == ["python_function"]  # no pytorch flavor, whose loader unpickles
+    assert {k: v for k, v in flavors["python_function"].items() if k in ("loader_module", "data", "code")} == {
+        "loader_module": "platform.model_files", "data": "data/model", "code": None}
+    assert not {"python_model", "artifacts", "cloudpickle_version"} & set(flavors["python_function"])
+
+    # It predicts what the run's best weights, read on their own, predict.
+    cfg = config.build("classification", [provenance.recorded_config(client, run.info.run_id)[1]])
+    trained = registry.task_of(cfg).build_model(cfg).eval()
+    best = client.download_artifacts(run.info.run_id, "checkpoints/best_model.pt", str(classifier["folder"]))
+    trained.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
+    batch = np.random.default_rng(1).random((3, 1, 64, 64), dtype=np.float32)
+    with tracking.using_uri(classifier["uri"]):
+        served = mlflow.pyfunc.load_model(f"models:/classification/{version.version}")
+    with torch.no_grad():
+        assert np.allclose(served.predict(batch), trained(torch.from_numpy(batch)).numpy(), atol=1e-6)
 
 
 @pytest.mark.slow

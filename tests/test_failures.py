@@ -1,9 +1,13 @@
-"""Failed trials: a diverging loss and a stalled trial fail alone, with a reason, and the sweep goes on."""
+"""Failed trials: a diverging loss and a stalled trial fail alone, with a reason, and the sweep goes on;
+a tracking server that goes away holds no training up, and loses no record unless away too long."""
+
+import re
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import run_cli, tiny
+from tests.helpers import free_port, run_cli, start_cli, start_mlflow_server, stop_server, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +58,68 @@ def test_a_trial_past_its_time_limit_is_stopped_and_failed(tmp_path, workers):
     parents, (trial,) = sweep_runs(MlflowClient(f"sqlite:///{db}"), "slow")
     assert [p.info.status for p in parents] == ["FAILED"]
     assert trial.info.status == "FAILED" and "tune.trial_timeout_s=2" in trial.data.tags["platform.failure"]
+
+
+MAE = ["task=mae", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32",
+       "model.decoder_depth=1", "tune.scheduler=none", "tune.num_samples=1", "scaling.num_workers=0"]
+
+
+def wait_for(condition, what: str, timeout: float = 120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"never saw {what}")
+
+
+def epochs_logged(url: str) -> dict[str, list[int]]:
+    """{run id: the steps of its val/loss} over the trial runs the server holds."""
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("deeplense-mae")
+    if experiment is None:
+        return {}
+    trials = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    return {t.info.run_id: sorted(m.step for m in client.get_metric_history(t.info.run_id, "val/loss")) for t in trials}
+
+
+# A real `mlflow server` stopped under a training trial and started again on the same store and port.
+@pytest.mark.heavy
+def test_a_tracking_server_that_goes_away_loses_no_epoch_and_one_away_too_long_fails_the_trial(tmp_path):
+    store, artifacts, port = tmp_path / "server.db", str(tmp_path / "artifacts"), free_port()
+    server, url = start_mlflow_server(str(store), artifacts, port)
+    epochs = 12
+    args = [*MAE, f"train.epochs={epochs}", *tiny(tmp_path / "cache", tmp_path / "unused.db"), f"mlflow.tracking_uri={url}"]
+    try:
+        # Away for 30 s, after the trial's second epoch: training goes on, its records wait, and all
+        # arrive once the server is back.
+        driver = start_cli("platform.tune", *args, "tune.name=away", cwd=str(tmp_path))
+        wait_for(lambda: any(len(steps) >= 2 for steps in epochs_logged(url).values()), "two epochs logged")
+        stop_server(server)
+        time.sleep(30)
+        server, url = start_mlflow_server(str(store), artifacts, port)
+        output, _ = driver.communicate(timeout=300)
+        assert driver.returncode == 0, output[-4000:]
+        away, back = output.index("the tracking server does not answer"), output.index("the tracking server is back")
+        assert re.search(rf"\[mae\] epoch {epochs}/{epochs} ", output[away:back]), output[-4000:]  # trained meanwhile
+        ((run_id, steps),) = epochs_logged(url).items()
+        assert steps == list(range(1, epochs + 1))  # every epoch exactly once
+        trial = MlflowClient(url).get_run(run_id)
+        assert trial.info.status == "FINISHED" and "test/loss" in MlflowClient(url).get_run(
+            trial.data.tags["mlflow.parentRunId"]).data.metrics
+
+        # Away for longer than mlflow.outage_limit_s: the trial fails, saying why; back, the sweep resumes.
+        limited = [*args, "tune.name=gone", "mlflow.outage_limit_s=3"]
+        driver = start_cli("platform.tune", *limited, cwd=str(tmp_path))
+        wait_for(lambda: any(len(steps) >= 1 for run, steps in epochs_logged(url).items() if run != run_id),
+                 "the second sweep's first epoch")
+        stop_server(server)
+        time.sleep(8)  # past the limit, whichever write notices first
+        server, url = start_mlflow_server(str(store), artifacts, port)
+        output, _ = driver.communicate(timeout=300)
+        assert driver.returncode == 1, output[-4000:]
+        assert "TrackingServerAwayError: the tracking server" in output and "(mlflow.outage_limit_s=3)" in output
+        again = run_cli("platform.tune", *limited, "tune.resume=force", cwd=str(tmp_path))
+        assert again.returncode == 0 and "1 trials (0 failed)" in again.stdout, (again.stdout + again.stderr)[-4000:]
+    finally:
+        stop_server(server)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from platform import config, pretrained, registry, tracking
 from platform.config import ConfigError
@@ -17,7 +18,7 @@ def store(tmp_path):
     torch.save(model.state_dict(), tmp_path / "best_model.pt")
     run = tracking.start_run(client, experiment, "pretrain", {})
     tracking.log_file(client, run, str(tmp_path / "best_model.pt"), "checkpoints")
-    tracking.log_model(client, run, model, torch.zeros(2, 1, 64, 64).numpy(), "mae")
+    tracking.log_model(client, run, model, cfg, torch.zeros(2, 1, 64, 64).numpy(), "mae")
     bare = tracking.start_run(client, experiment, "no-weights", {})
     return client, run, bare, model, tmp_path
 
@@ -32,12 +33,42 @@ def test_run_id_registered_model_and_file_give_the_same_weights(store):
     for init_from in (run, "models:/mae/1", "models:/mae/latest"):
         source = pretrained.resolve(init_from, client)
         assert source.run_id == run and source.tags() == {"platform.init_from": init_from, "platform.init_run_id": run}
+        # A registered version's own safetensors; a run's checkpoints/best_model.pt.
+        assert (source.weights or "").endswith("data/model/weights.safetensors") == init_from.startswith("models:/")
         assert same_weights(pretrained.load_state(source, client), expected)
     source = pretrained.resolve(str(tmp_path / "best_model.pt"), client)
     assert source.run_id is None and same_weights(pretrained.load_state(source), expected)
-    # A loop checkpoint (model, optimizer, ...) gives its model part.
+    # A loop checkpoint (model, optimizer, ...) gives its model part; a safetensors file its tensors.
     torch.save({"model": expected, "optimizer": {}, "epoch": 3}, tmp_path / "state.pt")
     assert same_weights(pretrained.load_state(pretrained.resolve(str(tmp_path / "state.pt"), client)), expected)
+    save_file({k: v.clone() for k, v in expected.items()}, tmp_path / "weights.safetensors")
+    assert same_weights(pretrained.load_state(pretrained.resolve(str(tmp_path / "weights.safetensors"), None)), expected)
+
+
+def test_a_pickled_model_is_never_unpickled(store, tmp_path):
+    """A whole pickled model as a file is refused in one line, and a version an earlier platform
+    registered as a pickled PyTorch model gives its run's best weights, or one line without them."""
+    import mlflow
+    import mlflow.pytorch
+
+    client, run, bare, model, _ = store
+    torch.save(model, tmp_path / "whole_model.pth")  # what MLflow's PyTorch flavor kept as data/model.pth
+    with pytest.raises(ConfigError, match="init_from=.*whole_model.pth: whole_model.pth holds pickled objects") as error:
+        pretrained.load_state(pretrained.resolve(str(tmp_path / "whole_model.pth"), client))
+    assert "\n" not in str(error.value)
+
+    with tracking.using_uri(client._tracking_client.tracking_uri):
+        for logged_on in (run, bare):  # the earlier platform's way of logging the kept model
+            with mlflow.start_run(run_id=logged_on):
+                info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                                pip_requirements=["torch"])
+            mlflow.register_model(info.model_uri, "mae")
+    source = pretrained.resolve("models:/mae/2", client)
+    assert source.weights is None and same_weights(pretrained.load_state(source, client), model.state_dict())
+    with pytest.raises(ConfigError, match=f"init_from=models:/mae/3: its model is not in the platform's format "
+                                          f".*never unpickled here, and its run {bare} logged no "
+                                          f"checkpoints/best_model.pt to read instead; train it again"):
+        pretrained.resolve("models:/mae/3", client)
 
 
 @pytest.mark.parametrize("init_from, message", [

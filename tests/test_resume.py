@@ -1,6 +1,7 @@
-"""A dead driver: `python -m platform.tune` killed mid-sweep by a signal, then the same command
-again: finished trials are not run again, the unfinished one goes on from its checkpoint, the
-Optuna study and the MLflow parent run are the same ones, and nothing is duplicated."""
+"""A dead driver: `python -m platform.tune` killed mid-sweep by a signal (SIGTERM, as `ray job stop`
+sends; SIGKILL, as an OOM kill or a crashed head does), then the same command again: finished
+trials are not run again, the unfinished one goes on from its checkpoint, the Optuna study and the
+MLflow parent run are the same ones, and nothing is duplicated."""
 
 import re
 import signal
@@ -29,15 +30,14 @@ def runs(client):
             {r.data.tags["platform.trial_id"]: r for r in found if "mlflow.parentRunId" in r.data.tags})
 
 
-# Trials on a Ray Train worker, and in the trial's own process: there, with no process to start,
-# a 3-epoch trial of 48 images is over in 2 s, before the sweep could be caught part-way; 20 epochs
-# of half a second each leave room to catch it after its second epoch, its first checkpoint on disk
-# however busy the machine. The in-process sweep has a finished trial that must not run again (Tune's
-# doing, whatever runs the trials); the Train-worker sweep is one trial, whose worker group resumes
-# from the checkpoint its rank 0 wrote (each Train trial costs half a minute of start-up on CI).
+# SIGTERM, as `ray job stop` or a node shutting down sends: the driver saves the sweep's state and
+# ends KILLED. Trials in their own process: 20 epochs of half a second each leave room to catch the
+# second trial after its second epoch, its first checkpoint on disk however busy the machine; the
+# first trial, finished, must not run again.
 @pytest.mark.heavy
-@pytest.mark.parametrize("workers, trials, epochs, caught_after", [("1", 1, 3, 1), ("0", 2, 20, 2)])
-def test_a_killed_sweep_resumes_with_the_same_command(tmp_path, workers, trials, epochs, caught_after):
+def test_a_sweep_stopped_by_sigterm_resumes_with_the_same_command(tmp_path):
+    workers, trials, epochs, caught_after = "0", 2, 20, 2
+
     def args(*extra):
         return sweep(tmp_path, trials, epochs, f"scaling.num_workers={workers}", *extra)
 
@@ -116,3 +116,110 @@ def test_a_killed_sweep_resumes_with_the_same_command(tmp_path, workers, trials,
     assert missing.returncode == 2 and "there is no sweep named nothing-here to resume" in missing.stderr
     for result in (finished, never, changed, longer, missing):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def kill_when(driver, client, ready, what: str, timeout: float = 300, first=None) -> None:
+    """SIGKILL ``driver`` as soon as ``ready(parents, runs_of_trials)`` holds in MLflow (after ``first()``)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+        try:
+            found = runs(client)
+        except Exception:  # no experiment yet, or the store mid-write
+            continue
+        if ready(*found):
+            if first:
+                first()
+            driver.kill()
+            driver.communicate(timeout=60)
+            return
+    output = driver.communicate(timeout=60)[0] if driver.poll() is not None else ""
+    driver.kill()
+    pytest.fail(f"the sweep never reached the moment to kill it ({what}): {output[-3000:]}")
+
+
+def finished(runs_of_trials) -> dict:
+    return {tid: t.info.end_time for tid, t in runs_of_trials.items() if t.info.status == "FINISHED"}
+
+
+def assert_one_whole_sweep(client, tmp_path, trials: int, epochs: int, kills: int) -> None:
+    """The sweep as if never killed: one parent run, ``trials`` finished trial runs with every epoch
+    logged once, the runs the dead drivers left settled as KILLED, one study, one registered model."""
+    (parent,), runs_of_trials = runs(client)
+    assert parent.info.status == "FINISHED" and parent.data.tags["platform.resumed"] == str(kills)
+    assert "test/loss" in parent.data.metrics and parent.data.tags["platform.registered_version"] == "1"
+    statuses = sorted(t.info.status for t in runs_of_trials.values())
+    assert statuses.count("FINISHED") == trials and set(statuses) <= {"FINISHED", "KILLED"}, statuses
+    for trial_id, trial in runs_of_trials.items():
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/loss")]
+        if trial.info.status == "FINISHED":  # every epoch logged exactly once
+            assert sorted(steps) == list(range(1, epochs + 1)), (trial_id, steps)
+    (version,) = client.search_model_versions("name='mae'")
+    study = optuna.load_study(study_name="resumable",
+                              storage=f"sqlite:///{tmp_path / 'ray_results' / 'resumable' / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == trials, states
+    assert set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL}, states
+
+
+# SIGKILL at three moments of one sweep: before its first trial, part-way through a trial, and while
+# its best model is kept; each time the same command again. On a laptop: each command starts its own
+# local Ray, which dies with its driver, so each rerun also finds the Ray cluster gone.
+@pytest.mark.heavy
+@pytest.mark.own_ray
+def test_a_sweep_killed_outright_three_times_continues_each_time(tmp_path):
+    trials, epochs = 3, 3
+    args = sweep(tmp_path, trials, epochs, "scaling.num_workers=0")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    moments = [
+        ("before the first trial", lambda parents, trials_: bool(parents) and not trials_),
+        ("part-way through a trial", lambda parents, trials_: any(
+            t.info.status == "RUNNING" and t.data.metrics.get("epoch", 0) >= 1 for t in trials_.values())
+            and len(finished(trials_)) >= 1),
+        ("while its best model is kept", lambda parents, trials_: len(finished(trials_)) == trials
+            and parents[0].info.status == "RUNNING"),
+    ]
+    def a_second_driver_is_refused():
+        second = run_cli_here("platform.tune", *args, cwd=str(tmp_path))
+        assert second.returncode == 2 and "tune.name=resumable is running already (platform.tune pid" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+
+    done = {}
+    for what, ready in moments:
+        kill_when(start_cli("platform.tune", *args, cwd=str(tmp_path)), client, ready, what,
+                  first=a_second_driver_is_refused if what == "part-way through a trial" else None)
+        assert all(finished(runs(client)[1]).get(tid) == end for tid, end in done.items()), what
+        done = finished(runs(client)[1])
+    again = run_cli("platform.tune", *args, cwd=str(tmp_path))
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "resuming sweep resumable" in again.stdout
+    # A trial finished before a kill is never run again: its run ended once, when it finished.
+    now = finished(runs(client)[1])
+    assert all(now.get(tid) == end for tid, end in done.items()), (done, now, again.stdout[-3000:])
+    assert_one_whole_sweep(client, tmp_path, trials, epochs, kills=len(moments))
+
+
+# Trials on Ray Train workers: SIGKILL between two trials, then part-way through the second, whose
+# worker group resumes from the checkpoint its rank 0 wrote (3 s after an epoch was logged: Ray
+# Train registers a checkpoint at its controller's next poll, every 2 s; 20 epochs of half a second
+# leave the trial part-way then).
+@pytest.mark.heavy
+def test_a_sweep_on_train_workers_killed_outright_continues_from_its_checkpoints(tmp_path):
+    trials, epochs = 2, 20
+    args = sweep(tmp_path, trials, epochs, "scaling.num_workers=1")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    kill_when(start_cli("platform.tune", *args, cwd=str(tmp_path)), client,
+              lambda parents, trials_: len(finished(trials_)) == 1 and len(trials_) == 1, "between the trials")
+    done = finished(runs(client)[1])
+    kill_when(start_cli("platform.tune", *args, cwd=str(tmp_path)), client,
+              lambda parents, trials_: any(t.info.status == "RUNNING" and t.data.metrics.get("epoch", 0) >= 1
+                                           for t in trials_.values()), "part-way through the second trial",
+              first=lambda: time.sleep(3))
+    killed_at = {tid: int(t.data.metrics["epoch"]) for tid, t in runs(client)[1].items()
+                 if t.info.status == "RUNNING"}
+    again = run_cli("platform.tune", *args, cwd=str(tmp_path))
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert all(finished(runs(client)[1])[tid] == end for tid, end in done.items())
+    resumed_from = [int(e) for e in re.findall(r"resuming from epoch (\d+)", again.stdout)]
+    assert len(resumed_from) == 1 and 1 <= resumed_from[0] <= max(killed_at.values()), (killed_at, resumed_from)
+    assert_one_whole_sweep(client, tmp_path, trials, epochs, kills=2)
