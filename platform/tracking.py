@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -342,7 +343,7 @@ class PatientClient:
         self._send("log_artifact", run_id, local_path, artifact_path)
 
     def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
-        folder = tempfile.mkdtemp(dir=self._folder)  # drawn now: the caller closes the figure
+        folder = tempfile.mkdtemp(dir=self._outbox())  # drawn now: the caller closes the figure
         path = os.path.join(folder, os.path.basename(artifact_file))
         figure.savefig(path)
         self._send("log_artifact", run_id, path, os.path.dirname(artifact_file) or None)
@@ -368,18 +369,25 @@ class PatientClient:
                 time.sleep(2)
                 continue
             self._waiting.pop(0)
+            if method == "log_artifact" and args[1].startswith(self._folder):
+                shutil.rmtree(os.path.dirname(args[1]), ignore_errors=True)  # the outbox's own copy, delivered
             if self._away_since is not None and not self._waiting:
                 say(f"the tracking server is back after {time.time() - self._away_since:.0f}s; the records kept "
                     f"meanwhile are delivered")
                 self._away_since = None
 
+    def close(self) -> None:
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _outbox(self) -> str:
+        os.makedirs(self._folder, exist_ok=True)
+        return self._folder
+
     def _keep_files(self) -> None:
         """Copies of the files waiting to be logged that are not the outbox's own: their folders may go."""
-        import shutil
-
         for i, (method, args) in enumerate(self._waiting):
             if method == "log_artifact" and not args[1].startswith(self._folder):
-                copy = os.path.join(tempfile.mkdtemp(dir=self._folder), os.path.basename(args[1]))
+                copy = os.path.join(tempfile.mkdtemp(dir=self._outbox()), os.path.basename(args[1]))
                 shutil.copyfile(args[1], copy)
                 self._waiting[i] = (method, (args[0], copy, *args[2:]))
 
@@ -390,6 +398,7 @@ class PatientClient:
             say(f"the tracking server does not answer ({_one_line(error)[:200]}); training goes on and its records "
                 f"are kept until it is back (at most mlflow.outage_limit_s={self.limit_s:g}s)")
         if now - self._away_since > self.limit_s:
+            self.close()  # the kept files go with the records they belonged to
             raise TrackingServerAwayError(
                 f"the tracking server {ui_base(self._client.tracking_uri) or ''} has not answered for "
                 f"{now - self._away_since:.0f}s (mlflow.outage_limit_s={self.limit_s:g}); {len(self._waiting)} "
@@ -459,6 +468,7 @@ class EpochLogger:
         """Every record delivered: waits for a tracking server that is away, up to its limit."""
         if self.client:
             self.client.deliver(wait=True)
+            self.client.close()
 
     def progress(self, epoch: int, metrics: dict[str, float], objective: str, steps: int, samples: int,
                  world_size: int, train_seconds: float, epoch_seconds: float) -> None:

@@ -14,7 +14,7 @@ import signal
 import sys
 import tempfile
 
-from platform import cli, cluster, insight, pretrained, provenance, registry, runs, space as space_lib, tracking
+from platform import PROJECT_ROOT, cli, cluster, insight, pretrained, provenance, registry, runs, space as space_lib, tracking
 from platform import config as config_lib
 from platform.runner import (built_data, default_name, log_best_model, log_split_lists, loop_config,
                              make_trainer, open_run, put_in_memory, storage_path, streamed)
@@ -517,6 +517,7 @@ def fit_sweep(cfg, space, shards: dict, *, uri: str, experiment: str, parent: st
     if resume == "restart":  # the trials its dead driver finished count
         samples -= len(runs.trial_runs(client, experiment, parent, "FINISHED"))
         if samples <= 0:
+            settle_study(cfg, sweep)
             return []
     # Tune saves the sweep's state every 10 s or more; a driver killed outright (no chance to save)
     # loses the trials started since, which the next command must settle and draw again.
@@ -550,6 +551,19 @@ def settle_study(cfg, sweep: str) -> None:
     for trial in storage.get_all_trials(study, deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(trial._trial_id, "platform.failure", "its sweep's driver was killed")
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def no_trial_finished(sweep: str, metric: str, reasons: list[str]) -> str:
+    """Why a sweep kept no model, in one line, with the command that gets further."""
+    if any("'platform' is not a package" in reason for reason in reasons):
+        # `ray job submit` without --working-dir from a head whose nodes do not hold this project:
+        # the trials' processes found the standard library's module of that name.
+        command = " ".join(provenance.invoked) or "python -m platform.tune ..."
+        return (f"the trials of sweep {sweep} could not import the platform (their nodes do not have "
+                f"{PROJECT_ROOT}); submit it from your checkout with "
+                f"`ray job submit --working-dir . -- {command}`")
+    return (f"no trial of sweep {sweep} finished with {metric}; see the trial errors above (tune.resume=force "
+            f"runs the failed ones again from their checkpoints)")
 
 
 def sweep_note(cfg, task, sweep: str, trials: int, best_trial: str, best_run: str, value: float, test: dict) -> str:
@@ -587,7 +601,7 @@ def keep_best_trial(cfg, task, space, shards: dict, results, *, client, uri: str
     best_run, value = runs.best_trial_run(client, experiment, parent, f"best/{objective}", task.mode)
     if best_run is None:
         explain_sweep(client, parent, objective, task, sweep)  # its trials table says why each failed
-        raise cli.CommandFailed(f"no trial of sweep {sweep} finished with {metric}; see the trial errors above")
+        raise cli.CommandFailed(no_trial_finished(sweep, metric, [failure_reason(r.error) for r in failed]))
     best = client.get_run(best_run).data
     best_trial = best.tags[tracking.TRIAL_TAG]
     sampled = {key: config_lib.from_param(best.params[key]) for key in space.params}

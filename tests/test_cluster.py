@@ -120,7 +120,7 @@ def test_ray_job_submit_as_users_type_it_with_the_readmes_token_steps(tmp_path):
     PYTHONPATH: `ray get-auth-token --generate`, `RAY_AUTH_MODE=token ray start --head`, then
     `RAY_AUTH_MODE=token ray job submit -- python -m platform.tune ...` without --working-dir.
     The driver finds the project where the job runs (the head's folder) and passes it to the
-    trial's and its Train workers' processes."""
+    trials' processes (and so to their Train workers')."""
     from benchmarks.common import start_head, stop_head
 
     home = tmp_path / "home"
@@ -140,7 +140,8 @@ def test_ray_job_submit_as_users_type_it_with_the_readmes_token_steps(tmp_path):
     try:
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", head["dashboard"], "--", "python", "-m", "platform.tune", "task=mae",
-             "tune.num_samples=1", "train.epochs=1", "tune.name=plain-job", "scaling.num_workers=1",
+             # The trial's own process imports the platform as a Train worker's would (the same runtime env).
+             "tune.num_samples=1", "train.epochs=1", "tune.name=plain-job", "scaling.num_workers=0",
              "model.depth=1", "model.embed_dim=32", "model.num_heads=2", f"data.cache_dir={tmp_path}/cache",
              "data.num_train=48", "data.num_val=30", "train.batch_size=16"],
             cwd=str(tmp_path), env=user, capture_output=True, text=True, timeout=400)
@@ -150,6 +151,20 @@ def test_ray_job_submit_as_users_type_it_with_the_readmes_token_steps(tmp_path):
     finally:
         stop_head(head)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_trials_that_cannot_import_the_platform_end_the_sweep_with_the_command_to_use(monkeypatch):
+    # `ray job submit` without --working-dir to a cluster whose other nodes lack the project: every
+    # trial fails on its import; the sweep's last line says how to submit it instead.
+    from platform import provenance
+    from platform.tune import no_trial_finished
+
+    monkeypatch.setattr(provenance, "invoked", ["python", "-m", "platform.tune", "task=mae"])
+    line = no_trial_finished("s", "val/loss", ["ModuleNotFoundError: No module named 'platform.config'; "
+                                               "'platform' is not a package"])
+    assert line.endswith("submit it from your checkout with `ray job submit --working-dir . -- python -m "
+                         "platform.tune task=mae`") and "\n" not in line
+    assert "tune.resume=force" in no_trial_finished("s", "val/loss", ["FloatingPointError: train/loss became nan"])
 
 
 def test_every_trials_epoch_lines_reach_the_console_unfolded(monkeypatch):
