@@ -126,11 +126,10 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
 
 def best_model(client, run_id: str, cfg, task):
     """The model of ``cfg`` with the run's best-epoch weights, on the CPU."""
-    from platform import model_files
+    from platform import model_files, pretrained
 
-    what = f"the best weights of run {run_id}"
-    with tracking.downloaded(client, run_id, "checkpoints/best_model.pt") as path:
-        return model_files.build(task, cfg, model_files.read_weights(path, what), what)
+    state = pretrained.load_state(pretrained.Source(run_id, run_id, None), client, setting="run")
+    return model_files.build(task, cfg, state, f"the best weights of run {run_id}")
 
 
 def log_best_model(client, run_id: str, cfg, task, shards: dict, register: bool, with_views: bool = False,
