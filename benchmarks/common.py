@@ -86,19 +86,22 @@ def free_ports(count: int) -> list[int]:
 
 
 def start_head(folder: str, env: dict, num_cpus: int | None = None, log: str = os.devnull,
-               takes_jobs: bool = False, cwd: str | None = None) -> dict:
+               takes_jobs: bool = False, cwd: str | None = None, extra_args: tuple = (), port: int | None = None) -> dict:
     """``ray start --head --block`` on loopback with its files in ``folder`` (under /tmp: Ray's socket
     paths must stay under 108 bytes), as a user starts one on a workstation or a cluster's head node.
     Returns {"address": "127.0.0.1:port", "dashboard": "http://127.0.0.1:port", "pid"} once clients
     can connect, and with ``takes_jobs`` once ``ray job submit`` is accepted. ``cwd``: the folder it is
-    started in, where jobs submitted without a working dir run.
+    started in, where jobs submitted without a working dir run. ``extra_args``: more ``ray start`` flags
+    (``--resources``, ``--autoscaling-config``); ``port``: the GCS port, when something must know it first.
 
     The servers with fixed default ports (the dashboard agent's 52365, the Ray client's 10001) get
     ports of their own, so another Ray on this machine does not collide with it; Ray picks the
     other servers' ports itself. --block keeps every process of the head in one process group of its
     own, which ``stop_head`` ends as one, without ``ray stop`` (that stops every Ray on the machine).
     """
-    port, dashboard, client_server, agent = free_ports(4)
+    ports = free_ports(5)
+    port = port or ports.pop()  # given: a config written before the head starts names it
+    dashboard, client_server, agent = [p for p in ports if p != port][:3]
     env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -106,7 +109,7 @@ def start_head(folder: str, env: dict, num_cpus: int | None = None, log: str = o
         head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", f"--temp-dir={folder}",
                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
                                  f"--ray-client-server-port={client_server}", f"--dashboard-agent-listen-port={agent}",
-                                 *([f"--num-cpus={num_cpus}"] if num_cpus is not None else [])],
+                                 *([f"--num-cpus={num_cpus}"] if num_cpus is not None else []), *extra_args],
                                 env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 300  # room for a slow first start (a cold page cache, a busy machine)

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+from dataclasses import dataclass
 
 from platform import PROJECT_ROOT
 
@@ -209,19 +210,169 @@ def trial_resources(scaling) -> dict:
     return {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
 
 
-def max_concurrent_trials(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float) -> int:
-    """How many Train runs fit on the cluster at once, so no trial waits for workers that cannot exist."""
+@dataclass
+class NodeType:
+    """A kind of node the cluster has or its autoscaler can add."""
+
+    name: str
+    resources: dict  # what one node offers: {"CPU": 8, "GPU": 1, ...}
+    max_nodes: int  # how many may run at once (the head: 1)
+    up: int = 0  # how many are alive now
+    instance: str = ""  # the cloud's instance type, for its price
+    spot: bool = False
+
+
+@dataclass
+class Capacity:
+    """How many trials a sweep runs at once, and why."""
+
+    trials: int
+    reason: str
+    node_types: dict  # name -> NodeType; {} for a cluster of fixed nodes or a laptop
+
+
+def node_types_of(config: dict) -> dict[str, NodeType]:
+    """The node types of an autoscaler config (a cluster file as ``ray up`` hands it to the head)."""
+    head = config.get("head_node_type")
+    types = {}
+    for name, spec in (config.get("available_node_types") or {}).items():
+        node_config = spec.get("node_config") or {}
+        instance = str(node_config.get("InstanceType") or node_config.get("machineType")
+                       or (node_config.get("azure_arm_parameters") or {}).get("vmSize") or "")
+        spot = ((node_config.get("InstanceMarketOptions") or {}).get("MarketType") == "spot"
+                or bool((node_config.get("scheduling") or {}).get("preemptible"))
+                or (node_config.get("azure_arm_parameters") or {}).get("priority") == "Spot")
+        from platform.cost import INSTANCE_RESOURCES
+
+        resources = {**INSTANCE_RESOURCES.get(instance, {}), **(spec.get("resources") or {})}
+        types[name] = NodeType(name, resources, 1 if name == head else int(spec.get("max_workers", 0)),
+                               instance=instance, spot=spot)
+    return types
+
+
+def autoscaler_config() -> dict | None:
+    """The config the cluster's autoscaler runs with, or None for a cluster of fixed nodes.
+
+    ``ray up`` starts the head with ``--autoscaling-config ~/ray_bootstrap_config.yaml``, which only
+    the head's autoscaler process knows: read there, by a task on the head.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next((n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]), None)
+    if head is None:
+        return None
+    gcs = ray.get_runtime_context().gcs_address
+    read = ray.remote(num_cpus=0, max_retries=0)(_autoscaler_config_on_head)
+    config = ray.get(read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote(gcs),
+                     timeout=120)
+    provider = ((config or {}).get("provider") or {}).get("type")
+    return config if provider and provider not in ("readonly", "local") else None
+
+
+def _autoscaler_config_on_head(gcs_address: str) -> dict | None:
+    import psutil
+    import yaml
+
+    for process in psutil.process_iter(["cmdline"]):
+        args = process.info["cmdline"] or []
+        if not any(a.endswith("monitor.py") for a in args) or f"--gcs-address={gcs_address}" not in args:
+            continue
+        path = next((a.split("=", 1)[1] for a in args if a.startswith("--autoscaling-config=")), None)
+        if not path:
+            return None
+        with open(os.path.expanduser(path)) as f:
+            return yaml.safe_load(f)
+    return None
+
+
+def trial_capacity(scaling, fixed: int = 0, reads_data: bool = True) -> Capacity:
+    """How many trials run at once: ``fixed`` (tune.max_concurrent) if given, else as many as the
+    cluster can hold, counting the nodes its autoscaler can still add. A trial no node could ever
+    hold is refused in one line. ``reads_data``: trials stream a split through Ray Data.
+    """
     import ray
 
-    total = ray.cluster_resources()
-    num_workers = processes(num_workers)
+    from platform.config import ConfigError
+
+    workers = processes(scaling.num_workers)
+    worker = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+    config = autoscaler_config()
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if config is None:
+        node_types = {}
+        kinds = [NodeType(f"node {n['NodeID'][:8]}", n["Resources"], 1, up=1) for n in alive]
+    else:
+        node_types = node_types_of(config)
+        for node in alive:
+            name = _type_of(node, config, node_types)
+            if name in node_types:
+                node_types[name].up += 1
+        kinds = list(node_types.values())
+    per_node = {k.name: workers_per_node(k.resources, worker) for k in kinds}
+    if not any(per_node.values()):
+        biggest = max(kinds, key=lambda k: (k.resources.get("GPU", 0), k.resources.get("CPU", 0)), default=None)
+        offer = describe_resources(biggest.resources) if biggest else "nothing"
+        where = "node type of its autoscaler" if config else "node"
+        raise ConfigError(f"a trial's worker needs {describe_resources(worker)} (scaling.cpus_per_worker, "
+                          f"scaling.gpus_per_worker, scaling.use_gpu) but no {where} has that much (the largest: "
+                          f"{offer}); lower them or add a node type that holds one")
+    # The autoscaler launches at most max_workers worker nodes in all: count the roomiest types first.
+    budget = int(config.get("max_workers", 10**9)) if config else 10**9
+    slots, parts = 0, []
+    for kind in sorted(kinds, key=lambda k: -per_node[k.name]):
+        count = kind.max_nodes if config is None or kind.name == config.get("head_node_type") else min(kind.max_nodes, budget)
+        if config is not None and kind.name != config.get("head_node_type"):
+            budget -= count
+        if count and per_node[kind.name]:
+            slots += count * per_node[kind.name]
+            parts.append((kind, count))
     # Keep CPUs free for Ray Data's read tasks: Train workers holding every CPU starve the
-    # pipeline that feeds them, and the whole sweep hangs.
-    spare = DATA_CPUS if total.get("CPU", 0) > num_workers * cpus_per_worker else 0
-    fits = math.floor((total.get("CPU", 0) - spare) / (num_workers * cpus_per_worker))
-    if use_gpu:
-        fits = min(fits, math.floor(total.get("GPU", 0) / (num_workers * gpus_per_worker)))
-    return max(1, fits)
+    # pipeline that feeds them, and the whole sweep hangs. Splits in the object store need none.
+    total_cpus = sum(k.resources.get("CPU", 0) * n for k, n in parts)
+    spare = reads_data and total_cpus > workers * scaling.cpus_per_worker
+    if spare:
+        slots -= math.ceil(DATA_CPUS / scaling.cpus_per_worker)
+    most = max(1, slots // workers)
+    trials = fixed or most
+    each = f"{workers} workers of {describe_resources(worker)} a trial" if workers > 1 else describe_resources(worker)
+    if config is None:
+        cpus = sum(k.resources.get("CPU", 0) for k in kinds)
+        gpus = sum(k.resources.get("GPU", 0) for k in kinds)
+        held = f"{cpus:g} CPUs" + (f", {gpus:g} GPUs" if gpus else "")
+        kept = f"; {DATA_CPUS} CPU kept for Ray Data's reading" if spare else ""
+        where = f"this Ray's {len(kinds)} node{'s' if len(kinds) > 1 else ''} ({held}{kept})"
+    else:
+        where = ", ".join(f"{n} x {k.name} ({describe_resources(k.resources)})" for k, n in parts)
+        up = sum(k.up for k, _ in parts if k.name != config.get("head_node_type"))
+        where += f"; {up} up now, the autoscaler adds them"
+    reason = (f"{trials} trials at once (tune.max_concurrent; the cluster can hold {most})" if fixed
+              else f"up to {trials} trial{'s' if trials > 1 else ''} at once ({each} each): {where}")
+    return Capacity(trials, reason, node_types)
+
+
+def _type_of(node: dict, config: dict, node_types: dict) -> str | None:
+    from platform.cost import autoscaler_status
+
+    labels = node.get("Labels") or {}
+    for value in labels.values():
+        if value in node_types:
+            return value
+    if "node:__internal_head__" in node["Resources"]:
+        return config.get("head_node_type")
+    mapping = autoscaler_status().get("autoscaler_report", {}).get("node_type_mapping") or {}
+    return mapping.get(node["NodeManagerAddress"]) or mapping.get(node["NodeID"])
+
+
+def workers_per_node(resources: dict, worker: dict) -> int:
+    """How many workers of ``worker``'s resources fit on a node of ``resources``."""
+    fits = [math.floor(resources.get(name, 0) / need + 1e-9) for name, need in worker.items() if need > 0]
+    return max(0, min(fits, default=0))
+
+
+def describe_resources(resources: dict) -> str:
+    shown = [f"{resources[k]:g} {k}{'s' if resources[k] != 1 else ''}" for k in ("GPU", "CPU") if resources.get(k)]
+    return ", ".join(shown) or "no CPU or GPU"
 
 
 if __name__ == "__main__":  # ``python -m platform.cluster cluster.yaml``: a cluster file checked offline

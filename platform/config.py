@@ -16,7 +16,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -220,6 +220,13 @@ class MlflowConfig:
 
 
 @dataclass
+class CostConfig:
+    # USD per node-hour by node type (cost.hourly.gpu_spot=0.45): a sweep's estimated cost. A type
+    # without one is priced by its instance type and market (platform/cost.py: LIST_PRICES).
+    hourly: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class RayConfig:
     address: str = ""  # default: $RAY_ADDRESS, a running local Ray, or a new local Ray
 
@@ -232,6 +239,7 @@ CORE_SECTIONS = {
     "plots": PlotsConfig,
     "mlflow": MlflowConfig,
     "ray": RayConfig,
+    "cost": CostConfig,
 }
 
 _SCHEMAS: dict[str, type] = {}
@@ -270,7 +278,10 @@ def _field_type(f: dataclasses.Field):
 
 def is_value_key(schema: type, key: str) -> bool:
     keys = _known_keys(schema)
-    return key in keys and not dataclasses.is_dataclass(_field_type(keys[key]))
+    if key in keys:
+        return not dataclasses.is_dataclass(_field_type(keys[key]))
+    mapping, _, name = key.rpartition(".")  # an entry of a mapping (cost.hourly.gpu_spot)
+    return bool(name) and mapping in keys and keys[mapping].default_factory is dict
 
 
 def check_key(schema: type, key: str) -> None:
@@ -295,6 +306,11 @@ def _validate(node: DictConfig, prefix: str = "") -> None:
         key, value = prefix + f.name, node[f.name]
         if isinstance(value, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(value)):
             _validate(value, key + ".")
+            continue
+        if isinstance(value, DictConfig):  # a mapping of numbers (cost.hourly): each finite and not negative
+            for name, number in value.items():
+                if isinstance(number, float) and not 0 <= number < math.inf:
+                    raise ConfigError(f"{key}.{name}={number} is out of range; expected a finite number >= 0")
             continue
         if isinstance(value, float) and value != value:
             raise ConfigError(f"{key}={value} is not a number")

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from platform import config as config_lib
-from platform import explain, preemption, pretrained, registry, tracking
+from platform import cost, explain, preemption, pretrained, registry, tracking
 from platform.data import batches as batches_lib
 
 STATE_FILE = "state.pt"
@@ -104,6 +104,7 @@ class Run:
     train_batches: batches_lib.Batches
     val_batches: batches_lib.Batches
     logger: tracking.EpochLogger | None  # rank 0's record of the run; None on the other ranks
+    meter: cost.Meter | None  # rank 0's count of the node time the run's workers hold
     check_every: int  # steps between preemption checks; 0: none
     deadline: float | None  # an in-process trial's tune.trial_timeout_s, as a wall-clock time
     started_at: float | None  # when the run began (the driver's clock), for time/to_first_step_s
@@ -180,9 +181,10 @@ def setup(loop_config: dict, session: Session) -> Run:
         run_id = loop_config.get("mlflow_run_id")
         client = tracking.MlflowClient(loop_config["tracking_uri"]) if run_id else None
         logger = tracking.EpochLogger(cfg.task, cfg.train.epochs, client, run_id, cfg.mlflow.outage_limit_s)
-    where = all_gathered((ray.get_runtime_context().get_node_id(), os.getpid()), session.world_size)
-    if logger:
-        logger.placement(where)
+    gpus = cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0.0
+    where = all_gathered((ray.get_runtime_context().get_node_id(), os.getpid(), cost.node_type_here(),
+                          cost.share_of_node(cfg.scaling.cpus_per_worker, gpus), gpus), session.world_size)
+    meter = logger.placement(where, loop_config.get("started_at")) if logger else None
 
     checkpoint = session.get_checkpoint()
     model = build_model(task, cfg, session, loop_config["tracking_uri"], logger, pretrained_start=not checkpoint)
@@ -200,7 +202,7 @@ def setup(loop_config: dict, session: Session) -> Run:
         scaler=torch.amp.GradScaler(session.device.type, enabled=dtype == torch.float16), dtype=dtype,
         train_batches=worker_batches("train", loop_config, cfg, session),
         val_batches=worker_batches("val", loop_config, cfg, session),
-        logger=logger, check_every=check_every, deadline=loop_config.get("deadline"),
+        logger=logger, meter=meter, check_every=check_every, deadline=loop_config.get("deadline"),
         started_at=loop_config.get("started_at"))
     if checkpoint:
         restore(run, checkpoint)
@@ -447,6 +449,8 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
     if epoch == 0 and run.first_step_at is not None and run.started_at is not None:
         # Start-up: the trainer built on the driver -> workers, data pipeline, model -> first batch.
         metrics["time/to_first_step_s"] = run.first_step_at - run.started_at
+    if run.meter:
+        metrics.update(run.meter.metrics())
     improved = is_better(metrics[f"val/{objective}"], run.best, run.task.mode)
     if improved:
         run.best, run.best_epoch, run.best_metrics = metrics[f"val/{objective}"], epoch + 1, dict(validated.metrics)

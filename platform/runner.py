@@ -51,9 +51,17 @@ def put_in_memory(cfg, shards: dict) -> dict:
     """
     import ray
 
-    limit = cfg.data.in_memory_mb * 2**20
     return {split: ray.put(shards_lib.in_memory(s)) for split, s in training_splits(shards).items()
-            if sum(f["bytes"] for f in s.manifest["files"]) <= limit}
+            if fits_in_memory(cfg, s)}
+
+
+def fits_in_memory(cfg, split) -> bool:
+    return sum(f["bytes"] for f in split.manifest["files"]) <= cfg.data.in_memory_mb * 2**20
+
+
+def reads_with_ray_data(cfg, shards: dict) -> bool:
+    """Whether a run streams a split through Ray Data (whose read tasks need CPUs of their own)."""
+    return not all(fits_in_memory(cfg, s) for s in training_splits(shards).values())
 
 
 def training_splits(shards: dict) -> dict:

@@ -20,6 +20,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from platform import cost
 from platform.masking import is_secret, redact
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -441,16 +442,22 @@ class EpochLogger:
         self.task, self.epochs, self.run_id = task, epochs, run_id
         self.client = PatientClient(client, outage_limit_s) if client else None
         self.logged = {m.step for m in client.get_metric_history(run_id, "epoch")} if client else set()
+        earlier = client.get_run(run_id).data if client else None  # an earlier attempt's, if any
+        self.earlier_metrics, self.earlier_tags = (earlier.metrics, earlier.tags) if earlier else ({}, {})
         self.epoch_seconds: list[float] = []  # this process's epochs, evaluation and logging included: the ETA
 
     def say(self, line: str) -> None:
         say(f"[{self.task}] {line}")
 
-    def placement(self, where: list[tuple[str, int]]) -> None:
-        """(Ray node id, pid) of each rank: on the MLflow run, to see a run spread over nodes."""
+    def placement(self, where: list[tuple[str, int, str, float, float]], started_at: float | None) -> cost.Meter:
+        """Each rank's (Ray node id, pid, node type, share of its node, GPUs): on the MLflow run, to see
+        a run spread over nodes; and the meter of the node time they hold, going on from earlier attempts'."""
+        types = {w[2] for w in where} | set(filter(None, self.earlier_tags.get(cost.NODE_TYPES_TAG, "").split(",")))
         if self.client:
-            set_tags(self.client, self.run_id, {"platform.worker_nodes": ",".join(n for n, _ in where),
-                                                "platform.worker_pids": ",".join(str(p) for _, p in where)})
+            set_tags(self.client, self.run_id, {"platform.worker_nodes": ",".join(w[0] for w in where),
+                                                "platform.worker_pids": ",".join(str(w[1]) for w in where),
+                                                cost.NODE_TYPES_TAG: ",".join(sorted(types))})
+        return cost.meter([w[2:] for w in where], self.earlier_metrics, started_at)
 
     def epoch(self, epoch: int, metrics: dict[str, float], best: tuple[int, str] | None = None, figures=None) -> None:
         """Epoch ``epoch``'s metrics; ``best``: (its epoch, the weights file) when it is the best so far,

@@ -14,10 +14,10 @@ import signal
 import sys
 import tempfile
 
-from platform import PROJECT_ROOT, cli, cluster, insight, pretrained, provenance, registry, runs, space as space_lib, tracking
+from platform import PROJECT_ROOT, cli, cluster, cost, insight, pretrained, provenance, registry, runs, space as space_lib, tracking
 from platform import config as config_lib
 from platform.runner import (built_data, default_name, log_best_model, log_split_lists, loop_config,
-                             make_trainer, open_run, put_in_memory, storage_path, streamed)
+                             make_trainer, open_run, put_in_memory, reads_with_ray_data, storage_path, streamed)
 
 FAILURE_TAG = tracking.FAILURE_TAG
 
@@ -206,7 +206,8 @@ def sweep_folder(cfg, sweep: str) -> str:
 
 
 def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: str, sweep: str,
-                init_tags: dict | None = None, resume: str | None = None, samples: int | None = None):
+                init_tags: dict | None = None, resume: str | None = None, samples: int | None = None,
+                concurrent: int = 1):
     """A new Tuner of ``samples`` trials (also to go on with a sweep's parent run and study: resume
     "extend" or "restart"), or with ``resume`` "auto" or "force" the named sweep's, restored from
     its state."""
@@ -257,10 +258,7 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
                                   max_t=cfg.train.epochs + 1,
                                   grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
                                   reduction_factor=cfg.tune.reduction_factor)
-    s = cfg.scaling
-    in_process = s.num_workers == 0
-    concurrent = cfg.tune.max_concurrent or cluster.max_concurrent_trials(
-        s.num_workers, s.cpus_per_worker, s.use_gpu, s.gpus_per_worker)
+    in_process = cfg.scaling.num_workers == 0
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
@@ -331,7 +329,7 @@ def _space_change(before: str, after: str) -> str:
 
 
 # What a resumed sweep may change: where and how fast it runs, not what its trials train or measure.
-CHANGEABLE_ON_RESUME = ("ray.", "mlflow.", "tune.resume", "tune.num_samples", "tune.max_concurrent",
+CHANGEABLE_ON_RESUME = ("ray.", "mlflow.", "cost.", "tune.resume", "tune.num_samples", "tune.max_concurrent",
                         "tune.trial_timeout_s", "tune.space", "data.cache_dir", "train.max_failures",
                         "train.max_preemptions", "train.preemption_check_steps", "train.checkpoints_to_keep",
                         "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.placement_strategy")
@@ -445,6 +443,9 @@ def run_sweep(task, cfg, space, source, uri: str, sweep: str, shards: dict, data
               earlier) -> int:
     """The sweep, once every check has passed: its parent run, its trials, its best trial kept."""
     print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
+    cluster.connect(cfg.ray.address)
+    capacity = cluster.trial_capacity(cfg.scaling, cfg.tune.max_concurrent, reads_with_ray_data(cfg, shards))  # a trial no node holds: refused here
+    print(capacity.reason, flush=True)
     # The trials' runs have them too.
     init_tags = {**provenance.source_tags(), **(source.tags() if source else {}), **data_tags}
     client, experiment, parent = open_sweep(cfg, uri, sweep, space, resume, earlier, init_tags)
@@ -457,8 +458,11 @@ def run_sweep(task, cfg, space, source, uri: str, sweep: str, shards: dict, data
                                                  if k not in space.params and k not in logged})
             tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
             log_split_lists(client, parent, shards)
-        results = fit_sweep(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
-                            init_tags=init_tags, resume=resume, client=client)
+        try:
+            results = fit_sweep(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
+                                init_tags=init_tags, resume=resume, client=client, concurrent=capacity.trials)
+        finally:  # what the trials spent, also for a sweep that stops part-way
+            log_sweep_cost(client, experiment, parent, cfg.cost.hourly, capacity.node_types)
         keep_best_trial(cfg, task, space, shards, results, client=client, uri=uri, experiment=experiment,
                         parent=parent, sweep=sweep)
     return 0
@@ -509,7 +513,7 @@ def open_sweep(cfg, uri: str, sweep: str, space, resume: str | None, earlier, in
 
 
 def fit_sweep(cfg, space, shards: dict, *, uri: str, experiment: str, parent: str, sweep: str, init_tags: dict,
-              resume: str | None, client):
+              resume: str | None, client, concurrent: int = 1):
     """Tune's results of the sweep's trials, each trial's MLflow run ended as Tune saw it end."""
     # A SIGTERM (ray job stop, a cluster going down) is a Ctrl+C to Tune: it stops the
     # trials, saves the sweep's state and returns, so the same command resumes it.
@@ -525,7 +529,7 @@ def fit_sweep(cfg, space, shards: dict, *, uri: str, experiment: str, parent: st
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     try:
         results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
-                              init_tags=init_tags, resume=resume, samples=samples).fit()
+                              init_tags=init_tags, resume=resume, samples=samples, concurrent=concurrent).fit()
     except BaseException as error:  # the trials' runs end with the sweep's, never left RUNNING
         end_open_trial_runs(client, experiment, sweep, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
@@ -539,6 +543,19 @@ def fit_sweep(cfg, space, shards: dict, *, uri: str, experiment: str, parent: st
     finish_trial_runs(client, experiment, sweep, results, cfg.train.epochs)
     settle_study(cfg, sweep)
     return results
+
+
+def log_sweep_cost(client, experiment: str, parent: str, hourly: dict, node_types: dict) -> None:
+    """The node-hours, GPU-hours and estimated dollars of every trial under the parent run, on it."""
+    try:
+        trials = [r.data.metrics for r in runs.trial_runs(client, experiment, parent)]
+    except Exception as error:  # noqa: BLE001 - the sweep's own outcome matters more than its bill
+        print(f"the sweep's cost is not summed: {tracking._one_line(error)}", file=sys.stderr)
+        return
+    totals = cost.sweep_totals(trials, hourly, node_types)
+    if any(k.startswith(cost.NODE_HOURS) for k in totals):
+        tracking.log_metrics(client, parent, totals, step=0)
+        print(f"cost: {cost.describe(totals)}", flush=True)
 
 
 def settle_study(cfg, sweep: str) -> None:
