@@ -287,68 +287,72 @@ def _autoscaler_config_on_head(gcs_address: str) -> dict | None:
 
 
 def trial_capacity(scaling, fixed: int = 0, reads_data: bool = True) -> Capacity:
-    """How many trials run at once: ``fixed`` (tune.max_concurrent) if given, else as many as the
-    cluster can hold, counting the nodes its autoscaler can still add. A trial no node could ever
-    hold is refused in one line. ``reads_data``: trials stream a split through Ray Data.
-    """
+    """How many trials of ``scaling`` this Ray runs at once (``capacity_of``), from its autoscaler's
+    node types when it has one, else from the nodes it has."""
     import ray
 
+    config = autoscaler_config()
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if config is None:
+        return capacity_of(scaling, [NodeType(n["NodeID"][:8], n["Resources"], 1, up=1) for n in alive],
+                           None, fixed, reads_data)
+    node_types = node_types_of(config)
+    for node in alive:
+        name = _type_of(node, config, node_types)
+        if name in node_types:
+            node_types[name].up += 1
+    return capacity_of(scaling, list(node_types.values()), config, fixed, reads_data)
+
+
+def capacity_of(scaling, kinds: list[NodeType], config: dict | None, fixed: int = 0,
+                reads_data: bool = True) -> Capacity:
+    """How many trials run at once: ``fixed`` (tune.max_concurrent) if given, else as many as the nodes
+    ``kinds`` can hold, with ``config`` (an autoscaler's) as many as they can grow to. A trial no
+    node could ever hold is refused in one line. ``reads_data``: trials stream a split through Ray Data.
+    """
     from platform.config import ConfigError
 
     workers = processes(scaling.num_workers)
     worker = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
-    config = autoscaler_config()
-    alive = [n for n in ray.nodes() if n["Alive"]]
-    if config is None:
-        node_types = {}
-        kinds = [NodeType(f"node {n['NodeID'][:8]}", n["Resources"], 1, up=1) for n in alive]
-    else:
-        node_types = node_types_of(config)
-        for node in alive:
-            name = _type_of(node, config, node_types)
-            if name in node_types:
-                node_types[name].up += 1
-        kinds = list(node_types.values())
     per_node = {k.name: workers_per_node(k.resources, worker) for k in kinds}
     if not any(per_node.values()):
         biggest = max(kinds, key=lambda k: (k.resources.get("GPU", 0), k.resources.get("CPU", 0)), default=None)
         offer = describe_resources(biggest.resources) if biggest else "nothing"
-        where = "node type of its autoscaler" if config else "node"
+        where = "node type of its autoscaler" if config else "node of the cluster"
         raise ConfigError(f"a trial's worker needs {describe_resources(worker)} (scaling.cpus_per_worker, "
                           f"scaling.gpus_per_worker, scaling.use_gpu) but no {where} has that much (the largest: "
-                          f"{offer}); lower them or add a node type that holds one")
-    # The autoscaler launches at most max_workers worker nodes in all: count the roomiest types first.
+                          f"{offer}); lower them, or use a cluster with such nodes")
+    head = config.get("head_node_type") if config else None
+    # The autoscaler runs at most max_workers worker nodes in all: count the roomiest types first.
     budget = int(config.get("max_workers", 10**9)) if config else 10**9
     slots, parts = 0, []
     for kind in sorted(kinds, key=lambda k: -per_node[k.name]):
-        count = kind.max_nodes if config is None or kind.name == config.get("head_node_type") else min(kind.max_nodes, budget)
-        if config is not None and kind.name != config.get("head_node_type"):
+        count = kind.max_nodes if config is None or kind.name == head else min(kind.max_nodes, budget)
+        if config is not None and kind.name != head:
             budget -= count
         if count and per_node[kind.name]:
             slots += count * per_node[kind.name]
             parts.append((kind, count))
-    # Keep CPUs free for Ray Data's read tasks: Train workers holding every CPU starve the
-    # pipeline that feeds them, and the whole sweep hangs. Splits in the object store need none.
-    total_cpus = sum(k.resources.get("CPU", 0) * n for k, n in parts)
-    spare = reads_data and total_cpus > workers * scaling.cpus_per_worker
+    # Keep a CPU free for Ray Data's read tasks: Train workers holding every CPU starve the pipeline
+    # that feeds them, and the whole sweep hangs. Splits in the object store need none.
+    left = sum(k.resources.get("CPU", 0) * n for k, n in parts) - slots * scaling.cpus_per_worker
+    spare = reads_data and left < DATA_CPUS and slots > workers
     if spare:
-        slots -= math.ceil(DATA_CPUS / scaling.cpus_per_worker)
+        slots -= math.ceil((DATA_CPUS - left) / scaling.cpus_per_worker)
     most = max(1, slots // workers)
     trials = fixed or most
-    each = f"{workers} workers of {describe_resources(worker)} a trial" if workers > 1 else describe_resources(worker)
+    each = f"{workers} workers of {describe_resources(worker)}" if workers > 1 else describe_resources(worker)
     if config is None:
-        cpus = sum(k.resources.get("CPU", 0) for k in kinds)
-        gpus = sum(k.resources.get("GPU", 0) for k in kinds)
-        held = f"{cpus:g} CPUs" + (f", {gpus:g} GPUs" if gpus else "")
-        kept = f"; {DATA_CPUS} CPU kept for Ray Data's reading" if spare else ""
-        where = f"this Ray's {len(kinds)} node{'s' if len(kinds) > 1 else ''} ({held}{kept})"
+        where = ", ".join(f"{describe_resources(k.resources)}" for k, _ in parts)
+        where = f"{len(parts)} node{'s' if len(parts) > 1 else ''} ({where})"
     else:
         where = ", ".join(f"{n} x {k.name} ({describe_resources(k.resources)})" for k, n in parts)
-        up = sum(k.up for k, _ in parts if k.name != config.get("head_node_type"))
+        up = sum(k.up for k, _ in parts if k.name != head)
         where += f"; {up} up now, the autoscaler adds them"
+    where += f"; {DATA_CPUS} CPU kept for Ray Data's reading" if spare else ""
     reason = (f"{trials} trials at once (tune.max_concurrent; the cluster can hold {most})" if fixed
               else f"up to {trials} trial{'s' if trials > 1 else ''} at once ({each} each): {where}")
-    return Capacity(trials, reason, node_types)
+    return Capacity(trials, reason, {k.name: k for k in kinds} if config else {})
 
 
 def _type_of(node: dict, config: dict, node_types: dict) -> str | None:

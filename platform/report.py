@@ -18,7 +18,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from platform import cli, masking, registry, runs, tracking
+from platform import cli, cost, masking, registry, runs, tracking
 from platform import config as config_lib
 
 
@@ -77,6 +77,7 @@ class Row:
     metrics: dict  # the run's other val/* metrics (last epoch)
     params: dict  # what was searched (a sweep) or the main training settings
     data: str
+    cost: str = ""  # what a sweep spent (its parent run's cost/ metrics), "" where not recorded
 
 
 SHOWN_SETTINGS = ("train.epochs", "train.lr", "train.batch_size", "init_from")
@@ -132,9 +133,20 @@ def collect(client, experiment_ids: list[str]) -> tuple[list[Row], list[str]]:
                         test=best.data.metrics.get(f"test/{objective}", math.nan),
                         metrics={k: v for k, v in sorted(best.data.metrics.items())
                                  if k.startswith("val/") and k != f"val/{objective}"},
-                        params=shown, data=data_of(params)))
+                        params=shown, data=data_of(params),
+                        cost=spent(parents[group]) if kind == "sweep" and group in parents else ""))
     rows.sort(key=lambda r: (r.task, r.objective, -r.value if r.mode == "max" else r.value))
     return rows, notes
+
+
+def spent(parent) -> str:
+    """A sweep's cost in a cell: "$1.23 (2.5 GPU-h; 2.5 node-h)", from its parent run's cost metrics."""
+    metrics = parent.data.metrics
+    node_hours = sum(v for k, v in metrics.items() if k.startswith(cost.NODE_HOURS))
+    if not any(k.startswith(cost.NODE_HOURS) for k in metrics):
+        return ""
+    hours = f"{metrics.get(cost.GPU_HOURS, 0):.3g} GPU-h; {node_hours:.3g} node-h"
+    return f"${metrics[cost.DOLLARS]:.2f} ({hours})" if cost.DOLLARS in metrics else hours
 
 
 def sections(rows: list[Row]) -> list[tuple[str, str, list[Row]]]:
@@ -171,7 +183,7 @@ def markdown(rows: list[Row], ui_url: str, store: str, notes: list[str]) -> str:
         better = "higher" if task.mode == "max" else "lower"
         lines += [f"## {task_name}: {objective} ({better} is better)", "",
                   f"| sweep / run | kind | test/{objective} | best val/{objective} | other val metrics (last epoch) "
-                  "| parameters | data | MLflow run |", "|---|---|---|---|---|---|---|---|"]
+                  "| parameters | data | cost | MLflow run |", "|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             kind = f"sweep, {r.runs} trials" if r.kind == "sweep" else r.kind
             others = ", ".join(f"{k[4:]} {_number(v)}" for k, v in list(r.metrics.items())[:4])
@@ -179,7 +191,7 @@ def markdown(rows: list[Row], ui_url: str, store: str, notes: list[str]) -> str:
             link = tracking.ui_link(ui_url, r.experiment_id, r.run_id)
             test = f"**{_number(r.test)}**" if math.isfinite(r.test) else "not scored"
             lines.append(f"| {_cell(r.group)} | {kind} | {test} | {_number(r.value)} | {_cell(others)} "
-                         f"| {_cell(params)} | {_cell(r.data)} | [{r.run_id[:8]}]({link}) |")
+                         f"| {_cell(params)} | {_cell(r.data)} | {_cell(r.cost or '-')} | [{r.run_id[:8]}]({link}) |")
         lines.append("")
         published = references(task_name)
         published = [ref for ref in published if ref.metric == objective] or published

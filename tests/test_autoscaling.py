@@ -179,6 +179,16 @@ def test_a_sweep_scales_out_to_three_nodes_survives_losing_one_and_scales_back_t
 # Trials in their own process: the trial itself needs the worker type's CPU.
 def test_a_sweep_of_trials_in_their_own_process_scales_out_and_back(tmp_path, cluster):
     epochs = 2
+    # A trial that no node type could ever hold: one line, before any run or node starts.
+    refused = run_cli("platform.tune", *args(tmp_path, cluster, "gpus", "scaling.use_gpu=true", "scaling.num_workers=0"),
+                      cwd=str(tmp_path))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-3000:]
+    assert refused.stderr.startswith("error: a trial's worker needs 1 GPU, 1 CPU") and "no node type of its " \
+        "autoscaler has that much (the largest: 1 CPU)" in refused.stderr
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not store.search_runs([e.experiment_id for e in store.search_experiments()])
+    assert not any(nodes(cluster["address"]).values())
+
     result = run_cli("platform.tune", *args(tmp_path, cluster, "inproc", f"train.epochs={epochs}",
                                             "scaling.num_workers=0"), cwd=str(tmp_path))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

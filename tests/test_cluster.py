@@ -202,3 +202,52 @@ def test_the_address_file_of_a_dead_local_ray_is_ignored(tmp_path, monkeypatch):
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # nothing listens on port 1
     assert cluster.target_address("") is None
+
+
+# What decides a sweep's concurrency on cluster.yaml's cluster: the nodes its autoscaler may add, not
+# the none that are up when the sweep starts; the roomiest types first, within its max_workers.
+def test_a_sweep_on_cluster_yaml_asks_for_as_many_trials_as_the_cluster_can_grow_to_hold():
+    import yaml
+
+    from platform import cluster, config
+
+    spec = yaml.safe_load(open(os.path.join(ROOT, "cluster.yaml")))
+    types = lambda: list(cluster.node_types_of(spec).values())  # noqa: E731
+    assert spec["max_workers"] == 16 and {t.name: t.max_nodes for t in types()} == {
+        "head": 1, "gpu_spot": 16, "gpu_spot_large": 4}
+
+    one_gpu = config.build("mae", [{"scaling.use_gpu": True, "scaling.num_workers": 0}]).scaling
+    capacity = cluster.capacity_of(one_gpu, types(), spec)
+    assert capacity.trials == 4 * 4 + 12 * 1  # 4 g5.12xlarge (4 GPUs each), then 12 g5.2xlarge of the 16 nodes
+    assert capacity.reason == ("up to 28 trials at once (1 GPU, 1 CPU each): 4 x gpu_spot_large (4 GPUs, 48 CPUs), "
+                               "12 x gpu_spot (1 GPU, 8 CPUs); 0 up now, the autoscaler adds them")
+    ddp = config.build("mae", [{"scaling.use_gpu": True, "scaling.num_workers": 4}]).scaling
+    assert cluster.capacity_of(ddp, types(), spec).trials == 7
+    assert cluster.capacity_of(one_gpu, types(), spec, fixed=3).reason.startswith("3 trials at once (tune.max_concurrent")
+
+    too_big = config.build("mae", [{"scaling.use_gpu": True, "scaling.gpus_per_worker": 8}]).scaling
+    with pytest.raises(config.ConfigError, match=r"needs 8 GPUs, 1 CPU .* no node type of its autoscaler has that "
+                                                 r"much \(the largest: 4 GPUs, 48 CPUs\)"):
+        cluster.capacity_of(too_big, types(), spec)
+
+    # A laptop: both its CPUs train when the splits sit in the object store; one is kept for Ray Data's
+    # read tasks when a split streams.
+    laptop = [cluster.NodeType("local", {"CPU": 2}, 1, up=1)]
+    one_cpu = config.build("mae", []).scaling
+    assert cluster.capacity_of(one_cpu, laptop, None, reads_data=False).reason == \
+        "up to 2 trials at once (1 CPU each): 1 node (2 CPUs)"
+    assert cluster.capacity_of(one_cpu, laptop, None, reads_data=True).trials == 1
+
+
+def test_a_sweeps_cost_sums_its_trials_node_time_at_cost_hourly_or_list_prices():
+    from platform import cluster, cost
+
+    spot = cluster.NodeType("gpu_spot", {"CPU": 8, "GPU": 1}, 16, instance="g5.2xlarge", spot=True)
+    trials = [{"cost/node_seconds/gpu_spot": 1800.0, "cost/gpu_seconds": 1800.0},
+              {"cost/node_seconds/gpu_spot": 3600.0, "cost/node_seconds/head": 36.0, "cost/gpu_seconds": 3600.0}]
+    totals = cost.sweep_totals(trials, {"head": 0.4}, {"gpu_spot": spot})
+    assert totals["cost/node_hours/gpu_spot"] == 1.5 and totals["cost/gpu_hours"] == 1.5
+    assert totals["cost/usd"] == pytest.approx(1.5 * cost.LIST_PRICES[("g5.2xlarge", "spot")] + 0.01 * 0.4)
+    assert cost.sweep_totals(trials, {"gpu_spot": 1.0, "head": 0.0})["cost/usd"] == 1.5
+    unpriced = cost.sweep_totals(trials, {})  # head has no price: node-hours, no dollars
+    assert "cost/usd" not in unpriced and "no estimate in dollars" in cost.describe(unpriced)
