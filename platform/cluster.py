@@ -108,6 +108,9 @@ def _on_this_machine(address: str) -> bool:
         return False
 
 
+_started_here = False  # this process started the local Ray it uses: no autoscaler to ask
+
+
 def connect(address: str = "") -> None:
     """``ray.init`` once: the given address, $RAY_ADDRESS or a running local Ray, else a new local one."""
     import ray
@@ -119,6 +122,8 @@ def connect(address: str = "") -> None:
     keep_run_lines()
     existing = target_address(address)
     if existing is None:
+        global _started_here
+        _started_here = True
         _stay_on_loopback()
         os.environ["PYTHONPATH"] = runtime_env()["env_vars"]["PYTHONPATH"]
         ray.init(
@@ -259,6 +264,8 @@ def autoscaler_config() -> dict | None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if _started_here:
+        return None
     head = next((n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]), None)
     if head is None:
         return None
@@ -268,6 +275,25 @@ def autoscaler_config() -> dict | None:
                      timeout=120)
     provider = ((config or {}).get("provider") or {}).get("type")
     return config if provider and provider not in ("readonly", "local") else None
+
+
+def _published_node_groups(alive: list[dict]) -> dict | None:
+    """Ray's autoscaler state API: the node groups an autoscaler v2 (KubeRay's) publishes to the GCS,
+    in a cluster file's shape; None where none are published."""
+    from ray._private.state import state
+
+    try:
+        published = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - an older GCS without it
+        return None
+    if published is None or not published.node_group_configs:
+        return None
+    types = {g.name: {"resources": dict(g.resources), "max_workers": g.max_count if g.max_count >= 0 else 10**6}
+             for g in published.node_group_configs}
+    head = next((n for n in alive if "node:__internal_head__" in n["Resources"]), None)
+    if head is not None:
+        types.setdefault("head", {"resources": head["Resources"], "max_workers": 0})
+    return {"provider": {"type": "published"}, "head_node_type": "head", "available_node_types": types}
 
 
 def _autoscaler_config_on_head(gcs_address: str) -> dict | None:
@@ -291,8 +317,8 @@ def trial_capacity(scaling, fixed: int = 0, reads_data: bool = True) -> Capacity
     node types when it has one, else from the nodes it has."""
     import ray
 
-    config = autoscaler_config()
     alive = [n for n in ray.nodes() if n["Alive"]]
+    config = autoscaler_config() or _published_node_groups(alive)
     if config is None:
         return capacity_of(scaling, [NodeType(n["NodeID"][:8], n["Resources"], 1, up=1) for n in alive],
                            None, fixed, reads_data)

@@ -51,26 +51,35 @@ def metric_name(node_type: str) -> str:
 
 # --- on a worker --------------------------------------------------------------------------------
 
-def node_type_here() -> str:
-    """The autoscaler's node type of the node this process runs on; "head" or "local" where there is none."""
+def where_this_runs(cpus: float, gpus: float) -> tuple[str, float]:
+    """(node type, the share of the node ``cpus`` and ``gpus`` hold) for this process's node; the share
+    is the larger of the two."""
     import ray
     import ray._raylet
 
-    named = os.environ.get(ray._raylet.NODE_TYPE_NAME_ENV, "")  # the autoscaler's providers set it on workers
-    if named:
-        return named
-    context = ray.get_runtime_context()
-    node_id = context.get_node_id()
-    me = next((n for n in ray.nodes() if n["NodeID"] == node_id), {})
-    labels = me.get("Labels") or {}
-    if labels.get(ray._raylet.RAY_NODE_GROUP_KEY):
+    node_id = ray.get_runtime_context().get_node_id()
+    me = next((n for n in ray.nodes() if n["NodeID"] == node_id), {"NodeID": node_id})
+    # The autoscaler's providers name a worker's type in its environment (not always as a label).
+    node_type = os.environ.get(ray._raylet.NODE_TYPE_NAME_ENV) or node_type_of(me)
+    total = me.get("Resources") or {}
+    shares = [cpus / total["CPU"]] if total.get("CPU") else []
+    shares += [gpus / total["GPU"]] if gpus and total.get("GPU") else []
+    return node_type, min(1.0, max(shares, default=1.0))
+
+
+def node_type_of(node: dict) -> str:
+    """The autoscaler's node type of a node (an entry of ``ray.nodes()``); "head" or "local" where none says."""
+    import ray._raylet
+
+    labels = node.get("Labels") or {}
+    if labels.get(ray._raylet.RAY_NODE_GROUP_KEY):  # KubeRay's and autoscaler v2's nodes
         return labels[ray._raylet.RAY_NODE_GROUP_KEY]
     # Ray's own autoscaler (``ray up``) tells its node types by address in the status it publishes.
     mapping = autoscaler_status().get("autoscaler_report", {}).get("node_type_mapping") or {}
-    for key in (me.get("NodeManagerAddress"), node_id):
+    for key in (node.get("NodeManagerAddress"), node.get("NodeID")):
         if key in mapping:
             return mapping[key]
-    return "head" if "node:__internal_head__" in (me.get("Resources") or {}) else "local"
+    return "head" if "node:__internal_head__" in (node.get("Resources") or {}) else "local"
 
 
 def autoscaler_status() -> dict:
@@ -81,22 +90,11 @@ def autoscaler_status() -> dict:
 
     if not _internal_kv_initialized():
         return {}
-    raw = _internal_kv_get("__autoscaling_status")  # ray.ray_constants.DEBUG_AUTOSCALING_STATUS
+    raw = _internal_kv_get("__autoscaling_status")  # ray_constants.DEBUG_AUTOSCALING_STATUS
     try:
         return json.loads(raw) if raw else {}
     except ValueError:
         return {}
-
-
-def share_of_node(cpus: float, gpus: float) -> float:
-    """The share of this node that ``cpus`` and ``gpus`` hold: the larger of the two."""
-    import ray
-
-    node_id = ray.get_runtime_context().get_node_id()
-    total = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id), {})
-    shares = [cpus / total["CPU"]] if total.get("CPU") else []
-    shares += [gpus / total["GPU"]] if gpus and total.get("GPU") else []
-    return min(1.0, max(shares, default=1.0))
 
 
 @dataclass

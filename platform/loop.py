@@ -182,8 +182,8 @@ def setup(loop_config: dict, session: Session) -> Run:
         client = tracking.MlflowClient(loop_config["tracking_uri"]) if run_id else None
         logger = tracking.EpochLogger(cfg.task, cfg.train.epochs, client, run_id, cfg.mlflow.outage_limit_s)
     gpus = cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0.0
-    where = all_gathered((ray.get_runtime_context().get_node_id(), os.getpid(), cost.node_type_here(),
-                          cost.share_of_node(cfg.scaling.cpus_per_worker, gpus), gpus), session.world_size)
+    where = all_gathered((ray.get_runtime_context().get_node_id(), os.getpid(),
+                          *cost.where_this_runs(cfg.scaling.cpus_per_worker, gpus), gpus), session.world_size)
     meter = logger.placement(where, loop_config.get("started_at")) if logger else None
 
     checkpoint = session.get_checkpoint()

@@ -56,7 +56,9 @@ def cluster():
         json.dump(autoscaling_config(port), f)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
            "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-           "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "5"}  # a lost node is replaced after 5 s, not 30
+           # A lost node is found dead in 2 s, not 15, and replaced after 5 s without heartbeats, not 30.
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "2",
+           "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "5"}
     head = start_head(folder, env, num_cpus=0, log=os.path.join(folder, "head.log"), port=port,
                       extra_args=('--resources={"trial_driver": 1000}', f"--autoscaling-config={config}"))
     yield {"address": head["address"], "folder": folder}
