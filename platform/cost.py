@@ -68,18 +68,19 @@ def where_this_runs(cpus: float, gpus: float) -> tuple[str, float]:
 
 
 def node_type_of(node: dict) -> str:
-    """The autoscaler's node type of a node (an entry of ``ray.nodes()``); "head" or "local" where none says."""
+    """The autoscaler's node type of a node (an entry of ``ray.nodes()``); "head" or "worker" where none says."""
     import ray._raylet
 
     labels = node.get("Labels") or {}
     if labels.get(ray._raylet.RAY_NODE_GROUP_KEY):  # KubeRay's and autoscaler v2's nodes
         return labels[ray._raylet.RAY_NODE_GROUP_KEY]
     # Ray's own autoscaler (``ray up``) tells its node types by address in the status it publishes.
+    # Without an autoscaler (a laptop, a fixed cluster) its monitor names each node "node_<id>": no type.
     mapping = autoscaler_status().get("autoscaler_report", {}).get("node_type_mapping") or {}
     for key in (node.get("NodeManagerAddress"), node.get("NodeID")):
-        if key in mapping:
+        if key in mapping and mapping[key] != f"node_{node.get('NodeID')}":
             return mapping[key]
-    return "head" if "node:__internal_head__" in (node.get("Resources") or {}) else "local"
+    return "head" if "node:__internal_head__" in (node.get("Resources") or {}) else "worker"
 
 
 def autoscaler_status() -> dict:
