@@ -16,7 +16,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from platform import PROJECT_ROOT
+from platform import PROJECT_ROOT, cost
 
 # A tiny custom resource that places the Tune trial functions (Ray Train's drivers) on
 # nodes that advertise it: the head node here and in cluster.yaml, never a spot worker.
@@ -247,9 +247,7 @@ def node_types_of(config: dict) -> dict[str, NodeType]:
         spot = ((node_config.get("InstanceMarketOptions") or {}).get("MarketType") == "spot"
                 or bool((node_config.get("scheduling") or {}).get("preemptible"))
                 or (node_config.get("azure_arm_parameters") or {}).get("priority") == "Spot")
-        from platform.cost import INSTANCE_RESOURCES
-
-        resources = {**INSTANCE_RESOURCES.get(instance, {}), **(spec.get("resources") or {})}
+        resources = {**cost.INSTANCE_RESOURCES.get(instance, {}), **(spec.get("resources") or {})}
         types[name] = NodeType(name, resources, 1 if name == head else int(spec.get("max_workers", 0)),
                                instance=instance, spot=spot)
     return types
@@ -324,7 +322,7 @@ def trial_capacity(scaling, fixed: int = 0, reads_data: bool = True) -> Capacity
                            None, fixed, reads_data)
     node_types = node_types_of(config)
     for node in alive:
-        name = _type_of(node, config, node_types)
+        name = _type_of(node, config)
         if name in node_types:
             node_types[name].up += 1
     return capacity_of(scaling, list(node_types.values()), config, fixed, reads_data)
@@ -381,17 +379,8 @@ def capacity_of(scaling, kinds: list[NodeType], config: dict | None, fixed: int 
     return Capacity(trials, reason, {k.name: k for k in kinds} if config else {})
 
 
-def _type_of(node: dict, config: dict, node_types: dict) -> str | None:
-    from platform.cost import autoscaler_status
-
-    labels = node.get("Labels") or {}
-    for value in labels.values():
-        if value in node_types:
-            return value
-    if "node:__internal_head__" in node["Resources"]:
-        return config.get("head_node_type")
-    mapping = autoscaler_status().get("autoscaler_report", {}).get("node_type_mapping") or {}
-    return mapping.get(node["NodeManagerAddress"]) or mapping.get(node["NodeID"])
+def _type_of(node: dict, config: dict) -> str:
+    return config.get("head_node_type") if "node:__internal_head__" in node["Resources"] else cost.node_type_of(node)
 
 
 def workers_per_node(resources: dict, worker: dict) -> int:

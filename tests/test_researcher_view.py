@@ -323,8 +323,10 @@ def test_the_report_holds_the_best_run_of_each_sweep_beside_the_published_number
         assert cells[2] == f"**{parent.data.metrics[f'test/{metric}']:.4g}**"
         assert cells[3] == f"{parent.data.metrics[f'best/{metric}']:.4g}"
         assert "simulated (model_ii), 48 train / 48 val / 48 test images" == cells[6]
-        # What the sweep spent: its trials' node time, on the parent run (no price for this head's node type).
-        node_hours = sum(v for k, v in parent.data.metrics.items() if k.startswith("cost/node_hours/"))
+        # What the sweep spent: its trials' node time, on the parent run; a head without an autoscaler has
+        # no node type but "head", and no price.
+        assert [k for k in parent.data.metrics if k.startswith("cost/node_hours/")] == ["cost/node_hours/head"]
+        node_hours = parent.data.metrics["cost/node_hours/head"]
         assert node_hours > 0 and cells[7] == f"{parent.data.metrics['cost/gpu_hours']:.3g} GPU-h; {node_hours:.3g} node-h"
         assert cells[8] == f"[{best[:8]}](http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{best}?workflowType=machine_learning)"
         assert f"## {task}: {metric} ({'higher' if metric == 'auc_macro' else 'lower'} is better)" in text
