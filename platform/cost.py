@@ -8,8 +8,9 @@ an attempt after a lost node adds to what the earlier attempts logged. At the en
 parent run gets the sums over its trials (``sweep_totals``): node-hours by type, GPU-hours, and
 an estimate in dollars where every type has a price.
 
-Not counted: the head node (it runs whether or not a sweep does) and the time a worker node sits
-idle before the autoscaler removes it (``idle_timeout_minutes`` of cluster.yaml).
+Not counted: a Ray Train trial's driver (on the head, holding no CPU or GPU; the head runs whether
+or not a sweep does) and the time a worker node sits idle before the autoscaler removes it
+(``idle_timeout_minutes`` of cluster.yaml). Workers that train on the head count as type "head".
 """
 
 from __future__ import annotations
