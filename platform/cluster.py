@@ -321,8 +321,9 @@ def trial_capacity(scaling, fixed: int = 0, reads_data: bool = True) -> Capacity
         return capacity_of(scaling, [NodeType(n["NodeID"][:8], n["Resources"], 1, up=1) for n in alive],
                            None, fixed, reads_data)
     node_types = node_types_of(config)
+    mapping = cost.node_type_mapping()
     for node in alive:
-        name = _type_of(node, config)
+        name = _type_of(node, config, mapping)
         if name in node_types:
             node_types[name].up += 1
     return capacity_of(scaling, list(node_types.values()), config, fixed, reads_data)
@@ -379,8 +380,10 @@ def capacity_of(scaling, kinds: list[NodeType], config: dict | None, fixed: int 
     return Capacity(trials, reason, {k.name: k for k in kinds} if config else {})
 
 
-def _type_of(node: dict, config: dict) -> str:
-    return config.get("head_node_type") if "node:__internal_head__" in node["Resources"] else cost.node_type_of(node)
+def _type_of(node: dict, config: dict, mapping: dict) -> str:
+    if "node:__internal_head__" in node["Resources"]:
+        return config.get("head_node_type")
+    return cost.node_type_of(node, mapping)
 
 
 def workers_per_node(resources: dict, worker: dict) -> int:

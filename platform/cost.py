@@ -68,24 +68,25 @@ def where_this_runs(cpus: float, gpus: float) -> tuple[str, float]:
     return node_type, min(1.0, max(shares, default=1.0))
 
 
-def node_type_of(node: dict) -> str:
-    """The autoscaler's node type of a node (an entry of ``ray.nodes()``); "head" or "worker" where none says."""
+def node_type_of(node: dict, mapping: dict | None = None) -> str:
+    """The autoscaler's node type of a node (an entry of ``ray.nodes()``); "head" or "worker" where none
+    says. ``mapping``: ``node_type_mapping()``, read once by a caller that asks about many nodes."""
     import ray._raylet
 
     labels = node.get("Labels") or {}
     if labels.get(ray._raylet.RAY_NODE_GROUP_KEY):  # KubeRay's and autoscaler v2's nodes
         return labels[ray._raylet.RAY_NODE_GROUP_KEY]
-    # Ray's own autoscaler (``ray up``) tells its node types by address in the status it publishes.
     # Without an autoscaler (a laptop, a fixed cluster) its monitor names each node "node_<id>": no type.
-    mapping = autoscaler_status().get("autoscaler_report", {}).get("node_type_mapping") or {}
+    mapping = node_type_mapping() if mapping is None else mapping
     for key in (node.get("NodeManagerAddress"), node.get("NodeID")):
         if key in mapping and mapping[key] != f"node_{node.get('NodeID')}":
             return mapping[key]
     return "head" if "node:__internal_head__" in (node.get("Resources") or {}) else "worker"
 
 
-def autoscaler_status() -> dict:
-    """The status Ray's autoscaler publishes (what `ray status` prints), or {} without one."""
+def node_type_mapping() -> dict:
+    """{node address: node type}: how Ray's own autoscaler (``ray up``) names its nodes' types, in the
+    status it publishes (what `ray status` prints); {} without one."""
     import json
 
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
@@ -94,9 +95,10 @@ def autoscaler_status() -> dict:
         return {}
     raw = _internal_kv_get("__autoscaling_status")  # ray_constants.DEBUG_AUTOSCALING_STATUS
     try:
-        return json.loads(raw) if raw else {}
+        status = json.loads(raw) if raw else {}
     except ValueError:
         return {}
+    return status.get("autoscaler_report", {}).get("node_type_mapping") or {}
 
 
 @dataclass
