@@ -153,35 +153,71 @@ def keep_run_lines() -> None:
         deduplicator.allow_re = re.compile(RUN_LINE)
 
 
-def check_fits(scaling, address: str = "") -> None:
+def check_fits(scaling, address: str = "", reads_data: bool = False) -> None:
     """Refuse, before any work, a run that the local Ray this command would start can never place.
 
     A running cluster is trusted instead: its autoscaler may add the nodes a trial waits for.
+    ``reads_data``: the run streams a split through Ray Data, whose read tasks need a CPU of their own.
     """
-    from platform.config import ConfigError
+    from platform.config import AUTO, ConfigError
 
     if target_address(address) is not None:
         return
     from ray._private.utils import get_num_cpus
 
     cpus = get_num_cpus()
-    workers = processes(scaling.num_workers)
-    need = workers * scaling.cpus_per_worker
-    if need + DATA_CPUS > cpus:
-        fix = (f"lower them (e.g. scaling.cpus_per_worker={(cpus - DATA_CPUS) / workers:g})"
-               if cpus > DATA_CPUS else "use a machine with more CPUs")
+    workers = processes(scaling)
+    data = DATA_CPUS if reads_data else 0
+    need = workers * (1 if scaling.cpus_per_worker == AUTO else scaling.cpus_per_worker)
+    if need + data > cpus:
+        fix = (f"lower them (e.g. scaling.cpus_per_worker={(cpus - data) / workers:g})"
+               if cpus > data else "use a machine with more CPUs")
+        per_worker = "auto (at least 1)" if scaling.cpus_per_worker == AUTO else f"{scaling.cpus_per_worker:g}"
         raise ConfigError(
-            f"scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker={scaling.cpus_per_worker:g} "
-            f"needs {need:g} CPUs plus {DATA_CPUS} for reading data, but the local Ray has {cpus}; {fix} "
-            f"or set ray.address")
+            f"scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker={per_worker} "
+            f"needs {need:g} CPUs{f' plus {data} for reading data' if data else ''}, but the local Ray has {cpus}; "
+            f"{fix} or set ray.address")
     if scaling.use_gpu:
-        import torch
-
-        gpus = torch.cuda.device_count()
+        gpus = local_gpus()
         if workers * scaling.gpus_per_worker > gpus:
             raise ConfigError(
                 f"scaling.use_gpu=true needs {workers * scaling.gpus_per_worker:g} GPUs but this machine "
                 f"has {gpus}; set scaling.use_gpu=false or ray.address of a cluster with GPUs")
+
+
+def local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def settle_scaling(scaling, address: str, runs: int, reads_data: bool) -> dict:
+    """The numbers ``auto`` stands for in ``scaling``, as a config layer (logged like any setting).
+
+    ``num_workers=auto``: 0, one worker in the run's own process. ``cpus_per_worker=auto``: on a
+    local Ray of this machine, its CPUs shared by the ``runs`` that train at once (a sweep's trials;
+    a GPU sweep's as many as its GPUs hold), less one for Ray Data when a split streams through it:
+    all of them for one run, whole CPUs for each of several, a fraction only where trials outnumber
+    CPUs. On a cluster, 1: a sweep's trials then spread over every node's CPUs.
+    """
+    from platform.config import AUTO
+
+    layer = {}
+    if scaling.num_workers == AUTO:
+        layer["scaling.num_workers"] = 0
+    if scaling.cpus_per_worker == AUTO:
+        layer["scaling.cpus_per_worker"] = 1.0
+        if target_address(address) is None:
+            from ray._private.utils import get_num_cpus
+
+            cpus = max(1, get_num_cpus() - (DATA_CPUS if reads_data else 0))
+            workers = processes(scaling)
+            runs = min(runs, max(1, cpus // workers))
+            if scaling.use_gpu and local_gpus():
+                runs = max(1, min(runs, math.floor(local_gpus() / (workers * scaling.gpus_per_worker) + 1e-9)))
+            share = cpus / (runs * workers)
+            layer["scaling.cpus_per_worker"] = float(math.floor(share)) if share >= 1 else share
+    return layer
 
 
 def _stay_on_loopback() -> None:
@@ -193,22 +229,29 @@ def _stay_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def processes(num_workers: int) -> int:
-    """Processes that train in one run: ``scaling.num_workers=0`` trains in the run's own process."""
-    return max(num_workers, 1)
+def in_process(scaling) -> bool:
+    """Whether a run trains in its own process (``scaling.num_workers`` 0 or auto), not on Ray Train workers."""
+    from platform.config import AUTO
+
+    return scaling.num_workers in (0, AUTO)
+
+
+def processes(scaling) -> int:
+    """Processes that train in one run: one that trains in its own process counts as one."""
+    return 1 if in_process(scaling) else scaling.num_workers
 
 
 def trial_resources(scaling) -> dict:
     """What one Tune trial function asks for.
 
-    A Ray Train driver (``scaling.num_workers`` >= 1): no CPU, on a safe node. Where no node
+    A Ray Train driver (``scaling.num_workers`` a number >= 1): no CPU, on a safe node. Where no node
     advertises ``trial_driver``, a memory-only bundle: even 0.01 CPU would leave the last CPU
     fractional, and Ray Data's read tasks (a whole CPU each) would never be scheduled.
-    A trial that trains in its own process (``scaling.num_workers=0``): one worker's resources.
+    A trial that trains in its own process (``scaling.num_workers`` auto or 0): one worker's resources.
     """
     import ray
 
-    if scaling.num_workers == 0:
+    if in_process(scaling):
         return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) > 0:
         return {TRIAL_DRIVER_RESOURCE: 1}
@@ -337,7 +380,7 @@ def capacity_of(scaling, kinds: list[NodeType], config: dict | None, fixed: int 
     """
     from platform.config import ConfigError
 
-    workers = processes(scaling.num_workers)
+    workers = processes(scaling)
     worker = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     per_node = {k.name: workers_per_node(k.resources, worker) for k in kinds}
     if not any(per_node.values()):

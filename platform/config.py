@@ -16,7 +16,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -90,11 +90,15 @@ def choice(default, options, **kw):
     return field(default=default, metadata={"choices": tuple(options)}, **kw)
 
 
-def bounded(default, low=None, high=None, *, low_open=False, high_open=False):
+def bounded(default, low=None, high=None, *, low_open=False, high_open=False, auto=False):
+    """A number within a range; ``auto=True``: or the word ``auto`` (the platform chooses the number)."""
     return field(
         default=default,
-        metadata={"range": (low, high, low_open, high_open)},
+        metadata={"range": (low, high, low_open, high_open), "auto": auto},
     )
+
+
+AUTO = "auto"
 
 
 # Seeds reach numpy and Optuna, which take 0 to 2**32 - 1; a run adds trial and epoch counts to its seed.
@@ -162,11 +166,14 @@ class TrainConfig:
 
 @dataclass
 class ScalingConfig:
-    # 0: no worker processes: the run trains in its own process (Ray Train's local mode) and a
-    # sweep's trial processes are reused from trial to trial; the fast way to sweep small models.
-    num_workers: int = bounded(1, 0)
+    # auto: one worker that trains in the run's own process (a sweep reuses its trial processes from
+    # trial to trial: seconds between trials, not half a minute). A number, even 1: Ray Train
+    # workers (DDP over GPUs and nodes, a lost worker restarted); 0: the run's own process.
+    num_workers: Union[int, str] = bounded(AUTO, 0, auto=True)
     use_gpu: bool = False
-    cpus_per_worker: float = bounded(1.0, 0.0, None, low_open=True)
+    # auto: on a machine of its own (a local Ray) a run gets all its CPUs, a sweep's trials share
+    # them (each at least one); on a cluster 1. A worker trains with as many threads as CPUs.
+    cpus_per_worker: Union[int, float, str] = bounded(AUTO, 0.0, None, low_open=True, auto=True)
     gpus_per_worker: float = bounded(1.0, 0.0, None, low_open=True)
     # How a run's workers sit on nodes (Ray placement groups): PACK fills a node first (fast
     # NCCL within a machine); SPREAD puts them on different nodes when it can.
@@ -322,6 +329,12 @@ def _validate(node: DictConfig, prefix: str = "") -> None:
         if "choices" in f.metadata and value not in f.metadata["choices"]:
             options = "|".join(str(o) for o in f.metadata["choices"])
             raise ConfigError(f"{key}={shown(value)} is not allowed; expected one of {options}")
+        if f.metadata.get("auto") and isinstance(value, str):
+            if value != AUTO:
+                low = f.metadata["range"][0]
+                raise ConfigError(f"{key}={shown(value)} is not allowed; expected auto or a number "
+                                  f"{'>' if f.metadata['range'][2] else '>='} {low:g}")
+            continue
         if "range" in f.metadata and value is not None:
             low, high, low_open, high_open = f.metadata["range"]
             too_low = low is not None and (value <= low if low_open else value < low)
@@ -334,6 +347,10 @@ def _validate(node: DictConfig, prefix: str = "") -> None:
 
 def _one_line(error: Exception, key: str, value: Any) -> ConfigError:
     reason = (str(error).splitlines() or [type(error).__name__])[0].strip()
+    if "type hint 'Union[int, str]'" in reason:  # a count or auto (scaling.num_workers)
+        return ConfigError(f"{key}={shown(value)} is not allowed; expected auto or a whole number")
+    if "type hint 'Union[" in reason:
+        return ConfigError(f"{key}={shown(value)} is not allowed; expected auto or a number")
     return ConfigError(f"{key}={shown(value)}: {reason}")
 
 

@@ -30,6 +30,17 @@ def data_and_settings(task, cfg):
     return splits, cfg
 
 
+def settled(cfg, shards: dict, runs: int = 1):
+    """``cfg`` with the numbers its ``auto`` scaling stands for (``cluster.settle_scaling``) for ``runs``
+    trained at once, checked against the local machine now that it is known whether Ray Data reads."""
+    reads = reads_with_ray_data(cfg, shards)
+    layer = cluster.settle_scaling(cfg.scaling, cfg.ray.address, runs, reads)
+    if layer:
+        cfg = config_lib.build(cfg.task, [config_lib.flatten(config_lib.to_dict(cfg)), layer])
+    cluster.check_fits(cfg.scaling, cfg.ray.address, reads)
+    return cfg
+
+
 def default_name(cfg) -> str:
     return f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -100,7 +111,7 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
                  in_memory: dict | None = None, started_at: float | None = None):
     """A TorchTrainer for one run of ``cfg``: the one code path for a laptop and a GPU cluster.
 
-    ``scaling.num_workers=0``: Ray Train's local mode, the loop in this process. See ``loop_config``
+    ``scaling.num_workers`` auto or 0: Ray Train's local mode, the loop in this process. See ``loop_config``
     for ``in_memory`` and ``started_at``.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -117,7 +128,8 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
         train_loop_per_worker,
         train_loop_config=loop_config(cfg, shards, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri,
                                       in_memory=in_memory, started_at=started_at),
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+        scaling_config=ScalingConfig(num_workers=0 if cluster.in_process(scaling) else scaling.num_workers,
+                                     use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(
             name=name,

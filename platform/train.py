@@ -8,7 +8,7 @@ from __future__ import annotations
 from platform import cli, cluster, pretrained, provenance, registry, tracking
 from platform import config as config_lib
 from platform.runner import (built_data, default_name, log_best_model, log_split_lists, make_trainer, open_run,
-                             put_in_memory)
+                             put_in_memory, settled)
 
 
 def main(argv: list[str]) -> int:
@@ -32,6 +32,7 @@ def main(argv: list[str]) -> int:
         task = registry.task_of(cfg)
         print(pretrained.describe_inherited(inherited, source))
     shards, cfg, data_tags = built_data(task, cfg)
+    cfg = settled(cfg, shards)
     print(config_lib.to_yaml(cfg), flush=True)
 
     name = cfg.train.name or default_name(cfg)

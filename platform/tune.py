@@ -17,7 +17,8 @@ import tempfile
 from platform import PROJECT_ROOT, cli, cluster, cost, insight, pretrained, provenance, registry, runs, space as space_lib, tracking
 from platform import config as config_lib
 from platform.runner import (built_data, default_name, log_best_model, log_split_lists, loop_config,
-                             make_trainer, open_run, put_in_memory, reads_with_ray_data, storage_path, streamed)
+                             make_trainer, open_run, put_in_memory, reads_with_ray_data, settled, storage_path,
+                             streamed)
 
 FAILURE_TAG = tracking.FAILURE_TAG
 
@@ -52,7 +53,7 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
                                          if k not in logged})
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
     tracking.set_tags(client, run_id, {"platform.driver_node": ray.get_runtime_context().get_node_id()})
-    if cfg.scaling.num_workers == 0:
+    if cluster.in_process(cfg.scaling):
         # Trains right here, in the trial's own process, which Tune keeps for the next trial.
         config = loop_config(cfg, shards, mlflow_run_id=run_id, tracking_uri=uri, in_memory=in_memory,
                              started_at=started_at)
@@ -258,7 +259,7 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
                                   max_t=cfg.train.epochs + 1,
                                   grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
                                   reduction_factor=cfg.tune.reduction_factor)
-    in_process = cfg.scaling.num_workers == 0
+    in_process = cluster.in_process(cfg.scaling)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
@@ -402,6 +403,7 @@ def main(argv: list[str]) -> int:
     sweep = cfg.tune.name or default_name(cfg)
     experiment_name = cfg.mlflow.experiment or f"deeplense-{cfg.task}"
     shards, cfg, data_tags = built_data(task, cfg)  # before the resume check: what the data decided is compared too
+    cfg = settled(cfg, shards, min(cfg.tune.num_samples, cfg.tune.max_concurrent or cfg.tune.num_samples))
     resume, earlier = resume_plan(cfg, tracking.MlflowClient(uri) if tracking.store_exists(uri) else None,
                                   experiment_name, sweep, space)
     with driver_lock(cfg, sweep):  # every check passed: this driver's sweep, or a one-line refusal

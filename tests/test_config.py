@@ -89,7 +89,7 @@ def test_shipped_search_spaces_are_valid():
     (["task=mae", "data.source=folder", "data.path=/no/such/folder"], "error: data.path=/no/such/folder does not exist"),
     (["task=mae", "tune.space=bad.yaml"], "error: bad.yaml: train.lr: unknown distribution 'gaussian'"),
     (["task=mae", "epochs"], "error: expected key=value, got 'epochs'"),
-    (["task=mae", "scaling.num_workers=1000"], "error: scaling.num_workers=1000 x scaling.cpus_per_worker=1 needs 1000 CPUs"),
+    (["task=mae", "scaling.num_workers=1000"], "error: scaling.num_workers=1000 x scaling.cpus_per_worker=auto (at least 1) needs 1000 CPUs"),
     (["task=mae", "scaling.use_gpu=true", "scaling.gpus_per_worker=64"], "error: scaling.use_gpu=true needs 64 GPUs"),
     (["task=mae", "mlflow.tracking_uri=ftp://host/x"], "error: mlflow.tracking_uri=ftp://host/x is not an MLflow store"),
     (["task=mae", "ray.address=http://127.0.0.1:8265"], "error: ray.address=http://127.0.0.1:8265 is a dashboard"),
