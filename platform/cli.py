@@ -24,6 +24,8 @@ def run(main, argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
+    # -v: every line the libraries log (platform.console)
+    argv = [("log.level=debug" if a in ("-v", "--verbose") else a) for a in argv]
     from platform import provenance
 
     spec = main.__globals__.get("__spec__")
@@ -108,5 +110,6 @@ def usage() -> str:
         "       python -m platform.predict model=... data.path=FOLDER evaluate.out=predictions.csv\n"
         f"tasks: {', '.join(registry.names())}\n"
         "examples: task=mae train.epochs=5 scaling.num_workers=4 scaling.use_gpu=true tune.num_samples=50\n"
+        "-v (log.level=debug): also every line Ray, MLflow and Optuna log\n"
         "see README.md for every key"
     )

@@ -16,7 +16,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from platform import PROJECT_ROOT, cost
+from platform import PROJECT_ROOT, console, cost
 
 # A tiny custom resource that places the Tune trial functions (Ray Train's drivers) on
 # nodes that advertise it: the head node here and in cluster.yaml, never a spot worker.
@@ -120,6 +120,7 @@ def connect(address: str = "") -> None:
     if ray.is_initialized():
         return
     keep_run_lines()
+    console.drop_worker_lines()
     existing = target_address(address)
     if existing is None:
         global _started_here

@@ -234,6 +234,13 @@ class CostConfig:
 
 
 @dataclass
+class LogConfig:
+    # info: the config, Tune's trial table, a line per epoch, the summary; debug (or -v): also every
+    # line Ray, MLflow and Optuna log (platform/console.py).
+    level: str = choice("info", ["info", "debug"])
+
+
+@dataclass
 class RayConfig:
     address: str = ""  # default: $RAY_ADDRESS, a running local Ray, or a new local Ray
 
@@ -247,6 +254,7 @@ CORE_SECTIONS = {
     "mlflow": MlflowConfig,
     "ray": RayConfig,
     "cost": CostConfig,
+    "log": LogConfig,
 }
 
 _SCHEMAS: dict[str, type] = {}

@@ -336,7 +336,7 @@ def log_views(client, run_id: str, make_model: Callable, task, cfg, rows: dict, 
 def log_best_views(client, run_id: str, task, cfg, model: nn.Module, best_state: dict | None, rows: dict,
                    device: torch.device, threshold: float = 0.5) -> None:
     """The views of a run's best weights over ``rows``, once, at its end; what happened on its console."""
-    from platform import tracking
+    from platform import console, tracking
 
     if not wanted(task, cfg) or best_state is None:
         return
@@ -350,7 +350,7 @@ def log_best_views(client, run_id: str, task, cfg, model: nn.Module, best_state:
     figures, why = log_views(client, run_id, best_model, task, cfg, rows, device, threshold)
     if why:
         tracking.say(f"[{cfg.task}] warning: Grad-CAM / embedding figures failed ({why}); the run goes on")
-    elif figures:
+    elif figures and not console.is_quiet():
         tracking.say(f"[{cfg.task}] {', '.join(figures)} of the best epoch logged in {time.perf_counter() - started:.1f}s")
 
 

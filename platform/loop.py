@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from platform import config as config_lib
-from platform import cluster, cost, explain, preemption, pretrained, registry, tracking
+from platform import cluster, console, cost, explain, preemption, pretrained, registry, tracking
 from platform.data import batches as batches_lib
 
 STATE_FILE = "state.pt"
@@ -172,6 +172,7 @@ def setup(loop_config: dict, session: Session) -> Run:
     """The run on this worker: its model (pretrained or resumed), optimiser, schedule, precision and data."""
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = config_lib.from_dict(loop_config["cfg"])
+    console.quiet(cfg.log.level)
     task = registry.task_of(cfg)
     in_process = cluster.in_process(cfg.scaling)
     if in_process:  # a Ray Train worker gets these threads from its resources; this process trains itself

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from platform import cluster, provenance, runs, tracking
+from platform import cluster, console, provenance, runs, tracking
 from platform import config as config_lib
 from platform.data import shards as shards_lib
 
@@ -114,7 +114,7 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
     ``scaling.num_workers`` auto or 0: Ray Train's local mode, the loop in this process. See ``loop_config``
     for ``in_memory`` and ``started_at``.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from platform.data.batches import EveryEvaluationRow
@@ -138,6 +138,7 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
                                          max_preemption_failures=cfg.train.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             callbacks=list(callbacks),
+            logging_config=LoggingConfig(log_level=console.train_log_level()),
         ),
         datasets=streamed(shards, in_memory),
         dataset_config=EveryEvaluationRow(),

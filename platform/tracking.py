@@ -263,7 +263,9 @@ def log_model(client: MlflowClient, run_id: str, model, cfg, input_example, regi
         )
     if not register_as:
         return None
-    with using_uri(client._tracking_client.tracking_uri):
+    from platform import console
+
+    with using_uri(client._tracking_client.tracking_uri), console.hushed():  # the summary says which version
         return mlflow.register_model(info.model_uri, register_as).version
 
 

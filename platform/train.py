@@ -5,7 +5,7 @@ The same path a sweep takes for each of its trials, without Tune.
 
 from __future__ import annotations
 
-from platform import cli, cluster, pretrained, provenance, registry, tracking
+from platform import cli, cluster, console, pretrained, provenance, registry, tracking
 from platform import config as config_lib
 from platform.runner import (built_data, default_name, log_best_model, log_split_lists, make_trainer, open_run,
                              put_in_memory, settled)
@@ -19,6 +19,7 @@ def main(argv: list[str]) -> int:
     task_name = recorded_task or task_name
     overrides = {**recorded, **overrides}
     cfg = config_lib.build(task_name, [overrides])
+    console.quiet(cfg.log.level)
     task = registry.task_of(cfg)
     cluster.check_fits(cfg.scaling, cfg.ray.address)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)

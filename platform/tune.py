@@ -14,7 +14,7 @@ import signal
 import sys
 import tempfile
 
-from platform import PROJECT_ROOT, cli, cluster, cost, insight, pretrained, provenance, registry, runs, space as space_lib, tracking
+from platform import PROJECT_ROOT, cli, cluster, console, cost, insight, pretrained, provenance, registry, runs, space as space_lib, tracking
 from platform import config as config_lib
 from platform.runner import (built_data, default_name, log_best_model, log_split_lists, loop_config,
                              make_trainer, open_run, put_in_memory, reads_with_ray_data, settled, storage_path,
@@ -34,6 +34,7 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
     started_at = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = config_lib.build(base["task"], [config_lib.flatten(base), sampled])
+    console.quiet(cfg.log.level)
     client = tracking.MlflowClient(uri)
     run_id, earlier = trial_run(client, experiment, sweep, trial_id, parent, {**init_tags, tracking.TASK_TAG: cfg.task})
     if earlier is not None and earlier.info.status == "FINISHED":
@@ -271,6 +272,11 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
         # Tune retries no trial: Ray Train restarts a run's lost workers, and an in-process trial
         # restarts itself (train_in_process), a timeout being final for both.
         run_config=tune.RunConfig(name=sweep, storage_path=storage_path(cfg),
+                                  # Quiet: Tune's table with the task's columns, not a box per trial and result.
+                                  verbose=0 if console.is_quiet() else None,
+                                  callbacks=[console.trial_table(["epoch", metric, f"best/{task.objective(cfg)}"],
+                                                                 list(space.params), metric, task.mode)]
+                                  if console.is_quiet() else [],
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
     )
@@ -330,7 +336,7 @@ def _space_change(before: str, after: str) -> str:
 
 
 # What a resumed sweep may change: where and how fast it runs, not what its trials train or measure.
-CHANGEABLE_ON_RESUME = ("ray.", "mlflow.", "cost.", "tune.resume", "tune.num_samples", "tune.max_concurrent",
+CHANGEABLE_ON_RESUME = ("ray.", "mlflow.", "cost.", "log.", "tune.resume", "tune.num_samples", "tune.max_concurrent",
                         "tune.trial_timeout_s", "tune.space", "data.cache_dir", "train.max_failures",
                         "train.max_preemptions", "train.preemption_check_steps", "train.checkpoints_to_keep",
                         "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.placement_strategy")
@@ -480,6 +486,7 @@ def checked_settings(argv: list[str]):
     space = space_lib.load(overrides.get("tune.space") or space_lib.default_path(task), task.name, overrides)
     fixed = {**space.fixed, **recorded}
     cfg = config_lib.build(task.name, [fixed, overrides])
+    console.quiet(cfg.log.level)
     if cfg.train.compare_random_init:
         raise config_lib.ConfigError("train.compare_random_init=true is for python -m platform.train (a pretrained "
                                      "and a random start side by side), not for sweeps")

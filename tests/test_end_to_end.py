@@ -219,3 +219,44 @@ def test_tune_trials_train_in_one_reused_process(tmp_path):
                               storage=f"sqlite:///{tmp_path / 'ray_results' / 'inproc' / 'optuna.db'}")
     stopped = [c for c in children if c.data.tags.get("platform.stopped_early") == "true"]
     assert [t.state.name for t in study.trials].count("PRUNED") == len(stopped)
+
+
+# What the default sweep may print, line by line (platform/console.py); anything else is noise.
+CONSOLE_KINDS = {
+    "config": r"^(task: \w+|\w+:( .*)?|  +\S.*|search space .*:)$",  # the resolved config, the space
+    "data": r"^simulating \w+ \(seed \d+\): .*img/s\]$",  # the simulator's progress, on a first run
+    "capacity": r"^up to \d+ trials? at once \(.*\): .*$",
+    "trial table": r"^(Trial status: .*|Current time: .*|Logical resource usage: .*|Current best trial: .*|[╭│├╰].*)$",
+    "epoch": r"^(\x1b\[\d+m)?\((run_trial|RayTrainWorker) pid=\d+\)(\x1b\[0m)? \[mae\] epoch \d+/\d+ .* val/loss .*$",
+    "summary": r"^(cost: .*|note: .*|\[mae\] test/loss = .*|\d+ trials \(\d+ failed\)\. Best trial .*|"
+               r"MLflow parent run .*|MLflow UI: .*)$",
+}
+
+
+@pytest.mark.own_ray  # the laptop path, as a user types it
+@pytest.mark.heavy
+def test_the_default_sweep_prints_only_what_a_user_reads(tmp_path):
+    """`python -m platform.tune task=mae` with no flags but where to keep things: every printed line
+    is the config, the capacity, Tune's trial table, a trial's epoch line or the summary. Ray's
+    report and checkpoint lines, MLflow's and Optuna's are gone; -v brings Ray's back."""
+    import re
+
+    db = tmp_path / "mlflow.db"
+    result = run_cli("platform.tune", "task=mae", f"data.cache_dir={tmp_path / 'cache'}",
+                     f"mlflow.tracking_uri=sqlite:///{db}", cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    unknown = [line for line in lines if not any(re.match(kind, line) for kind in CONSOLE_KINDS.values())]
+    assert not unknown, "\n".join(unknown[:20])
+    kinds = {name for name, kind in CONSOLE_KINDS.items() for line in lines if re.match(kind, line)}
+    assert kinds == set(CONSOLE_KINDS), kinds
+    epochs = [line for line in lines if re.match(CONSOLE_KINDS["epoch"], line)]
+    assert len(epochs) == len(set(epochs)) and len(epochs) >= 4, epochs  # each epoch of each trial once
+    assert "Current best trial" in result.stdout and "val/loss" in result.stdout  # the table's task column
+
+    verbose = run_cli("platform.tune", "task=mae", "-v", "tune.num_samples=1", "train.epochs=1", "tune.name=loud",
+                      "scaling.num_workers=1", *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+    assert verbose.returncode == 0, verbose.stdout[-3000:] + verbose.stderr[-3000:]
+    shown = verbose.stdout + verbose.stderr
+    assert "Reporting training result" in shown and "Checkpoint successfully created" in shown, shown[-3000:]
+    assert "log:\n  level: debug" in shown
