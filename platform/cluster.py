@@ -192,10 +192,13 @@ def local_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def settle_scaling(scaling, address: str, runs: int, reads_data: bool) -> dict:
+def settle_scaling(scaling, address: str, runs: int, reads_data: bool, driver_trains: bool = False) -> dict:
     """The numbers ``auto`` stands for in ``scaling``, as a config layer (logged like any setting).
 
-    ``num_workers=auto``: 0, one worker in the run's own process. ``cpus_per_worker=auto``: on a
+    ``num_workers=auto``: 0, one worker in the run's own process (a sweep's trial process, placed by
+    Ray like any worker); but 1 where the run's own process is the command's (``driver_trains``:
+    ``platform.train``) and the command runs on a cluster (``address``), whose head node is no
+    place to train. ``cpus_per_worker=auto``: on a
     local Ray of this machine, its CPUs shared by the ``runs`` that train at once (a sweep's trials;
     a GPU sweep's as many as its GPUs hold), less one for Ray Data when a split streams through it:
     all of them for one run, whole CPUs for each of several, a fraction only where trials outnumber
@@ -205,7 +208,7 @@ def settle_scaling(scaling, address: str, runs: int, reads_data: bool) -> dict:
 
     layer = {}
     if scaling.num_workers == AUTO:
-        layer["scaling.num_workers"] = 0
+        layer["scaling.num_workers"] = 1 if driver_trains and target_address(address) is not None else 0
     if scaling.cpus_per_worker == AUTO:
         layer["scaling.cpus_per_worker"] = 1.0
         if target_address(address) is None:

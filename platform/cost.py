@@ -58,6 +58,8 @@ def where_this_runs(cpus: float, gpus: float) -> tuple[str, float]:
     import ray
     import ray._raylet
 
+    if not ray.is_initialized():  # a run in the command's own process without Ray (runner.without_ray)
+        return "head", 1.0
     node_id = ray.get_runtime_context().get_node_id()
     me = next((n for n in ray.nodes() if n["NodeID"] == node_id), {"NodeID": node_id})
     # The autoscaler's providers name a worker's type in its environment (not always as a label).

@@ -183,7 +183,8 @@ def setup(loop_config: dict, session: Session) -> Run:
         client = tracking.MlflowClient(loop_config["tracking_uri"]) if run_id else None
         logger = tracking.EpochLogger(cfg.task, cfg.train.epochs, client, run_id, cfg.mlflow.outage_limit_s)
     gpus = cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0.0
-    where = all_gathered((ray.get_runtime_context().get_node_id(), os.getpid(),
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"  # no Ray: runner.without_ray
+    where = all_gathered((node, os.getpid(),
                           *cost.where_this_runs(cfg.scaling.cpus_per_worker, gpus), gpus), session.world_size)
     meter = logger.placement(where, loop_config.get("started_at")) if logger else None
 
@@ -264,12 +265,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def worker_batches(split: str, loop_config: dict, cfg, session: Session) -> batches_lib.Batches:
-    """This worker's share of ``split``: from the object store when it was put there, else streamed."""
+    """This worker's share of ``split``: from the object store when it was put there (or from this
+    process's memory, a run without Ray), else streamed."""
     ref = loop_config["in_memory"].get(split)
     if ref is None:
         buffer_rows = min(loop_config["train_rows"], 4 * cfg.train.batch_size)
         return batches_lib.streamed(session.dataset_shard(split), cfg.train.batch_size, buffer_rows)
-    return batches_lib.from_memory(ray.get(ref), session.rank, session.world_size, cfg.train.batch_size,
+    columns = ref if isinstance(ref, dict) else ray.get(ref)  # held by this process itself (no Ray), or shared
+    return batches_lib.from_memory(columns, session.rank, session.world_size, cfg.train.batch_size,
                                    equal=split == "train")
 
 

@@ -30,11 +30,12 @@ def data_and_settings(task, cfg):
     return splits, cfg
 
 
-def settled(cfg, shards: dict, runs: int = 1):
+def settled(cfg, shards: dict, runs: int = 1, driver_trains: bool = False):
     """``cfg`` with the numbers its ``auto`` scaling stands for (``cluster.settle_scaling``) for ``runs``
-    trained at once, checked against the local machine now that it is known whether Ray Data reads."""
+    trained at once, checked against the local machine now that it is known whether Ray Data reads.
+    ``driver_trains``: a run in its own process trains in the command's (``platform.train``)."""
     reads = reads_with_ray_data(cfg, shards)
-    layer = cluster.settle_scaling(cfg.scaling, cfg.ray.address, runs, reads)
+    layer = cluster.settle_scaling(cfg.scaling, cfg.ray.address, runs, reads, driver_trains)
     if layer:
         cfg = config_lib.build(cfg.task, [config_lib.flatten(config_lib.to_dict(cfg)), layer])
     cluster.check_fits(cfg.scaling, cfg.ray.address, reads)
@@ -52,18 +53,30 @@ def storage_path(cfg) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def put_in_memory(cfg, shards: dict) -> dict:
+def put_in_memory(cfg, shards: dict, *, local: bool = False) -> dict:
     """Splits of at most ``data.in_memory_mb``, read once into Ray's object store: {split: ObjectRef}.
+    ``local``: a run that trains in this very process without Ray (``without_ray``): {split: columns}.
 
     Every worker on a node then reads the same shared-memory copy (zero-copy numpy), and a run
     starts no Ray Data pipeline for them: no reading tasks and coordinators per trial and per
     epoch, which on small data cost more than the training. Larger splits stream through Ray
     Data. A sweep puts its splits once, for all its trials.
     """
+    if local:
+        return {split: shards_lib.in_memory(s) for split, s in training_splits(shards).items()}
     import ray
 
     return {split: ray.put(shards_lib.in_memory(s)) for split, s in training_splits(shards).items()
             if fits_in_memory(cfg, s)}
+
+
+def without_ray(cfg, shards: dict) -> bool:
+    """Whether ``platform.train`` runs with no Ray at all: one worker in the command's own process, on a
+    machine of its own (no ``ray.address``, no running Ray), every split held in memory. Starting a
+    local Ray costs seconds, and its background processes a tenth of a 2-core machine's training
+    speed, for nothing such a run uses."""
+    return (cluster.in_process(cfg.scaling) and not reads_with_ray_data(cfg, shards)
+            and cluster.target_address(cfg.ray.address) is None)
 
 
 def fits_in_memory(cfg, split) -> bool:
@@ -251,12 +264,14 @@ def log_split_lists(client, run_id: str, shards: dict) -> None:
             tracking.log_text(client, run_id, "\n".join(files) + "\n", f"data/{split}_files.txt")
 
 
-def open_run(cfg, uri: str, name: str, tags: dict):
-    """What train and tune do once the config and data are checked: Ray connected, the MLflow run opened.
+def open_run(cfg, uri: str, name: str, tags: dict, connect: bool = True):
+    """What train and tune do once the config and data are checked: Ray connected (unless not
+    ``connect``), the MLflow run opened.
 
     Returns (client, experiment id, run id).
     """
-    cluster.connect(cfg.ray.address)
+    if connect:
+        cluster.connect(cfg.ray.address)
     client = tracking.MlflowClient(uri)
     experiment = tracking.experiment_id(client, cfg.mlflow.experiment or f"deeplense-{cfg.task}")
     run_id = tracking.start_run(client, experiment, name, {tracking.TASK_TAG: cfg.task, **tags})

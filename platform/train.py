@@ -1,6 +1,7 @@
 """``python -m platform.train task=classification train.epochs=5``: one Ray Train run, one MLflow run.
 
-The same path a sweep takes for each of its trials, without Tune.
+The same path a sweep takes for each of its trials, without Tune. With one worker (the default) on
+a machine of its own it trains in this process with no Ray at all (``runner.without_ray``).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from platform import cli, cluster, console, pretrained, provenance, registry, tracking
 from platform import config as config_lib
 from platform.runner import (built_data, default_name, log_best_model, log_split_lists, make_trainer, open_run,
-                             put_in_memory, settled)
+                             put_in_memory, settled, without_ray)
 
 
 def main(argv: list[str]) -> int:
@@ -33,13 +34,14 @@ def main(argv: list[str]) -> int:
         task = registry.task_of(cfg)
         print(pretrained.describe_inherited(inherited, source))
     shards, cfg, data_tags = built_data(task, cfg)
-    cfg = settled(cfg, shards)
+    cfg = settled(cfg, shards, driver_trains=True)
     print(config_lib.to_yaml(cfg), flush=True)
 
     name = cfg.train.name or default_name(cfg)
     if cfg.train.compare_random_init:
         return compare_with_random_init(cfg, task, shards, uri, name, source)
-    client, experiment, run_id = open_run(cfg, uri, name, {**(source.tags() if source else {}), **data_tags})
+    client, experiment, run_id = open_run(cfg, uri, name, {**(source.tags() if source else {}), **data_tags},
+                                          connect=not without_ray(cfg, shards))
     with cli.ends_run(client, run_id):
         value, version = train_and_log(cfg, task, shards, client, run_id, uri, name, cfg.mlflow.register_model)
         print(f"\nbest val/{task.objective(cfg)} = {value:.4f}   MLflow run {run_id}"
@@ -57,8 +59,9 @@ def train_and_log(cfg, task, shards, client, run_id: str, uri: str, name: str, r
     tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
     log_split_lists(client, run_id, shards)
-    result = make_trainer(cfg, shards, name=name, mlflow_run_id=run_id, tracking_uri=uri,
-                          in_memory=put_in_memory(cfg, shards) if in_memory is None else in_memory).fit()
+    if in_memory is None:
+        in_memory = put_in_memory(cfg, shards, local=without_ray(cfg, shards))
+    result = make_trainer(cfg, shards, name=name, mlflow_run_id=run_id, tracking_uri=uri, in_memory=in_memory).fit()
     if result.error:
         raise result.error
     version, _ = log_best_model(client, run_id, cfg, task, shards, register)
@@ -77,11 +80,13 @@ def compare_with_random_init(cfg, task, shards, uri: str, name: str, source) -> 
     baseline = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)),
                                             {"init_from": "", **task.random_init}])
     objective, metric = task.objective(cfg), f"val/{task.objective(cfg)}"
-    client, experiment, parent = open_run(cfg, uri, name, {tracking.KIND_TAG: "comparison", **source.tags()})
+    local = without_ray(cfg, shards)
+    client, experiment, parent = open_run(cfg, uri, name, {tracking.KIND_TAG: "comparison", **source.tags()},
+                                          connect=not local)
     with cli.ends_run(client, parent):
         tracking.log_params(client, parent, config_lib.flatten(config_lib.to_dict(cfg)))
         best, runs = {}, {}
-        in_memory = put_in_memory(cfg, shards)  # the same data for both runs: in the object store once
+        in_memory = put_in_memory(cfg, shards, local=local)  # the same data for both runs, read once
         for label, run_cfg, tags in (("pretrained", cfg, source.tags()), ("random_init", baseline, {})):
             runs[label] = tracking.start_run(client, experiment, f"{name}-{label}",
                                              {tracking.TASK_TAG: cfg.task, "platform.init": label, **tags}, parent)

@@ -257,3 +257,33 @@ def test_concurrent_two_node_trials_lose_no_metric_on_one_tracking_server(tmp_pa
             if metric.startswith(("val/", "train/", "best/")) or metric == "epoch":
                 steps = [m.step for m in client.get_metric_history(trial.info.run_id, metric)]
                 assert sorted(steps) == list(range(1, epochs + 1)), (trial.info.run_name, metric, steps)
+
+
+@pytest.mark.heavy
+def test_small_trials_share_one_gpu(tmp_path):
+    """scaling.gpus_per_worker=0.25 on a Ray that advertises one GPU: four in-process trials are
+    placed on it at once (the count follows: 4, not 1), each MLflow run overlapping the others.
+    This machine has no CUDA device, so each trains on its CPU share; the placement is the point."""
+    from ray.cluster_utils import Cluster
+
+    from tests.test_autoscaling import most_at_once
+
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 2, "num_gpus": 1, "resources": {"trial_driver": 1000}})
+    try:
+        db = tmp_path / "mlflow.db"
+        result = run_cli("platform.tune", "task=mae", "tune.num_samples=4", "tune.scheduler=none", "train.epochs=6",
+                         "tune.name=shared-gpu", "scaling.use_gpu=true", "scaling.gpus_per_worker=0.25",
+                         "scaling.cpus_per_worker=0.5", f"ray.address={cluster.address}", *MAE,
+                         *tiny(tmp_path / "cache", db, "data.num_train=256", "mlflow.register_model=false"),
+                         cwd=str(tmp_path))
+    finally:
+        cluster.shutdown()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "up to 4 trials at once (0.25 GPUs, 0.5 CPUs each)" in result.stdout, result.stdout[-3000:]
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("deeplense-mae").experiment_id
+    trials = [r for r in client.search_runs([experiment]) if "platform.trial_id" in r.data.tags]
+    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
+    assert most_at_once(trials) == 4, [(t.info.start_time, t.info.end_time) for t in trials]
+    assert {t.data.params["scaling.gpus_per_worker"] for t in trials} == {"0.25"}
