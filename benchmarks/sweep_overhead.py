@@ -11,11 +11,12 @@ each in a fresh process, interleaved over repetitions, medians:
 - bare Ray: a Ray Tune sweep whose trials each fit a Ray Train ``TorchTrainer`` running the same
   steps on a Ray Data shard, reported once per epoch: no MLflow, no checkpoints, random search,
   no scheduler (what one wires by hand);
-- the platform: ``python -m platform.tune`` with random search and no scheduler, so every
-  trial runs every epoch;
+- the platform with Ray Train workers: ``python -m platform.tune scaling.num_workers=1`` with random
+  search and no scheduler, so every trial runs every epoch;
 - bare Ray, in-process: a Ray Tune sweep whose function trains in the trial's own process, the
   data handed over with ``tune.with_parameters`` (the object store), actors reused between trials;
-- the platform, in-process: the same ``platform.tune`` with ``scaling.num_workers=0``.
+- the platform: the same ``platform.tune`` with its default ``scaling.num_workers=auto`` (each trial
+  in its own process, reused).
 
 Seconds per trial: from the first trial function's start to the last one's end, over the
 number of trials (the gaps between trials included); the rest of the wall time is the sweep's
@@ -40,7 +41,8 @@ TASK = "classification"
 
 def settings(args) -> list[str]:
     return [f"data.num_train={args.num_train}", f"data.num_val={args.num_val}", f"data.cache_dir={args.cache}",
-            f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "model.name=resnet18"]
+            f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "model.name=resnet18",
+            "scaling.cpus_per_worker=1"]  # one CPU per trial in every arm, and one thread for the plain work
 
 
 def fit(task, cfg, lr: float, train_batches, val_batches, report, started_at: float, prepare=lambda m: m) -> None:
@@ -178,9 +180,9 @@ def bare_sweep(trials: int, overrides: list[str], storage: str) -> dict:
 # or ``platform.tune`` with these extra settings.
 ARMS = {
     "bare": ("bare Ray Tune + Train", "--bare"),
-    "platform": ("platform.tune", []),
+    "platform_train_workers": ("platform.tune scaling.num_workers=1", ["scaling.num_workers=1"]),
     "bare_in_process": ("bare Ray Tune, in-process", "--bare-in-process"),
-    "platform_in_process": ("platform.tune scaling.num_workers=0", ["scaling.num_workers=0"]),
+    "platform": ("platform.tune (defaults)", []),
 }
 
 
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
                      s["wall_over_work"], s["seconds_per_trial"], s["overhead_per_trial_s"], s["fixed_s"],
                      s["to_first_step_s"]])
     added = []
-    for platform_arm, bare_arm in (("platform", "bare"), ("platform_in_process", "bare_in_process")):
+    for platform_arm, bare_arm in (("platform", "bare_in_process"), ("platform_train_workers", "bare")):
         if platform_arm in summary and bare_arm in summary:
             summary[f"{platform_arm}_adds_per_trial_s"] = (summary[platform_arm]["seconds_per_trial"]
                                                            - summary[bare_arm]["seconds_per_trial"])

@@ -60,7 +60,7 @@ def test_data_throughput_benchmark(tmp_path):
 # in-process arm with other settings, and the end-to-end tests run that path. Two tests, so that
 # neither is the suite's longest: the bare Ray Train arm, and the two in-process arms.
 @pytest.mark.heavy
-@pytest.mark.parametrize("arms", [["bare"], ["bare_in_process", "platform_in_process"]], ids=["train", "in_process"])
+@pytest.mark.parametrize("arms", [["bare"], ["bare_in_process", "platform"]], ids=["train", "in_process"])
 def test_sweep_overhead_benchmark(tmp_path, arms):
     s = bench("sweep_overhead", tmp_path, "--trials=1", "--num-train=32", "--num-val=16", "--epochs=1",
               "--repeats=1", "--arms", *arms, f"--cache={tmp_path / 'cache'}")["summary"]

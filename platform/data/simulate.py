@@ -14,11 +14,15 @@ DeepLenseSim); `test1` spans the range of the DeepLense Common Test I images (ri
 Determinism: images are drawn in fixed blocks of SEED_BLOCK; each block's random numbers come
 from its own generator, seeded from (seed, preset, block index), and are drawn whole before
 any rendering, and rendering runs in fixed batches. So (preset, n, seed) fixes every image
-bit for bit (on one machine and torch build); chunk_size does not enter.
+bit for bit (on one machine and torch build); chunk_size does not enter. Blocks being independent,
+as many are drawn at once as torch has threads: the photon noise (``torch.poisson``) runs on one
+core, and two blocks at once (each on one core) draw about 20% more images per second on two
+cores than one block at a time with each op spread over both: the same images.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import zlib
@@ -310,23 +314,40 @@ def simulate(preset: str, n: int, seed: int, chunk_size: int = 256) -> tuple[np.
 
     from platform.data.shards import progress
 
-    with torch.inference_mode(), progress(n, f"simulating {preset} (seed {seed})") as bar:
-        for block, start in enumerate(range(0, n, SEED_BLOCK)):
-            stop = min(start + SEED_BLOCK, n)
-            g = _block_generator(seed, preset, block)
-            d = _draw(p, stop - start, g)
-            lab = torch.from_numpy(labels[start:stop])
-            d32 = {k: v.float() if v.is_floating_point() else v for k, v in d.items()}
-            clean = torch.empty(stop - start, p.n_pix, p.n_pix)  # (b, H, W)
-            for i in range(0, stop - start, RENDER_BATCH):
-                j = min(i + RENDER_BATCH, stop - start)
-                clean[i:j] = _render(p, {k: v[i:j] for k, v in d32.items()}, lab[i:j], x, y)
-            counts = d32["poisson_counts"] if p.poisson_counts else None
-            noisy = lensing.add_noise(clean, g, poisson_scale=counts, gaussian_sigma=d32["noise_sigma"])
-            images[start:stop, 0] = _minmax(noisy).numpy()
-            _fill_truth(truth, slice(start, stop), p, d, labels[start:stop])
-            bar.update(stop - start)
+    def draw_block(block: int):  # one seed block: its own generator, so blocks may run in any order
+        start, stop = block * SEED_BLOCK, min((block + 1) * SEED_BLOCK, n)
+        with torch.inference_mode():
+            images[start:stop, 0], d = _block(p, _block_generator(seed, preset, block), labels[start:stop], x, y)
+        _fill_truth(truth, slice(start, stop), p, d, labels[start:stop])
+        return stop - start
+
+    blocks = range(math.ceil(n / SEED_BLOCK))
+    threads = torch.get_num_threads()
+    at_once = max(1, min(threads, len(blocks)))
+    # Blocks side by side, each on its own core: faster than each op spread over the cores.
+    torch.set_num_threads(max(1, threads // at_once))
+    try:
+        with progress(n, f"simulating {preset} (seed {seed})") as bar, \
+                concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+            for drawn in pool.map(draw_block, blocks):
+                bar.update(drawn)
+    finally:
+        torch.set_num_threads(threads)
     return images, truth
+
+
+def _block(p: Preset, g: torch.Generator, labels: np.ndarray, x: torch.Tensor, y: torch.Tensor):
+    """(noisy min-max normalised images (b, H, W) as numpy, the drawn parameters) of one seed block."""
+    d = _draw(p, len(labels), g)
+    lab = torch.from_numpy(labels)
+    d32 = {k: v.float() if v.is_floating_point() else v for k, v in d.items()}
+    clean = torch.empty(len(labels), p.n_pix, p.n_pix)  # (b, H, W)
+    for i in range(0, len(labels), RENDER_BATCH):
+        j = min(i + RENDER_BATCH, len(labels))
+        clean[i:j] = _render(p, {k: v[i:j] for k, v in d32.items()}, lab[i:j], x, y)
+    counts = d32["poisson_counts"] if p.poisson_counts else None
+    noisy = lensing.add_noise(clean, g, poisson_scale=counts, gaussian_sigma=d32["noise_sigma"])
+    return _minmax(noisy).numpy(), d
 
 
 def _fill_truth(truth: dict[str, np.ndarray], rows: slice, p: Preset, d: dict[str, torch.Tensor], labels: np.ndarray):
