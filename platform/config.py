@@ -152,6 +152,9 @@ class TrainConfig:
     warmup_epochs: int = bounded(0, 0)
     grad_clip: float = bounded(1.0, 0.0)  # 0 disables clipping
     precision: str = choice("auto", ["auto", "fp32", "bf16", "fp16"])
+    # Image tensors' layout: channels_last lets a GPU's tensor cores run convolutions without
+    # transposes; auto: channels_last on a GPU, PyTorch's default (contiguous) on the CPU.
+    memory_format: str = choice("auto", ["auto", "channels_last", "contiguous"])
     seed: int = bounded(0, 0, SEED_MAX)
     # Restarts from the latest checkpoint after a lost worker or node (Ray Train), or after an error in
     # a trial that trains in its own process; -1: no limit. A timed-out trial is never restarted.

@@ -101,6 +101,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     dtype: torch.dtype | None  # autocast's, or None for fp32
+    channels_last: bool  # images (and the model's weights) in channels-last layout (train.memory_format)
     train_batches: batches_lib.Batches
     val_batches: batches_lib.Batches
     logger: tracking.EpochLogger | None  # rank 0's record of the run; None on the other ranks
@@ -189,7 +190,10 @@ def setup(loop_config: dict, session: Session) -> Run:
     meter = logger.placement(where, loop_config.get("started_at")) if logger else None
 
     checkpoint = session.get_checkpoint()
-    model = build_model(task, cfg, session, loop_config["tracking_uri"], logger, pretrained_start=not checkpoint)
+    channels_last = cfg.train.memory_format == "channels_last" or (
+        cfg.train.memory_format == "auto" and session.device.type == "cuda")
+    model = build_model(task, cfg, session, loop_config["tracking_uri"], logger, pretrained_start=not checkpoint,
+                        channels_last=channels_last)
     optimizer = build_optimizer(model, cfg.train)
     steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / session.world_size / cfg.train.batch_size))
     dtype = autocast_dtype(cfg.train.precision, session.device)
@@ -202,6 +206,7 @@ def setup(loop_config: dict, session: Session) -> Run:
         cfg=cfg, task=task, session=session, model=model, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.train)),
         scaler=torch.amp.GradScaler(session.device.type, enabled=dtype == torch.float16), dtype=dtype,
+        channels_last=channels_last,
         train_batches=worker_batches("train", loop_config, cfg, session),
         val_batches=worker_batches("val", loop_config, cfg, session),
         logger=logger, meter=meter, check_every=check_every, deadline=loop_config.get("deadline"),
@@ -211,7 +216,8 @@ def setup(loop_config: dict, session: Session) -> Run:
     return run
 
 
-def build_model(task, cfg, session: Session, tracking_uri: str, logger, pretrained_start: bool) -> torch.nn.Module:
+def build_model(task, cfg, session: Session, tracking_uri: str, logger, pretrained_start: bool,
+                channels_last: bool = False) -> torch.nn.Module:
     """The task's model, the same weights on every rank, from ``init_from`` on a fresh start, ready for DDP."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = task.build_model(cfg)
@@ -223,6 +229,8 @@ def build_model(task, cfg, session: Session, tracking_uri: str, logger, pretrain
     # A task that leaves some parameters without gradients in some steps (a frozen warm-up)
     # needs DDP to look for them; it costs a graph traversal per step, so only on request.
     ddp_options = {"find_unused_parameters": True} if task.find_unused_parameters else None
+    if channels_last:  # 4-D weights (convolutions) in the layout of the images they meet
+        model = model.to(memory_format=torch.channels_last)
     return session.prepare_model(model, ddp_options)
 
 
@@ -326,7 +334,7 @@ def train_epoch(run: Run, epoch: int) -> Trained:
             raise TimeoutError(f"the trial ran past tune.trial_timeout_s={run.cfg.tune.trial_timeout_s:g} and was stopped")
         if run.first_step_at is None and epoch == 0 and not run.skip_steps:
             run.first_step_at = time.time()
-        batch = to_device(run.task.collate(numpy_batch, run.cfg, True), run.device)
+        batch = to_device(run.task.collate(numpy_batch, run.cfg, True), run.device, run.channels_last)
         batch["epoch"] = epoch  # 0-based, for schedules inside a task's loss
         loss_sum += step(run, batch)
         samples += rows_in(numpy_batch)
@@ -401,7 +409,7 @@ def validate(run: Run, view_rows: int = 0) -> Validated:
                 views.add(numpy_batch)
             batch = run.task.collate(numpy_batch, run.cfg, False)
             first_batch = first_batch or batch
-            out = run.task.eval_step(model, to_device(batch, run.device), run.cfg)
+            out = run.task.eval_step(model, to_device(batch, run.device, run.channels_last), run.cfg)
             chunks.append({k: v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
                            for k, v in out.items()})
     outputs = gathered_to_rank0(chunks, run.rank, run.world_size)
@@ -512,8 +520,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    """The batch's tensors on ``device``; with ``channels_last`` its images (4-D floats) in that layout."""
+    def moved(v):
+        v = v.to(device, non_blocking=True)
+        return v.contiguous(memory_format=torch.channels_last) if channels_last and v.ndim == 4 and v.is_floating_point() else v
+    return {k: moved(v) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def rows_in(numpy_batch: dict) -> int:

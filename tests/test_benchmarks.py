@@ -103,3 +103,16 @@ def test_memory_benchmark_of_two_train_workers(tmp_path):
     assert result["two_workers"]["128"]["RayTrainWorker"]["processes"] >= 2
     assert positive(result["two_workers"]["64"]["RayTrainWorker"]["uss_mb"], result["growth"]["dataset_mb"])
     assert "sweep" not in result
+
+
+@pytest.mark.heavy
+def test_gpu_benchmark_runs_every_part_in_a_dry_run(tmp_path):
+    # No GPU here: --dry-run takes every code path on the CPU at toy sizes (the figures are the GPU's);
+    # one case of the three, which differ only in their settings (all ran in a dry run by hand).
+    result = bench("gpu", tmp_path, "--dry-run", "--cases", "mae 64x64", f"--cache={tmp_path / 'cache'}")
+    assert set(result["cases"]) == {"mae 64x64"}
+    for case in result["cases"].values():
+        assert case["batch"] == 64 and positive(case["ceiling_images_per_s"], case["samples_per_s"])
+    assert positive(*result["simulator_images_per_s"].values())
+    shared = result["shared_gpu"]
+    assert [s["trials"] for s in shared.values()] == [1, 4] and positive(*(s["images_per_s"] for s in shared.values()))

@@ -113,6 +113,18 @@ def test_fp16_trains_through_the_grad_scaler(tmp_path):
     assert 0 < run.data.metrics["train/loss"] < 10 and 0 < run.data.metrics["val/loss"] < 10
 
 
+def test_channels_last_trains_a_convolutional_model(tmp_path):
+    # The GPU default (train.memory_format=auto), asked for on the CPU: weights and images in
+    # channels-last layout through training, validation, the views and the test split.
+    db = tmp_path / "mlflow.db"
+    result = run_cli("platform.train", "task=classification", "model.name=resnet10t", "train.epochs=1",
+                     "train.memory_format=channels_last", *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    (run,) = runs_of(MlflowClient(f"sqlite:///{db}"), "deeplense-classification")
+    assert run.data.params["train.memory_format"] == "channels_last"
+    assert 0 <= run.data.metrics["val/auc_macro"] <= 1 and "test/auc_macro" in run.data.metrics
+
+
 @pytest.mark.heavy
 def test_a_run_that_fails_ends_failed(tmp_path):
     db = tmp_path / "mlflow.db"

@@ -261,7 +261,7 @@ def _render(p: Preset, d: dict[str, torch.Tensor], labels: torch.Tensor, x: torc
     if len(vort):
         te_sq = lensing.mass_to_theta_e_sq(p.vortex_mass, p.z_lens, p.z_source)
         vx, vy = lensing.vortex_deflection(
-            x, y, torch.full((len(vort),), te_sq, dtype=x.dtype), d["vortex_x"][vort], d["vortex_y"][vort],
+            x, y, torch.full((len(vort),), te_sq, dtype=x.dtype, device=x.device), d["vortex_x"][vort], d["vortex_y"][vort],
             d["vortex_half_length"][vort], d["vortex_angle"][vort],
         )
         ax.index_add_(0, vort, vx)
@@ -272,7 +272,7 @@ def _render(p: Preset, d: dict[str, torch.Tensor], labels: torch.Tensor, x: torc
                          d["source_x"], d["source_y"])  # (B, H, W)
     fixed_psf = p.psf_fwhm[0] == p.psf_fwhm[1]  # one kernel for all: one FFT of it
     fwhm = p.psf_fwhm[0] if fixed_psf else d["psf_fwhm"]
-    kernel = lensing.gaussian_psf_kernel(fwhm, p.pixel_scale, p.psf_size, dtype=img.dtype)  # (k, k) or (B, k, k)
+    kernel = lensing.gaussian_psf_kernel(fwhm, p.pixel_scale, p.psf_size, device=img.device, dtype=img.dtype)  # (k, k) or (B, k, k)
     img = lensing.convolve_fft(img, kernel)
     return img / img.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-30)
 
@@ -288,7 +288,8 @@ TRUTH_FLOAT = ("theta_e", "source_x", "source_y", "lens_q", "lens_phi", "ellipti
                "noise_sigma")
 
 
-def simulate(preset: str, n: int, seed: int, chunk_size: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def simulate(preset: str, n: int, seed: int, chunk_size: int = 256,
+             device: str = "cpu") -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """n images of a preset: (n, 1, H, W) float32 in [0, 1], and truth columns of length n.
 
     Truth: label (int64), n_subhalos (int64), and float32 theta_e, source_x, source_y (arcsec),
@@ -301,6 +302,10 @@ def simulate(preset: str, n: int, seed: int, chunk_size: int = 256) -> tuple[np.
     rendered in fixed batches of RENDER_BATCH inside fixed seed blocks of SEED_BLOCK, since
     float rounding in the batched kernels (FFT, vectorised tails) depends on batch size,
     and memory stays at one block (~25 MB at 150x150) either way.
+
+    ``device="cuda"``: rendered on a GPU, one block at a time, its noise drawn there by a CUDA
+    generator seeded from the block's: the same parameters and truth, other (equally distributed)
+    noise than the CPU's for the same seed.
     """
     p = get_preset(preset)
     if n < 0 or chunk_size < 1:
@@ -310,7 +315,7 @@ def simulate(preset: str, n: int, seed: int, chunk_size: int = 256) -> tuple[np.
     truth = {k: np.zeros(n, dtype=np.float32) for k in TRUTH_FLOAT}
     truth["label"] = labels
     truth["n_subhalos"] = np.zeros(n, dtype=np.int64)
-    x, y = lensing.pixel_grid(p.n_pix, p.pixel_scale, dtype=torch.float32)  # (H, W)
+    x, y = lensing.pixel_grid(p.n_pix, p.pixel_scale, device=device, dtype=torch.float32)  # (H, W)
 
     from platform.data.shards import progress
 
@@ -323,7 +328,7 @@ def simulate(preset: str, n: int, seed: int, chunk_size: int = 256) -> tuple[np.
 
     blocks = range(math.ceil(n / SEED_BLOCK))
     threads = torch.get_num_threads()
-    at_once = max(1, min(threads, len(blocks)))
+    at_once = max(1, min(threads, len(blocks))) if torch.device(device).type == "cpu" else 1
     # Blocks side by side, each on its own core: faster than each op spread over the cores.
     torch.set_num_threads(max(1, threads // at_once))
     try:
@@ -339,15 +344,18 @@ def simulate(preset: str, n: int, seed: int, chunk_size: int = 256) -> tuple[np.
 def _block(p: Preset, g: torch.Generator, labels: np.ndarray, x: torch.Tensor, y: torch.Tensor):
     """(noisy min-max normalised images (b, H, W) as numpy, the drawn parameters) of one seed block."""
     d = _draw(p, len(labels), g)
-    lab = torch.from_numpy(labels)
-    d32 = {k: v.float() if v.is_floating_point() else v for k, v in d.items()}
-    clean = torch.empty(len(labels), p.n_pix, p.n_pix)  # (b, H, W)
+    device = x.device
+    if device.type != "cpu":  # noise drawn where the images are (a CPU generator would sync each draw)
+        g = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+    lab = torch.from_numpy(labels).to(device)
+    d32 = {k: (v.float() if v.is_floating_point() else v).to(device) for k, v in d.items()}
+    clean = torch.empty(len(labels), p.n_pix, p.n_pix, device=device)  # (b, H, W)
     for i in range(0, len(labels), RENDER_BATCH):
         j = min(i + RENDER_BATCH, len(labels))
         clean[i:j] = _render(p, {k: v[i:j] for k, v in d32.items()}, lab[i:j], x, y)
     counts = d32["poisson_counts"] if p.poisson_counts else None
     noisy = lensing.add_noise(clean, g, poisson_scale=counts, gaussian_sigma=d32["noise_sigma"])
-    return _minmax(noisy).numpy(), d
+    return _minmax(noisy).cpu().numpy(), d
 
 
 def _fill_truth(truth: dict[str, np.ndarray], rows: slice, p: Preset, d: dict[str, torch.Tensor], labels: np.ndarray):
