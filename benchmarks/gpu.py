@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(table(["", "batch", "ceiling images/s", "platform.train images/s", "platform / ceiling"], rows))
     sim = result["simulator_images_per_s"]
-    print(f"\nsimulator, 150x150 with 25 subhaloes: " + ", ".join(f"{k} {v:.0f} images/s" for k, v in sim.items()))
+    print("\nsimulator, 150x150 with 25 subhaloes: " + ", ".join(f"{k} {v:.0f} images/s" for k, v in sim.items()))
     for label, shared in result["shared_gpu"].items():
         print(f"{label}: {shared['trials']} trials, {shared['images_per_s']:.0f} images/s in all")
     print(f"device: {result['device']}; {result['wall_s']:.0f} s in all")
