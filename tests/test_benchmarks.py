@@ -116,3 +116,8 @@ def test_gpu_benchmark_runs_every_part_in_a_dry_run(tmp_path):
     assert positive(*result["simulator_images_per_s"].values())
     shared = result["shared_gpu"]
     assert [s["trials"] for s in shared.values()] == [1, 4] and positive(*(s["images_per_s"] for s in shared.values()))
+
+
+def test_folder_conversion_benchmark(tmp_path):
+    s = bench("folder_conversion", tmp_path, "--files=60", "--side=32")["summary"]
+    assert s["converted_files"] == 60 and positive(s["files_per_s"], s["peak_rss_mb"], s["folder_gb"])

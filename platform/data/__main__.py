@@ -28,17 +28,33 @@ def main(argv: list[str]) -> int:
         counts = ", ".join(f"{name}={n}" for name, n in zip(m.get("classes", []), m.get("counts", [])))
         print(f"{split:>5}: {shards.num_rows} images {tuple(shards.image_shape)}  {counts}  "
               f"sha256 {m['content_hash'][:12]}  {shards.path}")
-    images, columns = shards_lib.read(splits["train"])
+    images, labels = preview_rows(splits["train"])
     from platform.data.simulate import preview_grid
 
     train_path = splits["train"].path
     # Beside the shards; in the current directory when they are on object storage.
     preview = f"preview-{os.path.basename(train_path.rstrip('/'))}.png" if shards_lib.is_uri(train_path) \
         else os.path.join(train_path, "preview.png")
-    labels = columns.get("label", np.zeros(len(images), np.int64))
     preview_grid(images, labels, preview, class_names=tuple(splits["train"].manifest.get("classes", ("all",))))
     print(f"preview: {preview}")
     return 0
+
+
+def preview_rows(shards, per_class: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``per_class`` images of each class, read a batch at a time until they are found: a
+    preview of a split of any size, never the whole split in memory."""
+    classes = len(shards.manifest.get("classes", [])) or 1
+    images, labels = [], []
+    for batch in shards_lib.batches(shards, 256):
+        batch_labels = batch.get("label", np.zeros(len(batch["image"]), np.int64))
+        decoded = shards_lib.decode_images(batch)
+        for image, label in zip(decoded, batch_labels):
+            if labels.count(label) < per_class:
+                images.append(image)
+                labels.append(label)
+        if len(labels) >= per_class * classes:
+            break
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
 if __name__ == "__main__":

@@ -166,28 +166,39 @@ def labelled_files(class_dirs: list[tuple[int, str]]) -> list[tuple[int, str]]:
 def read_files(files: list[tuple[int, str]], channels: int | None = None,
                value_range: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images (N, C, H, W) float32, labels (N,) int64 and source paths of (label, path) files, each
-    checked (``checked_image``).
-
-    ``channels=None`` takes the first file's; every file must then match it.
+    checked (``checked_image``). ``channels=None`` takes the first file's; every file must then match it.
     """
+    chunks = list(file_chunks(files, max(1, len(files)), channels, value_range))
+    if not chunks:
+        return np.zeros((0, channels or 1, 0, 0), np.float32), np.zeros(0, np.int64), []
+    (images, labels, paths), = chunks
+    return images, labels, paths
+
+
+def file_chunks(files: list[tuple[int, str]], rows: int, channels: int | None = None,
+                value_range: tuple[float, float] | None = None):
+    """``read_files`` ``rows`` files at a time: (images (<= rows, C, H, W), labels, paths) per chunk,
+    one progress bar for all. Memory holds one chunk however many files there are."""
     from platform.data.shards import progress
 
-    images, labels, paths = [], [], []
-    shape = None
+    shape = first = None
     with progress(len(files), f"reading {os.path.dirname(os.path.dirname(files[0][1])) if files else ''}",
                   unit="file") as bar:
-        for label, path in files:
-            image = checked_image(load_npy(path), path, channels, value_range)  # (C, H, W)
-            if shape is None:
-                shape, first = image.shape, path
-            elif image.shape != shape:
-                raise DataError(f"{path}: found shape {image.shape}; expected {shape} like the files before it "
-                                f"(the first: {first})")
-            images.append(image)
-            labels.append(label)
-            paths.append(path)
-            bar.update()
-    return np.stack(images), np.asarray(labels, dtype=np.int64), paths
+        for start in range(0, len(files), rows):
+            part = files[start:start + rows]
+            images = None
+            for i, (label, path) in enumerate(part):
+                image = checked_image(load_npy(path), path, channels, value_range)  # (C, H, W)
+                if shape is None:
+                    shape, first = image.shape, path
+                elif image.shape != shape:
+                    raise DataError(f"{path}: found shape {image.shape}; expected {shape} like the files before it "
+                                    f"(the first: {first})")
+                if images is None:  # filled in place: no list of images and a stacked copy at once
+                    images = np.empty((len(part), *shape), np.float32)
+                images[i] = image
+                bar.update()
+            yield images, np.asarray([label for label, _ in part], dtype=np.int64), [path for _, path in part]
 
 
 def class_dirs(root: str, classes: list[str]) -> tuple[dict[str, list[tuple[int, str]]], str]:

@@ -95,10 +95,15 @@ def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifes
     A column of shape (N, C', H', W') is a second image per row (a low-resolution copy, say):
     stored like ``image``, with its own ``<name>_channels``, ``<name>_height``, ``<name>_width``.
     """
-    images = np.ascontiguousarray(images, dtype=np.float32)  # (N, C, H, W)
-    n, c, h, w = images.shape
-    image_columns = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in columns.items() if np.ndim(v) == 4}
-    columns = {k: v for k, v in columns.items() if k not in image_columns}
+    n = len(images)
+    chunks = ((images[start:start + shard_size], {k: np.asarray(v)[start:start + shard_size] for k, v in columns.items()})
+              for start in range(0, n, shard_size))
+    return write_chunks(path, chunks if n else iter([(images, columns)]), manifest)
+
+
+def write_chunks(path: str, chunks, manifest: dict) -> Shards:
+    """``write`` from an iterable of (images (rows, C, H, W), {column: values}), one shard each: a
+    folder of any size converted with one shard in memory at a time."""
     digest = hashlib.sha256()
     if is_uri(path):
         staging = tempfile.mkdtemp(prefix="deeplense-upload-")
@@ -106,32 +111,42 @@ def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifes
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".writing-", dir=parent)
-    files = []
-    for index, start in enumerate(range(0, n, shard_size)):
-        stop = min(start + shard_size, n)
-        chunk = images[start:stop]
-        table = _image_column(chunk)
-        for name, values in image_columns.items():
-            table.update(_image_column(values[start:stop], name + "_"))
-            table[name] = table.pop(name + "_image")
-        for name, values in columns.items():
-            table[name] = pa.array(np.asarray(values)[start:stop])
-        name = f"part-{index:05d}.parquet"
-        pq.write_table(pa.table(table), os.path.join(staging, name))
-        digest.update(chunk.tobytes())
-        for key in sorted(image_columns):
-            digest.update(image_columns[key][start:stop].tobytes())
-        for key in sorted(columns):
-            digest.update(np.ascontiguousarray(np.asarray(columns[key])[start:stop]).tobytes())
-        files.append({"name": name, "rows": stop - start, "bytes": os.path.getsize(os.path.join(staging, name)),
-                      "sha256": file_sha256(os.path.join(staging, name))})
+    files, n, shape, names, image_shapes = [], 0, None, [], {}
+    try:
+        for index, (chunk, columns) in enumerate(chunks):
+            chunk = np.ascontiguousarray(chunk, dtype=np.float32)  # (rows, C, H, W)
+            shape = shape or list(chunk.shape[1:])
+            image_columns = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in columns.items() if np.ndim(v) == 4}
+            columns = {k: np.asarray(v) for k, v in columns.items() if k not in image_columns}
+            names, image_shapes = sorted(columns), {k: list(v.shape[1:]) for k, v in sorted(image_columns.items())}
+            if not len(chunk):
+                continue
+            table = _image_column(chunk)
+            for name, values in image_columns.items():
+                table.update(_image_column(values, name + "_"))
+                table[name] = table.pop(name + "_image")
+            for name, values in columns.items():
+                table[name] = pa.array(values)
+            name = f"part-{index:05d}.parquet"
+            pq.write_table(pa.table(table), os.path.join(staging, name))
+            digest.update(chunk.tobytes())
+            for key in sorted(image_columns):
+                digest.update(image_columns[key].tobytes())
+            for key in sorted(columns):
+                digest.update(np.ascontiguousarray(columns[key]).tobytes())
+            files.append({"name": name, "rows": len(chunk), "bytes": os.path.getsize(os.path.join(staging, name)),
+                          "sha256": file_sha256(os.path.join(staging, name))})
+            n += len(chunk)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a half-written split never stands in for the old one
+        raise
     manifest = {
         **manifest,
         "format_version": FORMAT_VERSION,
         "num_rows": n,
-        "image_shape": [c, h, w],
-        "columns": sorted(columns),
-        **({"image_columns": {k: list(v.shape[1:]) for k, v in sorted(image_columns.items())}} if image_columns else {}),
+        "image_shape": shape or [],
+        "columns": names,
+        **({"image_columns": image_shapes} if image_shapes else {}),
         "files": files,
         "content_hash": digest.hexdigest(),
     }
