@@ -169,7 +169,7 @@ def check_fits(scaling, address: str = "", reads_data: bool = False) -> None:
     cpus = get_num_cpus()
     workers = processes(scaling)
     data = DATA_CPUS if reads_data else 0
-    need = workers * (1 if scaling.cpus_per_worker == AUTO else scaling.cpus_per_worker)
+    need = workers * cpus_of(scaling)
     if need + data > cpus:
         fix = (f"lower them (e.g. scaling.cpus_per_worker={(cpus - data) / workers:g})"
                if cpus > data else "use a machine with more CPUs")
@@ -198,11 +198,11 @@ def settle_scaling(scaling, address: str, runs: int, reads_data: bool, driver_tr
     ``num_workers=auto``: 0, one worker in the run's own process (a sweep's trial process, placed by
     Ray like any worker); but 1 where the run's own process is the command's (``driver_trains``:
     ``platform.train``) and the command runs on a cluster (``address``), whose head node is no
-    place to train. ``cpus_per_worker=auto``: on a
-    local Ray of this machine, its CPUs shared by the ``runs`` that train at once (a sweep's trials;
-    a GPU sweep's as many as its GPUs hold), less one for Ray Data when a split streams through it:
-    all of them for one run, whole CPUs for each of several, a fraction only where trials outnumber
-    CPUs. On a cluster, 1: a sweep's trials then spread over every node's CPUs.
+    place to train. ``cpus_per_worker=auto``: on a local Ray of this machine, its CPUs shared by
+    the ``runs`` that train at once (a sweep's trials; a GPU sweep's as many as its GPUs hold), less
+    one for Ray Data when a split streams through it: all of them for one run, whole CPUs for each of
+    several, a fraction only where trials outnumber CPUs. On a cluster, 1: a sweep's trials then
+    spread over every node's CPUs.
     """
     from platform.config import AUTO
 
@@ -240,6 +240,13 @@ def in_process(scaling) -> bool:
     return scaling.num_workers in (0, AUTO)
 
 
+def cpus_of(scaling) -> float:
+    """A worker's CPUs; ``auto`` not yet settled (``settle_scaling``) counts as on a cluster: 1."""
+    from platform.config import AUTO
+
+    return 1.0 if scaling.cpus_per_worker == AUTO else scaling.cpus_per_worker
+
+
 def processes(scaling) -> int:
     """Processes that train in one run: one that trains in its own process counts as one."""
     return 1 if in_process(scaling) else scaling.num_workers
@@ -256,7 +263,7 @@ def trial_resources(scaling) -> dict:
     import ray
 
     if in_process(scaling):
-        return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+        return {"CPU": cpus_of(scaling), **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) > 0:
         return {TRIAL_DRIVER_RESOURCE: 1}
     return {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
@@ -385,7 +392,7 @@ def capacity_of(scaling, kinds: list[NodeType], config: dict | None, fixed: int 
     from platform.config import ConfigError
 
     workers = processes(scaling)
-    worker = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+    worker = {"CPU": cpus_of(scaling), **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     per_node = {k.name: workers_per_node(k.resources, worker) for k in kinds}
     if not any(per_node.values()):
         biggest = max(kinds, key=lambda k: (k.resources.get("GPU", 0), k.resources.get("CPU", 0)), default=None)
@@ -407,10 +414,10 @@ def capacity_of(scaling, kinds: list[NodeType], config: dict | None, fixed: int 
             parts.append((kind, count))
     # Keep a CPU free for Ray Data's read tasks: Train workers holding every CPU starve the pipeline
     # that feeds them, and the whole sweep hangs. Splits in the object store need none.
-    left = sum(k.resources.get("CPU", 0) * n for k, n in parts) - slots * scaling.cpus_per_worker
+    left = sum(k.resources.get("CPU", 0) * n for k, n in parts) - slots * worker["CPU"]
     spare = reads_data and left < DATA_CPUS and slots > workers
     if spare:
-        slots -= math.ceil((DATA_CPUS - left) / scaling.cpus_per_worker)
+        slots -= math.ceil((DATA_CPUS - left) / worker["CPU"])
     most = max(1, slots // workers)
     trials = fixed or most
     each = f"{workers} workers of {describe_resources(worker)}" if workers > 1 else describe_resources(worker)

@@ -63,6 +63,16 @@ def drop_worker_lines() -> None:
         deduplicator.skip_re = re.compile(HIDDEN_WORKER_LINES)
 
 
+def tune_output() -> dict:
+    """What a sweep's ``Tuner.fit`` runs with: quiet, Tune's older console flow at ``verbose=0``
+    (silent; ``trial_table`` prints) in place of its newer one, whose silent reporter still prints a
+    box and two lines at the start; with log.level=debug, Tune's default."""
+    if not is_quiet():
+        return {}
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # read by Tune at fit time, in this driver only
+    return {"verbose": 0}
+
+
 def train_log_level() -> str:
     """Ray Train's own console level (its controller and workers): its INFO lines are per report."""
     return "DEBUG" if not is_quiet() else "WARNING"
@@ -79,22 +89,39 @@ def hushed():
         yield
 
 
-def trial_table(metrics: list[str], params: list[str], metric: str, mode: str):
-    """Tune's own trial table (its terminal reporter, every 30 s and at the end) with the task's
-    columns, without its boxes for each trial's start, result and end. Errors still print."""
+def trial_table(params: list[str], metric: str, mode: str):
+    """A Tune callback that prints Tune's own trial table (its terminal reporter's, every 30 s and
+    at the end) with the searched ``params`` and the task's metrics (the first four a trial reports:
+    the loop puts its objective, its best so far, the training loss and another validation metric
+    first), and a failed trial's error, without Tune's boxes for each trial's start, result and end.
+    Tune runs with ``verbose=0`` and its older output (``tune_output``), which then prints nothing."""
+    import time
+
+    from ray import tune
     from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter
 
-    class TrialTable(TuneTerminalReporter):
-        _start_end_verbosity = AirVerbosity.VERBOSE  # the per-trial boxes: with log.level=debug only
-
+    class TrialTable(tune.Callback):
+        # Tune's reporter inside a plain callback: as one of Tune's reporters it would be the one
+        # Tune sets up with its start time, and Tune's own silent one would fail on a trial's error.
         def __init__(self):
-            super().__init__(AirVerbosity.DEFAULT, metric=metric, mode=mode)
-            self._inferred_metric, self._inferred_params = list(metrics), list(params)
+            self.reporter = TuneTerminalReporter(AirVerbosity.DEFAULT, metric=metric, mode=mode)
+            self.reporter._inferred_params = list(params)
+            self.reporter.setup(start_time=time.time())
 
-        def experiment_started(self, *args, **kwargs):
-            pass  # the sweep's own lines say where its results are
+        def setup(self, **info):
+            self.reporter.setup(start_time=time.time(), total_samples=info.get("total_num_samples"))
+
+        def on_step_end(self, iteration, trials, **info):
+            self.reporter.print_heartbeat(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.reporter.on_trial_error(iteration, trials, trial, **info)
+
+        def on_experiment_end(self, trials, **info):
+            self.reporter.print_heartbeat(trials, force=True)
+            self.reporter._end_block()
 
         def __reduce__(self):  # Tune saves its callbacks with the sweep's state, for a resume
-            return trial_table, (metrics, params, metric, mode)
+            return trial_table, (params, metric, mode)
 
     return TrialTable()

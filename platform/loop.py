@@ -177,7 +177,7 @@ def setup(loop_config: dict, session: Session) -> Run:
     task = registry.task_of(cfg)
     in_process = cluster.in_process(cfg.scaling)
     if in_process:  # a Ray Train worker gets these threads from its resources; this process trains itself
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(cluster.cpus_of(cfg.scaling))))
     logger = None
     if session.rank == 0:
         run_id = loop_config.get("mlflow_run_id")
@@ -186,7 +186,7 @@ def setup(loop_config: dict, session: Session) -> Run:
     gpus = cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0.0
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"  # no Ray: runner.without_ray
     where = all_gathered((node, os.getpid(),
-                          *cost.where_this_runs(cfg.scaling.cpus_per_worker, gpus), gpus), session.world_size)
+                          *cost.where_this_runs(cluster.cpus_of(cfg.scaling), gpus), gpus), session.world_size)
     meter = logger.placement(where, loop_config.get("started_at")) if logger else None
 
     checkpoint = session.get_checkpoint()

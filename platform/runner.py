@@ -134,7 +134,7 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
     from platform.loop import train_loop_per_worker
 
     scaling = cfg.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
+    resources = {"CPU": cluster.cpus_of(scaling)}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     return TorchTrainer(

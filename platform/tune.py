@@ -273,9 +273,8 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
         # restarts itself (train_in_process), a timeout being final for both.
         run_config=tune.RunConfig(name=sweep, storage_path=storage_path(cfg),
                                   # Quiet: Tune's table with the task's columns, not a box per trial and result.
-                                  verbose=0 if console.is_quiet() else None,
-                                  callbacks=[console.trial_table(["epoch", metric, f"best/{task.objective(cfg)}"],
-                                                                 list(space.params), metric, task.mode)]
+                                  **console.tune_output(),
+                                  callbacks=[console.trial_table(list(space.params), metric, task.mode)]
                                   if console.is_quiet() else [],
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),

@@ -87,13 +87,13 @@ def test_train_on_two_ddp_workers_is_one_run(tmp_path):
                      *tiny(f"file://{tmp_path}/bucket", db), cwd=str(tmp_path))
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
-    assert "world_size=2" in out
     # Each worker reads its own half of the 48 training images; the epoch covers all of them.
     assert "epoch 2/2" in out and "48 samples on 2 workers" in out
 
     client = MlflowClient(f"sqlite:///{db}")
     (run,) = runs_of(client, "deeplense-mae")  # rank 0 logs; never one run per worker
     assert run.info.status == "FINISHED" and run.data.params["scaling.num_workers"] == "2"
+    assert len(run.data.tags["platform.worker_pids"].split(",")) == 2  # two Train workers, one process group
     assert run.data.params["train.precision"] == "bf16" and 0 < run.data.metrics["val/loss"] < 10
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
     assert steps == [1, 2], steps
