@@ -89,6 +89,9 @@ def exists(path: str) -> bool:
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
+ROW_GROUP = 256  # rows per Parquet row group: what a reader holds at once of a shard
+
+
 def write(path: str, images: np.ndarray, columns: dict[str, np.ndarray], manifest: dict, shard_size: int) -> Shards:
     """Write ``images`` (N, C, H, W) and per-image ``columns`` as Parquet shards at ``path``.
 
@@ -128,10 +131,13 @@ def write_chunks(path: str, chunks, manifest: dict) -> Shards:
             for name, values in columns.items():
                 table[name] = pa.array(values)
             name = f"part-{index:05d}.parquet"
-            pq.write_table(pa.table(table), os.path.join(staging, name))
-            digest.update(chunk.tobytes())
+            # Images: no dictionary (Parquet would first hash every image's bytes, a second copy of
+            # the shard, to find none repeated); row groups of ROW_GROUP rows, read one at a time.
+            pq.write_table(pa.table(table), os.path.join(staging, name), row_group_size=ROW_GROUP,
+                           use_dictionary=[k for k, v in table.items() if v.type != pa.binary()])
+            digest.update(memoryview(chunk).cast("B"))  # the bytes themselves, not a copy of them
             for key in sorted(image_columns):
-                digest.update(image_columns[key].tobytes())
+                digest.update(memoryview(image_columns[key]).cast("B"))
             for key in sorted(columns):
                 digest.update(np.ascontiguousarray(columns[key]).tobytes())
             files.append({"name": name, "rows": len(chunk), "bytes": os.path.getsize(os.path.join(staging, name)),
@@ -162,9 +168,12 @@ def write_chunks(path: str, chunks, manifest: dict) -> Shards:
 
 
 def _image_column(chunk: np.ndarray, prefix: str = "") -> dict[str, pa.Array]:
-    rows, c, h, w = chunk.shape  # (rows, C, H, W)
+    rows, c, h, w = chunk.shape  # (rows, C, H, W), C-contiguous float32
+    # Each row's bytes, as a view of the chunk itself (no copy per image, no second copy in pyarrow).
+    offsets = pa.py_buffer(np.arange(rows + 1, dtype=np.int32) * (c * h * w * 4))
+    images = pa.Array.from_buffers(pa.binary(), rows, [None, offsets, pa.py_buffer(chunk)])
     return {
-        prefix + "image": pa.array([img.tobytes() for img in chunk], type=pa.binary()),
+        prefix + "image": images,
         prefix + "channels": pa.array(np.full(rows, c, np.int32)),
         prefix + "height": pa.array(np.full(rows, h, np.int32)),
         prefix + "width": pa.array(np.full(rows, w, np.int32)),
@@ -277,9 +286,11 @@ def head(shards: Shards, rows: int) -> dict[str, np.ndarray]:
 
 def batches(shards: Shards, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every row in order, as numpy batches of at most ``batch_size`` rows in the form ``head`` gives."""
-    for path in shards.files:  # a file at a time (data.shard_size rows), local or on object storage, as ``head`` reads
-        for record_batch in pq.read_table(path).to_batches(max_chunksize=batch_size):
-            yield {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in record_batch.schema.names}
+    for path in shards.files:  # a row group at a time, local or on object storage
+        fs, where = _filesystem(path)
+        with fs.open_input_file(where) as f:
+            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+                yield {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in record_batch.schema.names}
 
 
 def decode_images(batch: dict, column: str = "image") -> np.ndarray:
