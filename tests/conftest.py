@@ -120,6 +120,22 @@ def _start_head(folder: str) -> dict:
 def _slow_tests_share_the_ray_head(request, monkeypatch):
     """Commands of a ``slow`` test find the session's head through RAY_ADDRESS, as a user's shell on a
     head node would; ``own_ray`` tests start a local Ray of their own, as on a laptop."""
-    if request.node.get_closest_marker("slow") is None or request.node.get_closest_marker("own_ray") is not None:
+    if request.node.get_closest_marker("own_ray") is not None:
+        yield from _a_laptop_of_its_own(monkeypatch)
         return
-    monkeypatch.setenv("RAY_ADDRESS", request.getfixturevalue("ray_head")["address"])
+    if request.node.get_closest_marker("slow") is not None:
+        monkeypatch.setenv("RAY_ADDRESS", request.getfixturevalue("ray_head")["address"])
+    yield
+
+
+def _a_laptop_of_its_own(monkeypatch):
+    """A command with no address joins "a running local Ray" (the latest in Ray's temp folder's
+    ``ray_current_cluster``), as ``ray.init()`` does. On a laptop that is the user's own; here the other
+    xdist worker's multi-node ``Cluster`` writes that file, and a laptop-path sweep joined a cluster
+    that test was tearing down ("Owner's node has crashed"). A temp folder of its own keeps each
+    ``own_ray`` test on the local Ray its command starts."""
+    folder = tempfile.mkdtemp(prefix="or", dir="/tmp")  # Ray's socket paths stay under 108 bytes
+    monkeypatch.setenv("RAY_TMPDIR", folder)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    yield
+    shutil.rmtree(folder, ignore_errors=True)
