@@ -327,6 +327,22 @@ def test_noise_mean_variance_and_determinism():
     assert counts.min() == 0 and abs(counts.mean().item() - 2.0) < 0.05
 
 
+def test_photon_noise_under_read_noise_is_drawn_in_its_gaussian_limit():
+    # One batch, two images of 4 expected counts a pixel: read noise of 5 counts (the Gaussian
+    # limit: one draw of the summed variance) and of 1 count (whole Poisson counts plus read noise).
+    img = torch.full((2, 200, 200), 0.04, dtype=f64)
+    scale, sigma = t64(100.0, 100.0), t64(0.05, 0.01)
+    out = L.add_noise(img, torch.Generator().manual_seed(5), poisson_scale=scale, gaussian_sigma=sigma)
+    res = (out - img) * 100.0  # in counts
+    assert res.mean(dim=(1, 2)).abs().max() < 0.05
+    torch.testing.assert_close(res.var(dim=(1, 2)), t64(4 + 25, 4 + 1), rtol=0.03, atol=0)
+    skew = ((res - res.mean(dim=(1, 2), keepdim=True)) ** 3).mean(dim=(1, 2)) / res.var(dim=(1, 2)) ** 1.5
+    assert abs(skew[0]) < 0.05  # Gaussian (exact would be 4 / 29^1.5 = 0.026)
+    assert abs(skew[1] - 4 / 5**1.5) < 0.06  # Poisson(4) + N(0, 1): 0.358
+    again = L.add_noise(img, torch.Generator().manual_seed(5), poisson_scale=scale, gaussian_sigma=sigma)
+    assert torch.equal(out, again)
+
+
 def test_einstein_radius_of_a_galaxy():
     # Flat LambdaCDM H0=70, Om=0.3: D_A(0.5) = 1259.1 Mpc, D_A(1) = 1651.9 Mpc.
     d_l, d_s, _ = L._distances_mpc(0.5, 1.0, 70.0, 0.3)

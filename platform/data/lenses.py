@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from platform import lensing
-from platform.data.simulate import RENDER_BATCH, SEED_BLOCK, _block_generator
+from platform.data.simulate import SEED_BLOCK, _block_generator, render_batch
 
 CLASS_NAMES = ("nonlenses", "lenses")  # label 1 is a lens
 BANDS = ("g", "r", "i")
@@ -28,7 +28,7 @@ N_PIX, PIXEL_SCALE = 64, 0.2  # arcsec / pixel: a 12.8" field, ground-based surv
 LENS_COLOUR = (0.35, 0.7, 1.0)  # g, r, i flux of the red elliptical
 SOURCE_COLOUR = (1.0, 0.8, 0.55)  # of the blue background galaxy
 PSF_FWHM = ((0.8, 1.1), (0.7, 1.0), (0.6, 0.9))  # arcsec, per band
-VERSION = 2  # 2: fainter arcs, smaller rings, closer neighbours
+VERSION = 3  # 2: fainter arcs, smaller rings, closer neighbours; 3: photon noise in its Gaussian limit under read noise
 
 
 def _labels(n: int, positive_fraction: float, seed: int) -> np.ndarray:
@@ -107,8 +107,9 @@ def simulate_lenses(n: int, positive_fraction: float, seed: int) -> tuple[np.nda
             d = {k: v.float() for k, v in _draw(stop - start, g).items()}
             lab = torch.from_numpy(labels[start:stop])
             clean = torch.empty(stop - start, len(BANDS), N_PIX, N_PIX)
-            for i in range(0, stop - start, RENDER_BATCH):
-                j = min(i + RENDER_BATCH, stop - start)
+            step = render_batch(N_PIX, len(BANDS))
+            for i in range(0, stop - start, step):
+                j = min(i + step, stop - start)
                 clean[i:j] = _render({k: v[i:j] for k, v in d.items()}, lab[i:j], x, y)
             noisy = lensing.add_noise(clean, g, poisson_scale=d["poisson_counts"], gaussian_sigma=d["noise_sigma"])
             images[start:stop] = noisy.clamp(min=0).numpy()

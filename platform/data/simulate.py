@@ -12,8 +12,9 @@ DeepLenseSim); `test1` spans the range of the DeepLense Common Test I images (ri
 15-33 px, strong shear and ellipticity, far off-centre sources, faint noise).
 
 Determinism: images are drawn in fixed blocks of SEED_BLOCK; each block's random numbers come
-from its own generator, seeded from (seed, preset, block index), and are drawn whole before
-any rendering, and rendering runs in fixed batches. So (preset, n, seed) fixes every image
+from its own generator, seeded from (seed, preset, block index): the block's parameters are drawn
+whole before any rendering, then each fixed batch is rendered and its noise drawn, in order.
+So (preset, n, seed) fixes every image
 bit for bit (on one machine and torch build); chunk_size does not enter. Blocks being independent,
 as many are drawn at once as torch has threads: the photon noise (``torch.poisson``) runs on one
 core, and two blocks at once (each on one core) draw about 20% more images per second on two
@@ -36,12 +37,19 @@ __all__ = ["CLASS_NAMES", "PRESETS", "Preset", "SIMULATOR_VERSION", "preview_gri
 
 CLASS_NAMES = ("no", "sphere", "vort")
 # Bump when a preset or the rendering changes, so cached datasets are rebuilt.
-SIMULATOR_VERSION = 3  # 2: true Poisson photon noise; 3: no NaN image at a vortex rod's end
+SIMULATOR_VERSION = 4  # 2: true Poisson photon noise; 3: no NaN image at a vortex rod's end; 4: noise per render batch, Gaussian limit under read noise
 SEED_BLOCK = 256
-# Images rendered together: a (32, 150, 150) float32 map is ~3 MB and stays in cache,
-# which on CPU is ~2x faster than whole blocks. Fixed, because results round differently
-# at other batch sizes.
-RENDER_BATCH = 32
+# Pixels rendered together, then given their noise and normalised: 8 images of 150x150 make a
+# 0.7 MB float32 map, and each pass over it stays in a core's 2 MB L2 cache (a block of 256 images
+# per core took 0.43 s in batches of 8, 0.49 s in batches of 32, 0.55 s with the noise drawn for
+# the whole block); small images go more at a time, or each op's fixed cost dominates. Fixed,
+# because results round differently at other batch sizes.
+RENDER_PIXELS = 8 * 150 * 150
+
+
+def render_batch(n_pix: int, bands: int = 1) -> int:
+    """Images rendered together at n_pix x n_pix with ``bands`` channels."""
+    return max(1, RENDER_PIXELS // (bands * n_pix * n_pix))
 
 Range = tuple[float, float]
 
@@ -299,7 +307,7 @@ def simulate(preset: str, n: int, seed: int, chunk_size: int = 256,
     (read noise over the noiseless peak).
 
     chunk_size is accepted for interface compatibility and changes nothing: images are
-    rendered in fixed batches of RENDER_BATCH inside fixed seed blocks of SEED_BLOCK, since
+    rendered in fixed batches (render_batch) inside fixed seed blocks of SEED_BLOCK, since
     float rounding in the batched kernels (FFT, vectorised tails) depends on batch size,
     and memory stays at one block (~25 MB at 150x150) either way.
 
@@ -349,13 +357,18 @@ def _block(p: Preset, g: torch.Generator, labels: np.ndarray, x: torch.Tensor, y
         g = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
     lab = torch.from_numpy(labels).to(device)
     d32 = {k: (v.float() if v.is_floating_point() else v).to(device) for k, v in d.items()}
-    clean = torch.empty(len(labels), p.n_pix, p.n_pix, device=device)  # (b, H, W)
-    for i in range(0, len(labels), RENDER_BATCH):
-        j = min(i + RENDER_BATCH, len(labels))
-        clean[i:j] = _render(p, {k: v[i:j] for k, v in d32.items()}, lab[i:j], x, y)
-    counts = d32["poisson_counts"] if p.poisson_counts else None
-    noisy = lensing.add_noise(clean, g, poisson_scale=counts, gaussian_sigma=d32["noise_sigma"])
-    return _minmax(noisy).cpu().numpy(), d
+    images = torch.empty(len(labels), p.n_pix, p.n_pix, device=device)  # (b, H, W)
+    # Batches of one class: a class's substructure (25 subhaloes, or a rod) is then a few ops over
+    # the whole batch, not the same ops over its two or three images of that class.
+    by_class = torch.from_numpy(np.argsort(labels, kind="stable")).to(device)
+    step = render_batch(p.n_pix)
+    for i in range(0, len(labels), step):  # render, noise and normalise while the batch is in cache
+        rows = by_class[i:i + step]
+        batch = {k: v[rows] for k, v in d32.items()}
+        clean = _render(p, batch, lab[rows], x, y)  # (step, H, W)
+        counts = batch["poisson_counts"] if p.poisson_counts else None
+        images[rows] = _minmax(lensing.add_noise(clean, g, poisson_scale=counts, gaussian_sigma=batch["noise_sigma"]))
+    return images.cpu().numpy(), d
 
 
 def _fill_truth(truth: dict[str, np.ndarray], rows: slice, p: Preset, d: dict[str, torch.Tensor], labels: np.ndarray):
