@@ -13,12 +13,11 @@ DeepLenseSim); `test1` spans the range of the DeepLense Common Test I images (ri
 
 Determinism: images are drawn in fixed blocks of SEED_BLOCK; each block's random numbers come
 from its own generator, seeded from (seed, preset, block index): the block's parameters are drawn
-whole before any rendering, then each fixed batch is rendered and its noise drawn, in order.
-So (preset, n, seed) fixes every image
-bit for bit (on one machine and torch build); chunk_size does not enter. Blocks being independent,
-as many are drawn at once as torch has threads: the photon noise (``torch.poisson``) runs on one
-core, and two blocks at once (each on one core) draw about 20% more images per second on two
-cores than one block at a time with each op spread over both: the same images.
+whole before any rendering, then each fixed batch (one class, in label order) is rendered and its
+noise drawn, in order. So (preset, n, seed) fixes every image bit for bit (on one machine and
+torch build); chunk_size does not enter. Blocks being independent, as many are drawn at once as
+torch has threads, each on one core: faster than one block at a time with each op spread over
+the cores (small ops scale badly across threads), and the same images.
 """
 
 from __future__ import annotations
