@@ -42,6 +42,11 @@ from platform.data import batches as batches_lib
 
 STATE_FILE = "state.pt"
 BEST_FILE = "best_model.pt"
+# train.checkpoint_every=auto: training between two checkpoints, in multiples of what the last one
+# cost; before the first, its cost is guessed from its size at a slow disk's speed (this 2-core
+# machine wrote 116-128 MB/s when its disk was busy, several GB/s when not).
+CHECKPOINT_SPACING = 10
+GUESSED_WRITE_BYTES_PER_S = 100e6
 PREEMPTION_KEY = "preemption"  # in a report that only carries a checkpoint taken on a preemption warning
 
 
@@ -118,6 +123,9 @@ class Run:
     partial: dict | None = None  # ... with the loss sums of the steps before it
     saved_for_drain: bool = False
     first_step_at: float | None = None
+    training_since: float = dataclasses.field(default_factory=time.perf_counter)  # this attempt's start
+    checkpointed_at: float | None = None  # when rank 0's latest epoch checkpoint was in storage ...
+    checkpoint_cost: float | None = None  # ... and the seconds it took to write and hand over
 
     @property
     def rank(self) -> int:
@@ -470,9 +478,13 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
     metrics[f"best/{objective}"] = run.best if run.best is not None else math.nan
     last = epoch + 1 == run.cfg.train.epochs
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if run.logger:
+        checkpoint, began = None, time.perf_counter()
+        if run.logger and checkpoint_due(run, epoch):
             checkpoint = save_state(run, folder, epoch + 1)
+        elif run.logger and improved:  # the best weights still go to MLflow
+            torch.save(run.best_state, os.path.join(folder, BEST_FILE))
+        saving = time.perf_counter() - began
+        if run.logger:
             # Before the report: a scheduler may stop the trial as soon as it has reported.
             run.logger.epoch(epoch + 1, metrics, best=(run.best_epoch, os.path.join(folder, BEST_FILE)) if improved
                              else None, figures=lambda: task_plots(run, validated))
@@ -484,11 +496,37 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
                                        explain.decision_threshold(run.task, run.best_metrics))
             if last:  # the run's records all delivered before Tune may end it
                 run.logger.finish()
+        handing_over = time.perf_counter()
         run.session.report(shown_first(metrics, objective), checkpoint=checkpoint,
                            checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+        if checkpoint is not None:  # written, then copied into the run's storage by the report
+            run.checkpointed_at = time.perf_counter()
+            run.checkpoint_cost = saving + run.checkpointed_at - handing_over
     if last and run.best is None:
         raise FloatingPointError(f"val/{objective} was not a number in any of the {run.cfg.train.epochs} epochs: "
                                  f"no best epoch to keep; check the task's outputs, or lower train.lr")
+
+
+def checkpoint_due(run: Run, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) ends with a checkpoint (``train.checkpoint_every``)."""
+    every = run.cfg.train.checkpoint_every
+    if every != config_lib.AUTO:
+        return (epoch + 1) % every == 0
+    if run.checkpoint_cost is None:  # none written yet: its size at a slow disk's speed
+        run.checkpoint_cost = checkpoint_bytes(run) / GUESSED_WRITE_BYTES_PER_S
+    since = run.checkpointed_at if run.checkpointed_at is not None else run.training_since
+    return time.perf_counter() - since >= CHECKPOINT_SPACING * run.checkpoint_cost
+
+
+def checkpoint_bytes(run: Run) -> int:
+    """The size of a checkpoint: the weights, the optimiser's state and the best weights."""
+    def size(tree) -> int:
+        if torch.is_tensor(tree):
+            return tree.nbytes
+        values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+        return sum(size(v) for v in values)
+
+    return 2 * size(unwrap(run.model).state_dict()) + size(run.optimizer.state_dict())
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:

@@ -338,7 +338,7 @@ def _space_change(before: str, after: str) -> str:
 CHANGEABLE_ON_RESUME = ("ray.", "mlflow.", "cost.", "log.", "tune.resume", "tune.num_samples", "tune.max_concurrent",
                         "tune.trial_timeout_s", "tune.space", "data.cache_dir", "train.max_failures",
                         "train.max_preemptions", "train.preemption_check_steps", "train.checkpoints_to_keep",
-                        "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.placement_strategy")
+                        "train.checkpoint_every", "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.placement_strategy")
 
 
 def setting_change(recorded: dict[str, str], cfg, searched=()) -> str | None:

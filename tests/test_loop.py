@@ -99,3 +99,56 @@ def test_a_nan_metric_never_becomes_the_best():
         if loop.is_better(value, best, "max"):
             best = value
     assert best == 0.3
+
+
+def test_checkpoints_are_spaced_by_what_they_cost():
+    import time
+    import types
+
+    import torch
+
+    def run_with(every, **state):
+        model = torch.nn.Linear(1000, 1000)  # 4 MB of weights
+        optimizer = torch.optim.AdamW(model.parameters())
+        model(torch.ones(1, 1000)).sum().backward()
+        optimizer.step()  # its two moments: 8 MB more
+        cfg = config_lib.build("mae", [{"train.checkpoint_every": every}])
+        return types.SimpleNamespace(**{"cfg": cfg, "model": model, "optimizer": optimizer, "checkpointed_at": None,
+                                        "checkpoint_cost": None, "training_since": time.perf_counter(), **state})
+
+    fixed = run_with(2)
+    assert [loop.checkpoint_due(fixed, epoch) for epoch in range(4)] == [False, True, False, True]
+    # None written yet: weights, moments and best weights (16 MB) guessed at 100 MB/s, ten times over.
+    fresh = run_with("auto")
+    assert loop.checkpoint_bytes(fresh) == pytest.approx(16e6, rel=0.01)
+    fresh.training_since = time.perf_counter() - 1.0
+    assert not loop.checkpoint_due(fresh, 0)
+    fresh.training_since = time.perf_counter() - 2.0
+    assert loop.checkpoint_due(fresh, 1)
+    # After one: ten times what it cost since it was written.
+    written = run_with("auto", checkpoint_cost=1.0)
+    written.checkpointed_at = time.perf_counter() - 5.0
+    assert not loop.checkpoint_due(written, 3)
+    written.checkpoint_cost = 0.4
+    assert loop.checkpoint_due(written, 3)
+    with pytest.raises(config_lib.ConfigError, match=r"train.checkpoint_every=0 is out of range"):
+        config_lib.build("mae", [{"train.checkpoint_every": 0}])
+    with pytest.raises(config_lib.ConfigError, match=r"train.checkpoint_every=often is not allowed; expected auto or a number >= 1"):
+        config_lib.build("mae", [{"train.checkpoint_every": "often"}])
+
+
+@pytest.mark.slow
+def test_a_trial_checkpoints_every_n_epochs_when_told(tmp_path):
+    import glob
+
+    import torch
+
+    from tests.helpers import run_cli, tiny
+
+    result = run_cli("platform.tune", "task=mae", "tune.name=spaced", "tune.num_samples=1", "tune.scheduler=none",
+                     "train.epochs=4", "train.checkpoint_every=2", "train.checkpoints_to_keep=4",
+                     *[f"{k}={v}" for k, v in MAE.items()], *tiny(tmp_path / "cache", tmp_path / "mlflow.db"),
+                     cwd=str(tmp_path))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    states = sorted(glob.glob(str(tmp_path / "ray_results" / "spaced" / "*" / "checkpoint_*" / loop.STATE_FILE)))
+    assert [torch.load(path, weights_only=True)["epoch"] for path in states] == [2, 4], states
