@@ -212,6 +212,11 @@ class TuneConfig:
     # Random trials before TPE models the results; 0: a third of tune.num_samples, from 2 to 10
     # (Optuna's own 10 would leave a default sweep of 4 trials all random).
     startup_trials: int = bounded(0, 0)
+    # An earlier sweep of this task (its tune.name) to start from: its tune.warm_start_top best
+    # configurations are tried first, then the search proposes its own. Keys this sweep's space no
+    # longer searches, or values outside its ranges, are dropped with a note.
+    warm_start: str = safe_name()
+    warm_start_top: int = bounded(3, 1)
 
 
 @dataclass
@@ -232,6 +237,9 @@ class MlflowConfig:
     # How long a run trains on while its tracking server does not answer, its records kept and
     # delivered when it is back; past this the run fails with the reason (the sweep resumes).
     outage_limit_s: float = bounded(600.0, 0.0, low_open=True)
+    # Seconds between samples of MLflow's system metrics on each run that trains (system/...: CPU,
+    # memory, and the utilisation and memory of the GPUs the run was given); 0: none.
+    system_metrics_s: float = bounded(10.0, 0.0)
 
 
 @dataclass

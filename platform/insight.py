@@ -26,6 +26,7 @@ import tempfile
 import warnings
 
 from platform import cli, registry, runs, tracking
+from platform import space as space_lib
 from platform import config as config_lib
 
 BEST_PARAMS_TAG = "platform.best_params"
@@ -44,6 +45,8 @@ def trial_rows(client, parent, objective: str) -> list[dict]:
     rows = []
     for number, run in enumerate(r for r in trials if tracking.TRIAL_TAG in r.data.tags):
         metrics, params = run.data.metrics, run.data.params
+        values = {key: config_lib.from_param(params[key]) for key in space if key in params}
+        sampled = set(space_lib.sampled_keys(space, values))  # a conditional key it did not sample: None
         end = run.info.end_time or run.info.start_time
         rows.append({
             "number": number,
@@ -54,7 +57,7 @@ def trial_rows(client, parent, objective: str) -> list[dict]:
             f"final_val/{objective}": metrics.get(f"val/{objective}", math.nan),
             f"best/{objective}": metrics.get(f"best/{objective}", math.nan),
             "duration_s": round((end - run.info.start_time) / 1000, 1),
-            **{key: config_lib.from_param(params[key]) if key in params else None for key in space},
+            **{key: values.get(key) if key in sampled else None for key in space},
             "failure": run.data.tags.get(tracking.FAILURE_TAG, ""),
         })
     return rows
@@ -66,7 +69,8 @@ def rebuilt_study(rows: list[dict], space: dict, objective: str, mode: str):
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     distributions = {}
-    for key, (kind, args) in space.items():
+    for key, param in space.items():
+        kind, args = param.kind, param.args
         if kind == "choice":
             distributions[key] = CategoricalDistribution(args)
         elif kind == "int":
@@ -77,12 +81,15 @@ def rebuilt_study(rows: list[dict], space: dict, objective: str, mode: str):
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
     for row in rows:
         value = row[f"best/{objective}"]
-        params = {key: row[key] for key in space}
+        # The keys this trial sampled: a conditional space's trials differ (importances are then
+        # over the keys every trial sampled, Optuna's rule).
+        params = {key: row[key] for key in space_lib.sampled_keys(space, row)}
         if not math.isfinite(value) or any(v is None for v in params.values()):
             continue
         if any(d.choices.count(params[k]) == 0 for k, d in distributions.items() if isinstance(d, CategoricalDistribution)):
             continue  # a value outside the recorded choices (a hand-edited run): not this space's trial
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value,
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: distributions[k] for k in params},
+                                                  value=value,
                                                   user_attrs={"state": row["state"], "trial_id": row["trial_id"]}))
     return study
 
@@ -165,7 +172,7 @@ def log_sweep_insight(client, parent_id: str, objective: str, mode: str) -> list
         best_run = client.get_run(best["run_id"])
         # Its last epoch's validation metrics, and the best value of the objective it reached.
         sweep_metrics.update({k: v for k, v in best_run.data.metrics.items() if k.startswith(("val/", "best/"))})
-        sampled = {key: best[key] for key in space}
+        sampled = {key: best[key] for key in space if best[key] is not None}  # what the best trial sampled
         recorded = parent.data.params
         # MLflow params never change: a sweep extended later whose best trial changed keeps
         # its first values there; the tag and the metrics always name the current best.

@@ -168,11 +168,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def run_loop(loop_config: dict, session: Session) -> None:
     run = setup(loop_config, session)
-    for epoch in range(run.start_epoch, run.cfg.train.epochs):
-        trained = train_epoch(run, epoch)
-        last = epoch + 1 == run.cfg.train.epochs
-        validated = validate(run, view_rows=run.cfg.plots.samples if last and run.rank == 0 else 0)
-        end_epoch(run, epoch, trained, validated)
+    # The machine as the run used it (CPU, memory, its GPUs), on its MLflow run, from rank 0.
+    system = tracking.watch_system(run.logger.run_id, loop_config["tracking_uri"], run.cfg.mlflow.system_metrics_s) \
+        if run.logger and run.logger.client else None
+    try:
+        for epoch in range(run.start_epoch, run.cfg.train.epochs):
+            trained = train_epoch(run, epoch)
+            last = epoch + 1 == run.cfg.train.epochs
+            validated = validate(run, view_rows=run.cfg.plots.samples if last and run.rank == 0 else 0)
+            end_epoch(run, epoch, trained, validated)
+    finally:
+        if system:
+            system.finish()
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -496,12 +503,12 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
                                        explain.decision_threshold(run.task, run.best_metrics))
             if last:  # the run's records all delivered before Tune may end it
                 run.logger.finish()
-        handing_over = time.perf_counter()
         run.session.report(shown_first(metrics, objective), checkpoint=checkpoint,
                            checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
-        if checkpoint is not None:  # written, then copied into the run's storage by the report
-            run.checkpointed_at = time.perf_counter()
-            run.checkpoint_cost = saving + run.checkpointed_at - handing_over
+        if checkpoint is not None:
+            # Written here, then copied by the report into the run's storage: twice the write. (The
+            # report's own time would count the other workers' arrival at it too.)
+            run.checkpointed_at, run.checkpoint_cost = time.perf_counter(), 2 * saving
     if last and run.best is None:
         raise FloatingPointError(f"val/{objective} was not a number in any of the {run.cfg.train.epochs} epochs: "
                                  f"no best epoch to keep; check the task's outputs, or lower train.lr")

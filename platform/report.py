@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from platform import cli, cost, masking, registry, runs, tracking
 from platform import config as config_lib
+from platform import space as space_lib
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,9 @@ def collect(client, experiment_ids: list[str]) -> tuple[list[Row], list[str]]:
         best = (max if mode == "max" else min)(scored, key=lambda r: r.data.metrics[f"best/{objective}"])
         params = best.data.params
         if kind == "sweep" and group in parents:
-            shown = {k: params.get(k) for k in runs.recorded_space(parents[group])}
+            space = runs.recorded_space(parents[group])
+            values = {k: config_lib.from_param(params[k]) for k in space if k in params}
+            shown = {k: params.get(k) for k in space_lib.sampled_keys(space, values)}
         else:
             shown = {k: params[k] for k in SHOWN_SETTINGS if params.get(k) not in (None, "")}
         rows.append(Row(task=task_name, group=group, kind=kind, runs=len(members), run_id=best.info.run_id,

@@ -5,9 +5,12 @@ a cluster's 64-GPU one; only the config differs.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+
+from mlflow.data.meta_dataset import MetaDataset
 
 from platform import cluster, console, provenance, runs, tracking
 from platform import config as config_lib
@@ -251,17 +254,66 @@ def score_test(client, run_id: str, model, task, cfg, test_shards, threshold: fl
     return metrics
 
 
-def log_split_lists(client, run_id: str, shards: dict) -> None:
-    """The files in each split of real data (``data/<split>_files.txt``), so the split can be audited
-    and reproduced; simulated splits are fixed by their logged seeds and sizes."""
+def log_data(client, run_id: str, shards: dict) -> None:
+    """The run's data: each split as an MLflow dataset (``log_datasets``), and the files in each split
+    of real data (``data/<split>_files.txt``), so the split can be audited and reproduced; simulated
+    splits are fixed by their logged seeds and sizes."""
     import pyarrow.parquet as pq
 
     from platform.data import FILE_COLUMN
 
+    log_datasets(client, run_id, shards)
     for split, s in shards.items():
         if FILE_COLUMN in s.manifest.get("columns", []):
             files = pq.ParquetDataset(s.files).read(columns=[FILE_COLUMN]).column(FILE_COLUMN).to_pylist()
             tracking.log_text(client, run_id, "\n".join(files) + "\n", f"data/{split}_files.txt")
+
+
+def log_datasets(client, run_id: str, shards: dict) -> None:
+    """Each split as one of the run's MLflow dataset inputs (``mlflow.data``), so the UI's Datasets
+    column says which data a model saw: the shards' folder as name and source, their content hash
+    (its first 32 hex digits, MLflow's limit) as digest, their columns as schema, rows and image
+    shape as profile, the split as context. Logging it again (a resumed run) adds nothing."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = []
+    for split, s in shards.items():
+        dataset = ShardsDataset(resolve_dataset_source(s.path), name=os.path.basename(s.path.rstrip("/")),
+                                digest=s.manifest["content_hash"][:32], schema=mlflow_schema(shards_lib.schema(s)),
+                                profile={"num_rows": s.num_rows, "image_shape": list(s.image_shape)})
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def mlflow_schema(arrow):
+    """An MLflow schema of a Parquet schema (None stays None); a type MLflow has no name for is binary."""
+    import pyarrow as pa
+    from mlflow.types import ColSpec, DataType, Schema
+
+    if arrow is None:
+        return None
+    kinds = [(pa.types.is_boolean, DataType.boolean), (pa.types.is_int32, DataType.integer),
+             (pa.types.is_integer, DataType.long), (pa.types.is_float32, DataType.float),
+             (pa.types.is_floating, DataType.double), (pa.types.is_string, DataType.string)]
+    return Schema([ColSpec(next((kind for test, kind in kinds if test(f.type)), DataType.binary), f.name)
+                   for f in arrow])
+
+
+class ShardsDataset(MetaDataset):
+    """A split's Parquet shards as MLflow sees them: metadata and a profile, never the rows."""
+
+    def __init__(self, source, name: str, digest: str, schema, profile: dict):
+        self._profile = profile
+        super().__init__(source, name=name, digest=digest, schema=schema)
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}  # MetaDataset's leaves it out
 
 
 def open_run(cfg, uri: str, name: str, tags: dict, connect: bool = True):

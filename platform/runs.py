@@ -89,8 +89,11 @@ def sweep_objective(client, parent) -> str | None:
 
 
 def recorded_space(parent) -> dict:
-    """{dotted key: (distribution, arguments)} of the sweep, from its parent run."""
-    return {k: tuple(v) for k, v in json.loads(parent.data.tags.get(tracking.SPACE_TAG, '{"search": {}}'))["search"].items()}
+    """{dotted key: space.Param} of the sweep, from its parent run."""
+    from platform.space import Param
+
+    recorded = json.loads(parent.data.tags.get(tracking.SPACE_TAG, '{"search": {}}'))["search"]
+    return {k: Param(*v) for k, v in recorded.items()}
 
 
 def at_best_epoch(client, run_id: str, metric: str) -> float | None:

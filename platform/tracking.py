@@ -30,6 +30,7 @@ SWEEP_TAG = "platform.sweep"
 TASK_TAG = "platform.task"
 KIND_TAG = "platform.kind"  # "sweep" or "comparison" on a parent run
 SPACE_TAG = "platform.space"  # a sweep's search space (JSON), on its parent run
+SEARCHED_TAG = "platform.searched"  # the keys a trial sampled (a conditional space's differ), on its run
 STOPPED_TAG = "platform.stopped_early"  # "true" on a trial the scheduler stopped before its last epoch
 FAILURE_TAG = "platform.failure"  # why a trial failed, in one line
 VIEWS_TAG = "platform.views"  # the Grad-CAM / embedding figures a run drew at its end ("none": its task has none)
@@ -429,6 +430,45 @@ def _server_away(error: BaseException) -> bool:
     return any(sign in text for sign in ("Max retries exceeded", "Connection refused", "Connection aborted",
                                           "RemoteDisconnected", "Read timed out", "error code 502",
                                           "error code 503", "error code 504")) or isinstance(error, ConnectionError)
+
+
+def watch_system(run_id: str, uri: str, interval_s: float):
+    """MLflow's system metrics of this process's machine on the run, sampled every ``interval_s`` s in a
+    thread (``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes``, ...,
+    ``system/gpu_0_utilization_percentage`` for the first GPU the run was given). The monitor (call
+    its ``finish()``), or None when off or when MLflow cannot sample here."""
+    if not interval_s:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    try:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=uri)
+    except Exception as error:  # a store that cannot say the run's last step: the run goes on without
+        say(f"warning: no system metrics for run {run_id} ({_one_line(error)})")
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    for gpus in (m for m in monitor.monitors if hasattr(m, "gpu_handles")):
+        if visible is not None:  # NVML sees every GPU of the machine; the run has these ones
+            import pynvml
+
+            ids = [(i, pynvml.nvmlDeviceGetUUID(h)) for i, h in enumerate(gpus.gpu_handles)]
+            gpus.gpu_handles = [gpus.gpu_handles[i] for i in given_gpus(ids, visible)]
+            gpus.num_gpus = len(gpus.gpu_handles)
+    monitor.start()
+    return monitor
+
+
+def given_gpus(ids: list[tuple[int, str]], visible: str) -> list[int]:
+    """Positions in ``ids`` ((NVML index, UUID) of every GPU of the machine) of the GPUs that
+    CUDA_VISIBLE_DEVICES ``visible`` names (indices or UUIDs), in its order: CUDA's device 0 first."""
+    found = []
+    for name in (v.strip() for v in visible.split(",")):
+        match = next((position for position, (index, uuid) in enumerate(ids)
+                      if name in (str(index), uuid) or (name.startswith("GPU-") and uuid.startswith(name))), None)
+        if match is None:
+            break  # CUDA stops at the first name it cannot use
+        found.append(match)
+    return found
 
 
 class EpochLogger:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from platform import cli, cluster, console, pretrained, provenance, registry, tracking
 from platform import config as config_lib
-from platform.runner import (built_data, default_name, log_best_model, log_split_lists, make_trainer, open_run,
+from platform.runner import (built_data, default_name, log_best_model, log_data, make_trainer, open_run,
                              put_in_memory, settled, without_ray)
 
 
@@ -58,7 +58,7 @@ def train_and_log(cfg, task, shards, client, run_id: str, uri: str, name: str, r
     """
     tracking.log_params(client, run_id, config_lib.flatten(config_lib.to_dict(cfg)))
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
-    log_split_lists(client, run_id, shards)
+    log_data(client, run_id, shards)
     if in_memory is None:
         in_memory = put_in_memory(cfg, shards, local=without_ray(cfg, shards))
     result = make_trainer(cfg, shards, name=name, mlflow_run_id=run_id, tracking_uri=uri, in_memory=in_memory).fit()

@@ -8,6 +8,7 @@ Each Tune trial is a small function that builds and fits one Ray Train ``TorchTr
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import tempfile
 
 from platform import PROJECT_ROOT, cli, cluster, console, cost, insight, pretrained, provenance, registry, runs, space as space_lib, tracking
 from platform import config as config_lib
-from platform.runner import (built_data, default_name, log_best_model, log_split_lists, loop_config,
+from platform.runner import (built_data, default_name, log_best_model, log_data, log_datasets, loop_config,
                              make_trainer, open_run, put_in_memory, reads_with_ray_data, settled, storage_path,
                              streamed)
 
@@ -36,7 +37,8 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
     cfg = config_lib.build(base["task"], [config_lib.flatten(base), sampled])
     console.quiet(cfg.log.level)
     client = tracking.MlflowClient(uri)
-    run_id, earlier = trial_run(client, experiment, sweep, trial_id, parent, {**init_tags, tracking.TASK_TAG: cfg.task})
+    run_id, earlier = trial_run(client, experiment, sweep, trial_id, parent,
+                                {**init_tags, tracking.TASK_TAG: cfg.task, tracking.SEARCHED_TAG: ",".join(sorted(config_lib.flatten(sampled)))})
     if earlier is not None and earlier.info.status == "FINISHED":
         # It ended before its driver died, after the sweep's state was last saved: Tune restored
         # it unfinished. It is not trained again; Tune (and through it Optuna, if the dead driver
@@ -53,6 +55,7 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
     tracking.log_params(client, run_id, {k: v for k, v in config_lib.flatten(config_lib.to_dict(cfg)).items()
                                          if k not in logged})
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
+    log_datasets(client, run_id, shards)
     tracking.set_tags(client, run_id, {"platform.driver_node": ray.get_runtime_context().get_node_id()})
     if cluster.in_process(cfg.scaling):
         # Trains right here, in the trial's own process, which Tune keeps for the next trial.
@@ -209,7 +212,7 @@ def sweep_folder(cfg, sweep: str) -> str:
 
 def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: str, sweep: str,
                 init_tags: dict | None = None, resume: str | None = None, samples: int | None = None,
-                concurrent: int = 1):
+                concurrent: int = 1, starts: list[dict] = ()):
     """A new Tuner of ``samples`` trials (also to go on with a sweep's parent run and study: resume
     "extend" or "restart"), or with ``resume`` "auto" or "force" the named sweep's, restored from
     its state."""
@@ -249,6 +252,7 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
         sampler=sampler,
         study_name=sweep,
         storage=storage,
+        points_to_evaluate=list(starts) or None,  # a warm start's: enqueued in the study, tried first
         epochs=cfg.train.epochs,
         stopped_as=cfg.tune.stopped_trials,
     )
@@ -317,7 +321,7 @@ SPACE_TAG = tracking.SPACE_TAG  # the sweep's search space, so a resume can refu
 def space_fingerprint(space) -> str:
     import json
 
-    return json.dumps({"search": {k: [kind, args] for k, (kind, args) in space.params.items()},
+    return json.dumps({"search": {k: p.recorded() for k, p in space.params.items()},
                        "fixed": space.fixed}, sort_keys=True, default=str)
 
 
@@ -407,12 +411,60 @@ def main(argv: list[str]) -> int:
     task, cfg, space, source, uri = checked_settings(argv)
     sweep = cfg.tune.name or default_name(cfg)
     experiment_name = cfg.mlflow.experiment or f"deeplense-{cfg.task}"
+    starts = warm_start_points(cfg, task, space, uri, experiment_name)  # (points, the line saying so)
     shards, cfg, data_tags = built_data(task, cfg)  # before the resume check: what the data decided is compared too
     cfg = settled(cfg, shards, min(cfg.tune.num_samples, cfg.tune.max_concurrent or cfg.tune.num_samples))
     resume, earlier = resume_plan(cfg, tracking.MlflowClient(uri) if tracking.store_exists(uri) else None,
                                   experiment_name, sweep, space)
     with driver_lock(cfg, sweep):  # every check passed: this driver's sweep, or a one-line refusal
-        return run_sweep(task, cfg, space, source, uri, sweep, shards, data_tags, resume, earlier)
+        return run_sweep(task, cfg, space, source, uri, sweep, shards, data_tags, resume, earlier,
+                         starts if not resume else ([], ""))  # a resumed sweep's study has them already
+
+
+WARM_START_TAG = "platform.warm_start"  # on a sweep's parent run: the sweep it started from
+
+
+def warm_start_points(cfg, task, space, uri: str, experiment_name: str) -> tuple[list[dict], str]:
+    """The best ``tune.warm_start_top`` configurations of the sweep ``tune.warm_start`` (same task),
+    as this space's values, best first: the first trials this sweep runs; and a line saying so. A key
+    this space no longer searches, or a value outside its range, is dropped (the line names it); no
+    such sweep is a one-line error."""
+    name = cfg.tune.warm_start
+    if not name:
+        return [], ""
+    client = tracking.MlflowClient(uri) if tracking.store_exists(uri) else None
+    parent = runs.sweep_parent(client, experiment_name, name)
+    if parent is None:
+        raise config_lib.ConfigError(f"tune.warm_start={name}: no sweep of that name in experiment {experiment_name} "
+                                     f"of {uri}; expected the tune.name of an earlier sweep of task {task.name}")
+    if parent.data.tags.get(tracking.TASK_TAG, task.name) != task.name:
+        raise config_lib.ConfigError(f"tune.warm_start={name} is a sweep of task {parent.data.tags[tracking.TASK_TAG]}; "
+                                     f"expected a sweep of task {task.name}")
+    objective = runs.sweep_objective(client, parent) or task.objective(cfg)
+    scored = sorted((r for r in insight.trial_rows(client, parent, objective)
+                     if r["state"] in ("COMPLETE", "STOPPED_EARLY") and math.isfinite(r[f"best/{objective}"])),
+                    key=lambda r: r[f"best/{objective}"], reverse=task.mode == "max")[:cfg.tune.warm_start_top]
+    if not scored:
+        raise config_lib.ConfigError(f"tune.warm_start={name}: none of its trials reached a value of best/{objective} "
+                                     f"to start from")
+    old = runs.recorded_space(parent)
+    gone = sorted(set(old) - set(space.params))
+    points, outside = [], set()
+    for row in scored:
+        point = {}
+        for key, value in row.items():
+            if key not in space.params or key not in old or value is None:
+                continue
+            if space_lib.allows(space.params[key], value):
+                point[key] = value
+            else:
+                outside.add(key)
+        points.append(point)
+    values = ", ".join(f"{r[f'best/{objective}']:.4g}" for r in scored)
+    note = (f"warm start from sweep {name}: its {len(points)} best configurations first (best/{objective} {values})"
+            + (f"; not searched here any more, dropped: {', '.join(gone)}" if gone else "")
+            + (f"; outside this space's ranges, dropped: {', '.join(sorted(outside))}" if outside else ""))
+    return points, note
 
 
 @contextlib.contextmanager
@@ -447,7 +499,7 @@ def driver_lock(cfg, sweep: str):
 
 
 def run_sweep(task, cfg, space, source, uri: str, sweep: str, shards: dict, data_tags: dict, resume: str | None,
-              earlier) -> int:
+              earlier, starts: tuple[list[dict], str] = ([], "")) -> int:
     """The sweep, once every check has passed: its parent run, its trials, its best trial kept."""
     print(config_lib.to_yaml(cfg) + space_lib.describe(space), flush=True)
     cluster.connect(cfg.ray.address)
@@ -456,6 +508,10 @@ def run_sweep(task, cfg, space, source, uri: str, sweep: str, shards: dict, data
     # The trials' runs have them too.
     init_tags = {**provenance.source_tags(), **(source.tags() if source else {}), **data_tags}
     client, experiment, parent = open_sweep(cfg, uri, sweep, space, resume, earlier, init_tags)
+    starts, note = starts
+    if starts:
+        print(note, flush=True)
+        tracking.set_tags(client, parent, {WARM_START_TAG: cfg.tune.warm_start})
     with cli.ends_run(client, parent):
         if resume in (None, "restart"):
             # The searched keys are left for the best trial's values, at the end (insight); a restart
@@ -464,10 +520,11 @@ def run_sweep(task, cfg, space, source, uri: str, sweep: str, shards: dict, data
             tracking.log_params(client, parent, {k: v for k, v in config_lib.flatten(config_lib.to_dict(cfg)).items()
                                                  if k not in space.params and k not in logged})
             tracking.log_text(client, parent, config_lib.to_yaml(cfg) + space_lib.describe(space), "sweep.yaml")
-            log_split_lists(client, parent, shards)
+            log_data(client, parent, shards)
         try:
             results = fit_sweep(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
-                                init_tags=init_tags, resume=resume, client=client, concurrent=capacity.trials)
+                                init_tags=init_tags, resume=resume, client=client, concurrent=capacity.trials,
+                                starts=starts)
         finally:  # what the trials spent, also for a sweep that stops part-way
             log_sweep_cost(client, experiment, parent, cfg.cost.hourly, capacity.node_types)
         keep_best_trial(cfg, task, space, shards, results, client=client, uri=uri, experiment=experiment,
@@ -521,7 +578,7 @@ def open_sweep(cfg, uri: str, sweep: str, space, resume: str | None, earlier, in
 
 
 def fit_sweep(cfg, space, shards: dict, *, uri: str, experiment: str, parent: str, sweep: str, init_tags: dict,
-              resume: str | None, client, concurrent: int = 1):
+              resume: str | None, client, concurrent: int = 1, starts: list[dict] = ()):
     """Tune's results of the sweep's trials, each trial's MLflow run ended as Tune saw it end."""
     # A SIGTERM (ray job stop, a cluster going down) is a Ctrl+C to Tune: it stops the
     # trials, saves the sweep's state and returns, so the same command resumes it.
@@ -537,7 +594,8 @@ def fit_sweep(cfg, space, shards: dict, *, uri: str, experiment: str, parent: st
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     try:
         results = build_tuner(cfg, space, shards, uri=uri, experiment=experiment, parent=parent, sweep=sweep,
-                              init_tags=init_tags, resume=resume, samples=samples, concurrent=concurrent).fit()
+                              init_tags=init_tags, resume=resume, samples=samples, concurrent=concurrent,
+                              starts=starts).fit()
     except BaseException as error:  # the trials' runs end with the sweep's, never left RUNNING
         end_open_trial_runs(client, experiment, sweep, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
@@ -629,7 +687,8 @@ def keep_best_trial(cfg, task, space, shards: dict, results, *, client, uri: str
         raise cli.CommandFailed(no_trial_finished(sweep, metric, [failure_reason(r.error) for r in failed]))
     best = client.get_run(best_run).data
     best_trial = best.tags[tracking.TRIAL_TAG]
-    sampled = {key: config_lib.from_param(best.params[key]) for key in space.params}
+    values = {key: config_lib.from_param(best.params[key]) for key in space.params}
+    sampled = {key: values[key] for key in space_lib.sampled_keys(space.params, values)}  # a condition's: if it held
     best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), sampled])
     # A best trial that ASHA stopped before its last epoch has not drawn its Grad-CAM and embedding figures.
     views_missing = wanted(task, cfg) and tracking.VIEWS_TAG not in best.tags

@@ -67,6 +67,23 @@ def test_config_round_trips_through_a_plain_dict():
     ("search:\n  model.mask: {uniform: [0.5, 0.9]}\n", "unknown config key 'model.mask'"),
     ("search:\n  train.lr: {loguniform: [0.0, 0.1]}\n", "loguniform needs low > 0"),
     ("serch:\n  train.lr: {uniform: [0.1, 0.2]}\n", "unknown section(s) serch"),
+    # Conditions: on a searched choice, with values among its options, without cycles.
+    ("search:\n  train.lr: {loguniform: [1.0e-4, 1.0e-2], when: {train.optimiser: [sgd]}}\n"
+     "  train.optimizer: {choice: [adamw, sgd]}\n",
+     "train.lr: when: train.optimiser is not searched in this space; a condition names a searched choice key "
+     "(train.optimizer)"),
+    ("search:\n  train.lr: {loguniform: [1.0e-4, 1.0e-2], when: {train.optimizer: [sdg]}}\n"
+     "  train.optimizer: {choice: [adamw, sgd]}\n",
+     "train.lr: when: train.optimizer=sdg is not one of its choices (adamw, sgd)"),
+    ("search:\n  train.lr: {loguniform: [1.0e-4, 1.0e-2], when: {model.mask_ratio: [0.5]}}\n"
+     "  model.mask_ratio: {uniform: [0.5, 0.9]}\n",
+     "train.lr: when: model.mask_ratio is a uniform; a condition names a searched choice key"),
+    ("search:\n  train.optimizer: {choice: [adamw, sgd], when: {train.schedule: [cosine]}}\n"
+     "  train.schedule: {choice: [cosine, constant], when: {train.optimizer: [sgd]}}\n",
+     "conditions form a cycle: train.optimizer -> train.schedule -> train.optimizer"),
+    ("search:\n  train.optimizer:\n    choice:\n      adamw: {train.lr: {uniform: [0.001, 0.01]}}\n"
+     "      sgd: {train.lr: {uniform: [0.01, 0.1]}}\n",
+     "train.lr is searched twice (under two options of a choice"),
 ])
 def test_bad_search_spaces(tmp_path, content, message):
     spec = tmp_path / "space.yaml"
@@ -150,3 +167,41 @@ def test_what_the_data_decided_is_compared_on_resume_like_any_other_setting():
         "loss.pos_weight=5.0; this command has loss.pos_weight=16.4"
     assert setting_change(recorded, config.build("lens_finding", [{"loss.pos_weight": 5, "train.lr": 0.01}])) == \
         f"train.lr={recorded['train.lr']}; this command has train.lr=0.01"
+
+
+def test_a_conditional_space_samples_a_key_only_when_its_condition_holds(tmp_path):
+    import optuna
+
+    spec = tmp_path / "space.yaml"
+    spec.write_text("""search:
+  physics.warmup_epochs: {int: [0, 2], when: {physics.schedule: [linear, cosine, step]}}
+  physics.schedule: {choice: [constant, linear, cosine, step]}
+  train.optimizer:
+    choice:
+      adamw: {train.weight_decay: {loguniform: [1.0e-5, 1.0e-1]}}
+      sgd:
+        train.schedule:
+          choice:
+            cosine: {train.warmup_epochs: {int: [0, 2]}}
+            constant: {}
+""")
+    searched = space.load(str(spec), "pinn")
+    # Each key after the keys its conditions name: the order define-by-run samples them in.
+    order = list(searched.params)
+    assert order.index("physics.schedule") < order.index("physics.warmup_epochs")
+    assert searched.params["train.warmup_epochs"].when == {"train.optimizer": ["sgd"], "train.schedule": ["cosine"]}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda trial: space.sample(trial, searched.params) or 0.0, n_trials=60)
+    branches = set()
+    for trial in study.trials:
+        p = trial.params
+        assert ("physics.warmup_epochs" in p) == (p["physics.schedule"] != "constant"), p
+        assert ("train.weight_decay" in p) == (p["train.optimizer"] == "adamw"), p
+        assert ("train.schedule" in p) == (p["train.optimizer"] == "sgd"), p
+        assert ("train.warmup_epochs" in p) == (p.get("train.schedule") == "cosine"), p  # nested
+        # What the insight and the report read back from a trial's logged values, defaults included.
+        logged = {**{key: 0 for key in searched.params}, **p}
+        assert sorted(space.sampled_keys(searched.params, logged)) == sorted(p)
+        branches.add((p["physics.schedule"], p["train.optimizer"], p.get("train.schedule")))
+    assert len(branches) >= 8

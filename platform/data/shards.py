@@ -284,6 +284,15 @@ def head(shards: Shards, rows: int) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
+def schema(shards: Shards) -> pa.Schema | None:
+    """The columns and their types, from the first shard's footer (None for a split with no rows)."""
+    if not shards.files:
+        return None
+    fs, where = _filesystem(shards.files[0])
+    with fs.open_input_file(where) as f:
+        return pq.read_schema(f)
+
+
 def batches(shards: Shards, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every row in order, as numpy batches of at most ``batch_size`` rows in the form ``head`` gives."""
     for path in shards.files:  # a row group at a time, local or on object storage
