@@ -707,6 +707,14 @@ def keep_best_trial(cfg, task, space, shards: dict, results, *, client, uri: str
     print(f"MLflow parent run {parent}, best run {best_run}"
           + (f", registered model {task.name} version {version}" if version else ""))
     print(cli.ui_hint(uri, experiment, parent))
+    print(study_hint(cfg, sweep))
+
+
+def study_hint(cfg, sweep: str) -> str:
+    """How to open the sweep's Optuna study in optuna-dashboard, on this machine's loopback."""
+    path = os.path.join(sweep_folder(cfg, sweep), "optuna.db")
+    return (f"Optuna study: optuna-dashboard sqlite:///{path} --host 127.0.0.1   (study {sweep}; "
+            f"pip install optuna-dashboard) then open http://127.0.0.1:8080")
 
 
 if __name__ == "__main__":

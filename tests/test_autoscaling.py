@@ -97,7 +97,7 @@ def sweep_runs(client, name: str):
 def args(tmp_path, cluster, name: str, *extra: str) -> list[str]:
     return ["task=mae", f"tune.name={name}", "tune.num_samples=6", "tune.scheduler=none", "tune.search=random",
             f"ray.address={cluster['address']}", "mlflow.register_model=false", "plots.gradcam=false",
-            "plots.embeddings=false", f"cost.hourly.{WORKER_TYPE}=0.5", *MAE,
+            "plots.embeddings=false", f"cost.hourly.{WORKER_TYPE}=0.5", "train.checkpoint_every=1", *MAE,
             *tiny(tmp_path / "cache", tmp_path / "mlflow.db"), *extra]
 
 

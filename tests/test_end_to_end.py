@@ -241,7 +241,7 @@ CONSOLE_KINDS = {
     "trial table": r"^(Trial status: .*|Current time: .*|Logical resource usage: .*|Current best trial: .*|[╭│├╰].*)$",
     "epoch": r"^(\x1b\[\d+m)?\((run_trial|RayTrainWorker) pid=\d+\)(\x1b\[0m)? \[mae\] epoch \d+/\d+ .* val/loss .*$",
     "summary": r"^(cost: .*|note: .*|\[mae\] test/loss = .*|\d+ trials \(\d+ failed\)\. Best trial .*|"
-               r"MLflow parent run .*|MLflow UI: .*)$",
+               r"MLflow parent run .*|MLflow UI: .*|Optuna study: optuna-dashboard sqlite:///.* --host 127\.0\.0\.1 .*)$",
 }
 
 

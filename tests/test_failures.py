@@ -60,7 +60,7 @@ def test_a_trial_past_its_time_limit_is_stopped_and_failed(tmp_path, workers):
     assert trial.info.status == "FAILED" and "tune.trial_timeout_s=2" in trial.data.tags["platform.failure"]
 
 
-MAE = ["task=mae", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32",
+MAE = ["task=mae", "train.checkpoint_every=1", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32",
        "model.decoder_depth=1", "tune.scheduler=none", "tune.num_samples=1", "scaling.num_workers=0"]
 
 

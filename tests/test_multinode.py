@@ -97,6 +97,7 @@ def test_a_sigtermed_then_a_killed_worker_resume_where_they_stopped_as_one_run(t
     db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results" / "survivor"
     epochs = 20  # epochs of under a second: room for two failures
     process = start_cli("platform.train", "task=mae", f"train.epochs={epochs}", "train.name=survivor",
+                        "train.checkpoint_every=1",  # an epoch checkpoint to fall back on after the SIGKILL
                         "train.max_failures=2", "train.preemption_check_steps=1",
                         f"ray.address={two_nodes['address']}", "scaling.num_workers=2",
                         *MAE, *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
@@ -160,6 +161,7 @@ def test_a_node_drained_for_preemption_hands_its_run_to_a_new_node(tmp_path, mon
     # there is no restart to check.
     db, epochs, deadline_s = tmp_path / "mlflow.db", 24, 15
     process = start_cli("platform.train", "task=mae", f"train.epochs={epochs}", "train.name=drained",
+                        "train.checkpoint_every=1",
                         "train.preemption_check_steps=1", "scaling.placement_strategy=STRICT_SPREAD",
                         f"ray.address={cluster.address}", "scaling.num_workers=2",
                         *MAE, *tiny(tmp_path / "cache", db), cwd=str(tmp_path))

@@ -19,7 +19,9 @@ MAE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decode
 
 
 def sweep(tmp_path, trials, epochs, *extra):
+    # A checkpoint every epoch (not train.checkpoint_every=auto's spacing), so that each kill finds one.
     return ["task=mae", "tune.name=resumable", f"tune.num_samples={trials}", "tune.max_concurrent=1", "tune.scheduler=none",
+            "train.checkpoint_every=1",
             f"train.epochs={epochs}", *MAE, *tiny(tmp_path / "cache", tmp_path / "mlflow.db"), *extra]
 
 
