@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 from mlflow.data.meta_dataset import MetaDataset
 
@@ -280,7 +281,10 @@ def log_datasets(client, run_id: str, shards: dict) -> None:
 
     inputs = []
     for split, s in shards.items():
-        dataset = ShardsDataset(resolve_dataset_source(s.path), name=os.path.basename(s.path.rstrip("/")),
+        with warnings.catch_warnings():  # MLflow registers its local source twice, and says so each time
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(s.path)
+        dataset = ShardsDataset(source, name=os.path.basename(s.path.rstrip("/")),
                                 digest=s.manifest["content_hash"][:32], schema=mlflow_schema(shards_lib.schema(s)),
                                 profile={"num_rows": s.num_rows, "image_shape": list(s.image_shape)})
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))

@@ -65,7 +65,8 @@ def train_and_log(cfg, task, shards, client, run_id: str, uri: str, name: str, r
     if result.error:
         raise result.error
     version, _ = log_best_model(client, run_id, cfg, task, shards, register)
-    return result.metrics.get(f"best/{task.objective(cfg)}"), version
+    # As the run logged it: Ray's result holds only what came with a checkpoint (train.checkpoint_every).
+    return client.get_run(run_id).data.metrics.get(f"best/{task.objective(cfg)}"), version
 
 
 def compare_with_random_init(cfg, task, shards, uri: str, name: str, source) -> int:

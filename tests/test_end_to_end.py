@@ -207,6 +207,7 @@ def test_tune_trials_train_in_one_reused_process(tmp_path):
     db = tmp_path / "mlflow.db"
     result = run_cli("platform.tune", "task=classification", "model.name=resnet10t", "scaling.num_workers=0",
                      "tune.num_samples=4", "tune.max_concurrent=1", "train.epochs=3", "tune.name=inproc",
+                     "train.checkpoint_every=1",  # auto would space a resnet10t's out past these short trials
                      *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "4 trials (0 failed)" in result.stdout
@@ -267,7 +268,8 @@ def test_the_default_sweep_prints_only_what_a_user_reads(tmp_path):
     assert "Current best trial" in result.stdout and "val/loss" in result.stdout  # the table's task column
 
     verbose = run_cli("platform.tune", "task=mae", "-v", "tune.num_samples=1", "train.epochs=1", "tune.name=loud",
-                      "scaling.num_workers=1", *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+                      "scaling.num_workers=1", "train.checkpoint_every=1", *tiny(tmp_path / "cache", db),
+                      cwd=str(tmp_path))
     assert verbose.returncode == 0, verbose.stdout[-3000:] + verbose.stderr[-3000:]
     shown = verbose.stdout + verbose.stderr
     assert "Reporting training result" in shown and "Checkpoint successfully created" in shown, shown[-3000:]

@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 from platform import space as space_lib
 from platform.searcher import TruthfulOptunaSearch
 
-SPACE = space_lib.SearchSpace(path="", fixed={}, params={"train.lr": ("loguniform", [1e-4, 1e-2])})
+SPACE = space_lib.SearchSpace(path="", fixed={}, params={"train.lr": space_lib.Param("loguniform", [1e-4, 1e-2])})
 
 
 def told(stopped_as: str, epochs_run: int, error: bool = False, epochs: int = 4,
