@@ -179,7 +179,7 @@ def run_loop(loop_config: dict, session: Session) -> None:
             end_epoch(run, epoch, trained, validated)
     finally:
         if system:
-            system.finish()
+            tracking.stop_watching(system)
 
 
 # --- setup ---------------------------------------------------------------------------------------

@@ -436,7 +436,7 @@ def watch_system(run_id: str, uri: str, interval_s: float):
     """MLflow's system metrics of this process's machine on the run, sampled every ``interval_s`` s in a
     thread (``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes``, ...,
     ``system/gpu_0_utilization_percentage`` for the first GPU the run was given). The monitor (call
-    its ``finish()``), or None when off or when MLflow cannot sample here."""
+    ``stop_watching``), or None when off or when MLflow cannot sample here."""
     if not interval_s:
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -456,6 +456,16 @@ def watch_system(run_id: str, uri: str, interval_s: float):
             gpus.num_gpus = len(gpus.gpu_handles)
     monitor.start()
     return monitor
+
+
+def stop_watching(monitor, wait_s: float = 10.0) -> None:
+    """The system metrics' last samples delivered, waiting at most ``wait_s``: a tracking server that
+    is away keeps MLflow's client retrying for minutes, and a run must not wait on its monitor."""
+    import threading
+
+    finishing = threading.Thread(target=monitor.finish, name="SystemMetricsFinish", daemon=True)
+    finishing.start()
+    finishing.join(wait_s)
 
 
 def given_gpus(ids: list[tuple[int, str]], visible: str) -> list[int]:
