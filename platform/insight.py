@@ -45,8 +45,7 @@ def trial_rows(client, parent, objective: str) -> list[dict]:
     rows = []
     for number, run in enumerate(r for r in trials if tracking.TRIAL_TAG in r.data.tags):
         metrics, params = run.data.metrics, run.data.params
-        values = {key: config_lib.from_param(params[key]) for key in space if key in params}
-        sampled = set(space_lib.sampled_keys(space, values))  # a conditional key it did not sample: None
+        sampled = space_lib.sampled_params(space, params)  # a conditional key it did not sample: None
         end = run.info.end_time or run.info.start_time
         rows.append({
             "number": number,
@@ -57,7 +56,7 @@ def trial_rows(client, parent, objective: str) -> list[dict]:
             f"final_val/{objective}": metrics.get(f"val/{objective}", math.nan),
             f"best/{objective}": metrics.get(f"best/{objective}", math.nan),
             "duration_s": round((end - run.info.start_time) / 1000, 1),
-            **{key: values.get(key) if key in sampled else None for key in space},
+            **{key: sampled.get(key) for key in space},
             "failure": run.data.tags.get(tracking.FAILURE_TAG, ""),
         })
     return rows

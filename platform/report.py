@@ -126,8 +126,7 @@ def collect(client, experiment_ids: list[str]) -> tuple[list[Row], list[str]]:
         params = best.data.params
         if kind == "sweep" and group in parents:
             space = runs.recorded_space(parents[group])
-            values = {k: config_lib.from_param(params[k]) for k in space if k in params}
-            shown = {k: params.get(k) for k in space_lib.sampled_keys(space, values)}
+            shown = {k: params[k] for k in space_lib.sampled_params(space, params)}
         else:
             shown = {k: params[k] for k in SHOWN_SETTINGS if params.get(k) not in (None, "")}
         rows.append(Row(task=task_name, group=group, kind=kind, runs=len(members), run_id=best.info.run_id,

@@ -48,6 +48,10 @@ class Param:
     args: list  # [low, high], or a choice's options
     when: dict = field(default_factory=dict)  # {searched choice key: [values]}: sampled when every one holds
 
+    def holds(self, values: dict) -> bool:
+        """Whether its conditions hold for these sampled ``values`` (a key not among them holds none)."""
+        return all(parent in values and values[parent] in allowed for parent, allowed in self.when.items())
+
     def recorded(self) -> list:
         """What the sweep's parent run records of it (``runs.recorded_space`` reads it back)."""
         return [self.kind, self.args, self.when] if self.when else [self.kind, self.args]
@@ -64,11 +68,16 @@ def sampled_keys(params: dict, values: dict) -> list[str]:
     """The keys of ``params`` a trial with these ``values`` sampled: those whose conditions hold, on
     keys that were sampled themselves (in any order of ``params``)."""
     def sampled(key: str, seen: tuple = ()) -> bool:
-        return key not in seen and all(
-            parent in params and sampled(parent, (*seen, key)) and values.get(parent) in allowed
-            for parent, allowed in params[key].when.items())
+        return key not in seen and params[key].holds(values) and all(
+            parent in params and sampled(parent, (*seen, key)) for parent in params[key].when)
 
     return [key for key in params if sampled(key)]
+
+
+def sampled_params(params: dict, logged: dict) -> dict:
+    """{key: value} of the keys of ``params`` a trial sampled, from its logged MLflow params (strings)."""
+    values = {key: config_lib.from_param(logged[key]) for key in params if key in logged}
+    return {key: values[key] for key in sampled_keys(params, values)}
 
 
 def default_path(task) -> str:
@@ -234,7 +243,7 @@ def sample(trial, params: dict) -> None:
     """Optuna define-by-run: suggest every searched key whose conditions hold (dotted names kept)."""
     for key, param in params.items():
         kind, args = param.kind, param.args
-        if not all(trial.params.get(parent, _UNSET) in allowed for parent, allowed in param.when.items()):
+        if not param.holds(trial.params):
             continue  # not sampled: the key keeps its default
         if kind == "uniform":
             trial.suggest_float(key, args[0], args[1])
@@ -253,9 +262,6 @@ def allows(param: Param, value) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return param.args[0] <= value <= param.args[1] and (param.kind != "int" or int(value) == value)
-
-
-_UNSET = object()  # a condition's key that was not sampled: no value satisfies it
 
 
 def define_by_run(space: SearchSpace):

@@ -447,13 +447,12 @@ def watch_system(run_id: str, uri: str, interval_s: float):
         say(f"warning: no system metrics for run {run_id} ({_one_line(error)})")
         return None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    for gpus in (m for m in monitor.monitors if hasattr(m, "gpu_handles")):
-        if visible is not None:  # NVML sees every GPU of the machine; the run has these ones
-            import pynvml
+    for gpus in (m for m in monitor.monitors if hasattr(m, "gpu_handles") and visible is not None):
+        import pynvml  # NVML sees every GPU of the machine; the run has these ones
 
-            ids = [(i, pynvml.nvmlDeviceGetUUID(h)) for i, h in enumerate(gpus.gpu_handles)]
-            gpus.gpu_handles = [gpus.gpu_handles[i] for i in given_gpus(ids, visible)]
-            gpus.num_gpus = len(gpus.gpu_handles)
+        ids = [(i, pynvml.nvmlDeviceGetUUID(h)) for i, h in enumerate(gpus.gpu_handles)]
+        gpus.gpu_handles = [gpus.gpu_handles[i] for i in given_gpus(ids, visible)]
+        gpus.num_gpus = len(gpus.gpu_handles)
     monitor.start()
     return monitor
 

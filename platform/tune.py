@@ -687,8 +687,7 @@ def keep_best_trial(cfg, task, space, shards: dict, results, *, client, uri: str
         raise cli.CommandFailed(no_trial_finished(sweep, metric, [failure_reason(r.error) for r in failed]))
     best = client.get_run(best_run).data
     best_trial = best.tags[tracking.TRIAL_TAG]
-    values = {key: config_lib.from_param(best.params[key]) for key in space.params}
-    sampled = {key: values[key] for key in space_lib.sampled_keys(space.params, values)}  # a condition's: if it held
+    sampled = space_lib.sampled_params(space.params, best.params)  # a conditional key: if its condition held
     best_cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), sampled])
     # A best trial that ASHA stopped before its last epoch has not drawn its Grad-CAM and embedding figures.
     views_missing = wanted(task, cfg) and tracking.VIEWS_TAG not in best.tags
