@@ -191,8 +191,11 @@ class ScalingConfig:
 @dataclass
 class TuneConfig:
     num_samples: int = bounded(4, 1)
-    scheduler: str = choice("asha", ["asha", "none"])
-    search: str = choice("tpe", ["tpe", "random"])
+    # asha stops poor trials early; pbt (population based training) has trials take the weights of
+    # better ones and perturb their searched values every tune.perturbation_interval epochs.
+    scheduler: str = choice("asha", ["asha", "none", "pbt"])
+    # nsga2: Optuna's NSGA-II, for several tune.objectives (tpe handles several too: MOTPE).
+    search: str = choice("tpe", ["tpe", "random", "nsga2"])
     max_concurrent: int = bounded(0, 0)  # 0: derived from the cluster's resources
     grace_period: int = bounded(1, 1)
     reduction_factor: int = bounded(2, 2)
@@ -217,6 +220,17 @@ class TuneConfig:
     # longer searches, or values outside its ranges, are dropped with a note.
     warm_start: str = safe_name()
     warm_start_top: int = bounded(3, 1)
+    # Several metrics optimised at once, each metric:max or metric:min (platform/objectives.py):
+    # val/<a metric of the task>, model/params or model/images_per_s; none: the task's own val metric.
+    objectives: list = field(default_factory=list, metadata={"check": "objectives"})
+    # Bounds a kept model must meet, each metric<=number or metric>=number (model/params<=5e6).
+    constraints: list = field(default_factory=list, metadata={"check": "objectives"})
+    # Which trial of a Pareto front (several objectives) is registered: first (best on the first
+    # objective) or knee (nearest the ideal point, each objective scaled over the front).
+    pick: str = choice("first", ["first", "knee"])
+    # tune.scheduler=pbt: epochs between exploits (a trial in the worst quarter takes a top quarter
+    # trial's weights and perturbs its values); each of those epochs is checkpointed.
+    perturbation_interval: int = bounded(2, 1)
 
 
 @dataclass
@@ -343,6 +357,11 @@ def _validate(node: DictConfig, prefix: str = "") -> None:
                 if isinstance(number, float) and not 0 <= number < math.inf:
                     raise ConfigError(f"{key}.{name}={number} is out of range; expected a finite number >= 0")
             continue
+        if f.metadata.get("check") == "objectives":  # tune.objectives, tune.constraints: their own syntax
+            from platform import objectives
+
+            objectives.check(key, list(value))
+            continue
         if isinstance(value, float) and value != value:
             raise ConfigError(f"{key}={value} is not a number")
         if isinstance(value, float) and value in (math.inf, -math.inf):
@@ -373,6 +392,8 @@ def _one_line(error: Exception, key: str, value: Any) -> ConfigError:
     reason = (str(error).splitlines() or [type(error).__name__])[0].strip()
     if "type hint 'Union[int, str]'" in reason:  # a count or auto (scaling.num_workers)
         return ConfigError(f"{key}={shown(value)} is not allowed; expected auto or a whole number")
+    if "is not a ListConfig" in reason:
+        return ConfigError(f"{key}={shown(value)} is not allowed; expected a list in brackets, e.g. {key}=[{shown(value)}]")
     if "type hint 'Union[" in reason:
         return ConfigError(f"{key}={shown(value)} is not allowed; expected auto or a number")
     return ConfigError(f"{key}={shown(value)}: {reason}")

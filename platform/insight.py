@@ -10,7 +10,10 @@ space recorded on it), so it works wherever the store is, after the cluster is g
 - Optuna's optimisation history, hyperparameter importances (fANOVA) and parallel coordinates,
   drawn from a study rebuilt from those rows;
 - the best trial's parameters and metrics as the parent's own, so MLflow's compare view lines
-  up sweeps side by side.
+  up sweeps side by side;
+- a sweep of several objectives (``tune.objectives``): its Pareto front, ``pareto.png`` (the first
+  two objectives, at each finished trial's best epoch; the kept trial starred, trials outside
+  ``tune.constraints`` crossed) and ``pareto.csv``; the kept trial is the best one above.
 
 Trials ASHA stopped early are in the figures with the best value they reached, marked so in
 the table: on a small sweep they are most of the trials, and what they reached is what the
@@ -25,7 +28,7 @@ import os
 import tempfile
 import warnings
 
-from platform import cli, registry, runs, tracking
+from platform import cli, objectives, registry, runs, tracking
 from platform import space as space_lib
 from platform import config as config_lib
 
@@ -167,6 +170,9 @@ def log_sweep_insight(client, parent_id: str, objective: str, mode: str) -> list
                      "sweep/stopped_early": counts["STOPPED_EARLY"], "sweep/failed": counts["FAILED"],
                      "sweep/killed": counts["KILLED"]}
     best = best_row(rows, objective, mode)
+    goals = objectives.recorded_goals(parent)
+    if goals and parent.data.tags.get("platform.best_run_id"):  # the Pareto trial tune.pick kept
+        best = next((r for r in rows if r["run_id"] == parent.data.tags["platform.best_run_id"]), best)
     if best is not None:
         best_run = client.get_run(best["run_id"])
         # Its last epoch's validation metrics, and the best value of the objective it reached.
@@ -186,8 +192,60 @@ def log_sweep_insight(client, parent_id: str, objective: str, mode: str) -> list
 
     # The figures last: the table, params and metrics are there even if one cannot be drawn.
     figures, skipped = sweep_figures(rebuilt_study(rows, space, objective, mode), objective)
+    if goals:
+        figures.update(pareto_insight(client, parent, *goals))
     tracking.log_figures(client, parent_id, figures, folder="sweep")
     return notes + skipped
+
+
+def pareto_insight(client, parent, goals: list, bounds: list, rule: str) -> dict:
+    """``pareto.csv`` on the parent run, and with two objectives or more its figure."""
+    import pandas as pd
+
+    rows = objectives.pareto_trials(client, parent, goals, bounds)
+    kept = parent.data.tags.get("platform.best_run_id")
+    for row in rows:
+        row["kept"] = row["run_id"] == kept
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "pareto.csv")
+        pd.DataFrame(rows).to_csv(path, index=False)
+        tracking.log_file(client, parent.info.run_id, path, "")
+    if len(goals) < 2 or not rows:
+        return {}
+    return {"pareto.png": pareto_figure(rows, goals, bounds, rule)}
+
+
+def pareto_figure(rows: list[dict], goals: list, bounds: list, rule: str):
+    """The first two objectives of every finished trial; the front joined up, the kept trial starred."""
+    from platform.plots import pyplot
+
+    plt = pyplot()
+    x, y = goals[0], goals[1]
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    others = [r for r in rows if not r["pareto"]]
+    for feasible, marker in ((True, "o"), (False, "x")):
+        chosen = [r for r in others if r["feasible"] == feasible]
+        if chosen:
+            axes.scatter([r[x.metric] for r in chosen], [r[y.metric] for r in chosen], c="0.6", marker=marker,
+                         label="other trials" if feasible else "outside tune.constraints")
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r[x.metric])
+    axes.plot([r[x.metric] for r in front], [r[y.metric] for r in front], "o-", color="tab:red",
+              drawstyle="steps-post" if len(goals) == 2 else "default", label="Pareto front")
+    for r in front:
+        axes.annotate(r["trial_id"], (r[x.metric], r[y.metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    kept = [r for r in rows if r.get("kept")]
+    if kept:
+        axes.scatter([kept[0][x.metric]], [kept[0][y.metric]], marker="*", s=250, color="gold", edgecolors="k",
+                     zorder=5, label=f"kept (tune.pick={rule})")
+    axes.set_xlabel(f"{x.metric} ({x.mode})")
+    axes.set_ylabel(f"{y.metric} ({y.mode})")
+    shown = f"; {len(goals) - 2} more objectives not drawn" if len(goals) > 2 else ""
+    limits = f"; {', '.join(str(b) for b in bounds)}" if bounds else ""
+    axes.set_title(f"Pareto front: {len(front)} of {len(rows)} finished trials, at their best epoch{limits}{shown}",
+                   fontsize=9)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
 
 
 def main(argv: list[str]) -> int:

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from platform import config as config_lib
-from platform import cluster, console, cost, explain, preemption, pretrained, registry, tracking
+from platform import cluster, console, cost, explain, objectives, preemption, pretrained, registry, tracking
 from platform.data import batches as batches_lib
 
 STATE_FILE = "state.pt"
@@ -114,6 +114,8 @@ class Run:
     check_every: int  # steps between preemption checks; 0: none
     deadline: float | None  # an in-process trial's tune.trial_timeout_s, as a wall-clock time
     started_at: float | None  # when the run began (the driver's clock), for time/to_first_step_s
+    model_params: int = 0  # logged as model/params (platform/objectives.py)
+    best_unlogged: bool = False  # best weights restored from a checkpoint, not yet in this run's MLflow record
     start_epoch: int = 0
     best: float | None = None  # the best val/<objective> so far, and its epoch and weights
     best_epoch: int = 0
@@ -225,7 +227,7 @@ def setup(loop_config: dict, session: Session) -> Run:
         train_batches=worker_batches("train", loop_config, cfg, session),
         val_batches=worker_batches("val", loop_config, cfg, session),
         logger=logger, meter=meter, check_every=check_every, deadline=loop_config.get("deadline"),
-        started_at=loop_config.get("started_at"))
+        started_at=loop_config.get("started_at"), model_params=sum(p.numel() for p in unwrap(model).parameters()))
     if checkpoint:
         restore(run, checkpoint)
     return run
@@ -311,6 +313,17 @@ def restore(run: Run, checkpoint) -> None:
     run.start_epoch, run.best, run.best_epoch = state["epoch"], state["best"], state["best_epoch"]
     run.best_metrics = state.get("best_metrics", {})
     run.skip_steps, run.partial = state.get("step", 0), state.get("partial")
+    # The optimiser's rates are this run's own: a trial that PBT exploited goes on from another
+    # trial's state with new values (a resumed run's are the ones it saved).
+    run.optimizer.param_groups[0]["weight_decay"] = run.cfg.train.weight_decay  # build_optimizer's decayed group
+    run.scheduler.base_lrs = [run.cfg.train.lr] * len(run.optimizer.param_groups)
+    for group, factor in zip(run.optimizer.param_groups, run.scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = run.cfg.train.lr, run.cfg.train.lr * factor(run.scheduler.last_epoch)
+    # Under PBT they may be another trial's: the next epoch logs them as this run's best.
+    run.best_unlogged = run.best_state is not None and run.cfg.tune.scheduler == "pbt"
+    if run.logger and run.cfg.tune.scheduler == "pbt":
+        # A PBT trial goes on from where its weights' trial was: the epochs after it are new ones.
+        run.logger.logged = {e for e in run.logger.logged if e <= run.start_epoch}
     if run.logger:
         where = f" step {run.skip_steps}" if run.skip_steps else ""
         shown = f" (best val/{run.task.objective(run.cfg)}={run.best:.4f})" if run.best is not None else ""
@@ -417,20 +430,27 @@ def validate(run: Run, view_rows: int = 0) -> Validated:
     model = unwrap(run.model)  # no DDP collectives: the ranks' shares may differ by a batch
     model.eval()
     chunks, first_batch = [], None
+    rows, forward_s = 0, 0.0  # model/images_per_s: forward passes alone, on this rank's device
     views = explain.view_rows(run.cfg, view_rows)
     with torch.no_grad(), autocast(run.device, run.dtype):
         for numpy_batch in run.val_batches(None):
             if view_rows and not views.full:
                 views.add(numpy_batch)
-            batch = run.task.collate(numpy_batch, run.cfg, False)
-            first_batch = first_batch or batch
-            out = run.task.eval_step(model, to_device(batch, run.device, run.channels_last), run.cfg)
+            collated = run.task.collate(numpy_batch, run.cfg, False)
+            first_batch = first_batch or collated
+            batch = to_device(collated, run.device, run.channels_last)
+            began = time.perf_counter()
+            out = run.task.eval_step(model, batch, run.cfg)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+            forward_s, rows = forward_s + time.perf_counter() - began, rows + rows_in(numpy_batch)
             chunks.append({k: v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
                            for k, v in out.items()})
     outputs = gathered_to_rank0(chunks, run.rank, run.world_size)
     metrics = None
     if run.rank == 0:
         metrics = {f"val/{k}": float(v) for k, v in run.task.evaluate(outputs, run.cfg).items()}
+        metrics["model/images_per_s"] = rows / forward_s if forward_s > 0 else math.nan
     metrics = from_rank0(metrics, run.world_size)
     return Validated(metrics, outputs if run.rank == 0 else None, first_batch, views.rows())
 
@@ -472,7 +492,8 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
     """The epoch's metrics, the best weights so far, the checkpoint, the run's record and the report."""
     objective = run.task.objective(run.cfg)
     metrics = {**validated.metrics, "train/loss": trained.loss, "train/lr": run.scheduler.get_last_lr()[0],
-               "train/samples_per_s": trained.samples / trained.seconds, "epoch": epoch + 1}
+               "train/samples_per_s": trained.samples / trained.seconds, "model/params": run.model_params,
+               "epoch": epoch + 1}
     if epoch == 0 and run.first_step_at is not None and run.started_at is not None:
         # Start-up: the trainer built on the driver -> workers, data pipeline, model -> first batch.
         metrics["time/to_first_step_s"] = run.first_step_at - run.started_at
@@ -488,13 +509,15 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
         checkpoint, began = None, time.perf_counter()
         if run.logger and checkpoint_due(run, epoch):
             checkpoint = save_state(run, folder, epoch + 1)
-        elif run.logger and improved:  # the best weights still go to MLflow
+        elif run.logger and (improved or run.best_unlogged):  # the best weights still go to MLflow
             torch.save(run.best_state, os.path.join(folder, BEST_FILE))
         saving = time.perf_counter() - began
         if run.logger:
             # Before the report: a scheduler may stop the trial as soon as it has reported.
-            run.logger.epoch(epoch + 1, metrics, best=(run.best_epoch, os.path.join(folder, BEST_FILE)) if improved
-                             else None, figures=lambda: task_plots(run, validated))
+            run.logger.epoch(epoch + 1, metrics, best=(run.best_epoch, os.path.join(folder, BEST_FILE))
+                             if improved or run.best_unlogged else None,
+                             figures=(lambda: task_plots(run, validated)) if improved else None)
+            run.best_unlogged = False
             run.logger.progress(epoch + 1, metrics, objective, trained.steps, trained.samples, run.world_size,
                                 trained.seconds, time.perf_counter() - trained.started)
             if last and run.logger.client:  # before the last report: Tune may then stop the trial
@@ -503,7 +526,7 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
                                        explain.decision_threshold(run.task, run.best_metrics))
             if last:  # the run's records all delivered before Tune may end it
                 run.logger.finish()
-        run.session.report(shown_first(metrics, objective), checkpoint=checkpoint,
+        run.session.report({**shown_first(metrics, objective), **searched_at_best(run, metrics)}, checkpoint=checkpoint,
                            checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
         if checkpoint is not None:
             # Written here, then copied by the report into the run's storage: twice the write. (The
@@ -514,8 +537,22 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
                                  f"no best epoch to keep; check the task's outputs, or lower train.lr")
 
 
+def searched_at_best(run: Run, metrics: dict) -> dict:
+    """For Tune alone: the sweep's objectives and constrained metrics at the best epoch so far
+    (``at_best/<metric>``; NaN before there is one). Not logged: MLflow has them at every epoch."""
+    wanted = objectives.searched_metrics(run.cfg)
+    if not wanted:
+        return {}
+    objectives.at_best_epoch(wanted, metrics, run.task.name)  # each one a metric the task logs
+    best = {**run.best_metrics, "model/params": run.model_params}
+    return {objectives.AT_BEST + m: float(best.get(m, math.nan)) for m in wanted}
+
+
 def checkpoint_due(run: Run, epoch: int) -> bool:
-    """Whether epoch ``epoch`` (0-based) ends with a checkpoint (``train.checkpoint_every``)."""
+    """Whether epoch ``epoch`` (0-based) ends with a checkpoint (``train.checkpoint_every``): also
+    each epoch population based training may exploit (a trial's weights taken by another)."""
+    if run.cfg.tune.scheduler == "pbt" and (epoch + 1) % run.cfg.tune.perturbation_interval == 0:
+        return True
     every = run.cfg.train.checkpoint_every
     if every != config_lib.AUTO:
         return (epoch + 1) % every == 0

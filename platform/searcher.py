@@ -16,10 +16,15 @@ the trial's rerun is not told again (Optuna refuses to update a finished trial).
 from __future__ import annotations
 
 import logging
+import math
+import threading
 
+from optuna.samplers import NSGAIISampler
 from optuna.trial import TrialState
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
+
+from platform.objectives import AT_BEST
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +33,14 @@ class TruthfulOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that tells stopped trials as PRUNED (``stopped_as="pruned"``) and failed ones as FAIL.
 
     ``epochs``: what a trial that runs to its end reports as its last ``epoch``; one that
-    reports fewer was stopped. ``stopped_as="complete"`` is Ray's own behaviour.
+    reports fewer was stopped. ``stopped_as="complete"`` is Ray's own behaviour. ``constraints``
+    (``objectives.Constraint``): each trial's excess over them is set on its Optuna trial before it
+    is told (``Trial.set_constraint``), where Optuna's samplers read it.
     """
 
-    def __init__(self, *args, epochs: int, stopped_as: str = "pruned", **kwargs):
+    def __init__(self, *args, epochs: int, stopped_as: str = "pruned", constraints=(), **kwargs):
         super().__init__(*args, **kwargs)
-        self.epochs, self.stopped_as = epochs, stopped_as
+        self.epochs, self.stopped_as, self.constraints = epochs, stopped_as, list(constraints)
         self._reported_steps: dict[str, set[int]] = {}  # per trial, the steps Optuna was sent
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -56,11 +63,13 @@ class TruthfulOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self._told_already(trial_id):
             return
+        self._set_constraints(trial_id, result)
         stopped = not error and bool(result) and result.get("epoch", self.epochs) < self.epochs
         if self.stopped_as == "complete" or trial_id in self._completed_trials or not (error or stopped):
             return super().on_trial_complete(trial_id, result, error)
         try:
             trial = self._ot_trials[trial_id]
+            # (A multi-objective study takes no per-epoch values: Optuna cannot prune on several.)
             if stopped and not isinstance(self.metric, list) and self.metric in result:
                 # The result a scheduler stops a trial on reaches the searcher here, never through
                 # on_trial_result: without it a trial stopped at its first report is pruned with no
@@ -72,3 +81,23 @@ class TruthfulOptunaSearch(OptunaSearch):
         except Exception as exc:  # as Ray does: a bad tell must not end the sweep
             logger.warning(exc)
         self._completed_trials.add(trial_id)
+
+    def _set_constraints(self, trial_id: str, result: dict | None) -> None:
+        trial = self._ot_trials.get(trial_id)
+        if not self.constraints or not result or trial is None or trial_id in self._completed_trials:
+            return
+        values = [result.get(AT_BEST + c.metric, math.nan) for c in self.constraints]
+        if all(math.isfinite(v) for v in values):
+            for constraint, value in zip(self.constraints, values):
+                trial.set_constraint(str(constraint), constraint.excess(value))
+
+
+class SavedNSGAIISampler(NSGAIISampler):
+    """Optuna's NSGA-II, which Tune can save with the sweep's state: its lock is made anew when loaded."""
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_thread_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()

@@ -15,7 +15,8 @@ import signal
 import sys
 import tempfile
 
-from platform import PROJECT_ROOT, cli, cluster, console, cost, insight, pretrained, provenance, registry, runs, space as space_lib, tracking
+from platform import (PROJECT_ROOT, cli, cluster, console, cost, insight, objectives, pretrained, provenance, registry,
+                      runs, space as space_lib, tracking)
 from platform import config as config_lib
 from platform.runner import (built_data, default_name, log_best_model, log_data, log_datasets, loop_config,
                              make_trainer, open_run, put_in_memory, reads_with_ray_data, settled, storage_path,
@@ -54,6 +55,11 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
     logged = earlier.data.params if earlier is not None else {}
     tracking.log_params(client, run_id, {k: v for k, v in config_lib.flatten(config_lib.to_dict(cfg)).items()
                                          if k not in logged})
+    if cfg.tune.scheduler == "pbt" and earlier is None:  # the values' history starts with its first ones
+        from platform import pbt
+
+        space = runs.recorded_space(client.get_run(parent))
+        tracking.log_metrics(client, run_id, pbt.value_metrics(config_lib.flatten(sampled), space), step=0)
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
     log_datasets(client, run_id, shards)
     tracking.set_tags(client, run_id, {"platform.driver_node": ray.get_runtime_context().get_node_id()})
@@ -216,11 +222,10 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
     """A new Tuner of ``samples`` trials (also to go on with a sweep's parent run and study: resume
     "extend" or "restart"), or with ``resume`` "auto" or "force" the named sweep's, restored from
     its state."""
-    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from platform.searcher import TruthfulOptunaSearch
+    from platform import pbt
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config_lib.to_dict(cfg), shards=shards, in_memory=put_in_memory(cfg, shards),
@@ -232,41 +237,29 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
         return tune.Tuner.restore(sweep_path(cfg, sweep), trainable, resume_unfinished=True,
                                   resume_errored=resume == "force", restart_errored=False)
     task = registry.task_of(cfg)
-    metric = f"val/{task.objective(cfg)}"
+    goals = objectives.objectives_of(cfg, task)
     samples = cfg.tune.num_samples if samples is None else samples
-    storage = study_storage(cfg, sweep)
-    try:
-        earlier = len(storage.get_all_trials(storage.get_study_id_from_name(sweep)))
-    except KeyError:
-        earlier = 0
-    # A continued study (same tune.name) goes on from its trials; a fresh seed keeps it from
-    # drawing the same first points again.
-    seed = cfg.tune.seed + earlier
-    startup = cfg.tune.startup_trials or min(10, max(2, cfg.tune.num_samples // 3))
-    sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup) if cfg.tune.search == "tpe"
-               else optuna.samplers.RandomSampler(seed=seed))
-    search = TruthfulOptunaSearch(
-        space=space_lib.define_by_run(space),
-        metric=metric,
-        mode=task.mode,
-        sampler=sampler,
-        study_name=sweep,
-        storage=storage,
-        points_to_evaluate=list(starts) or None,  # a warm start's: enqueued in the study, tried first
-        epochs=cfg.train.epochs,
-        stopped_as=cfg.tune.stopped_trials,
-    )
-    scheduler = None
-    if cfg.tune.scheduler == "asha":
-        # max_t one past the last epoch: a trial that reaches the end finishes by itself
-        # rather than being stopped (killed) by ASHA right after its last report.
-        scheduler = ASHAScheduler(metric=metric, mode=task.mode, time_attr="training_iteration",
-                                  max_t=cfg.train.epochs + 1,
-                                  grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
-                                  reduction_factor=cfg.tune.reduction_factor)
+    param_space = None
+    if cfg.tune.scheduler == "pbt":
+        # Its first population drawn at random (Ray advises no model-based searcher beside PBT: the
+        # values of a trial change as it trains); then PBT exploits and explores.
+        search, param_space = pbt.first_population(space, cfg.tune.seed, starts)
+        scheduler = pbt.LineagePBT(cfg, space, registry.task_of(cfg), uri=uri, experiment=experiment, sweep=sweep)
+    else:
+        search = optuna_search(cfg, task, space, sweep, starts)
+        scheduler = None
+        if cfg.tune.scheduler == "asha":
+            # max_t one past the last epoch: a trial that reaches the end finishes by itself
+            # rather than being stopped (killed) by ASHA right after its last report. With several
+            # objectives it stops trials on the first one (a val/ metric: objectives.check_search).
+            scheduler = ASHAScheduler(metric=goals[0].metric, mode=goals[0].mode, time_attr="training_iteration",
+                                      max_t=cfg.train.epochs + 1,
+                                      grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+                                      reduction_factor=cfg.tune.reduction_factor)
     in_process = cluster.in_process(cfg.scaling)
     return tune.Tuner(
         trainable,
+        param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
                                     num_samples=samples,
                                     max_concurrent_trials=min(concurrent, samples),
@@ -278,10 +271,54 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
         run_config=tune.RunConfig(name=sweep, storage_path=storage_path(cfg),
                                   # Quiet: Tune's table with the task's columns, not a box per trial and result.
                                   **console.tune_output(),
-                                  callbacks=[console.trial_table(list(space.params), metric, task.mode)]
+                                  callbacks=[console.trial_table(list(space.params), goals[0].metric, goals[0].mode)]
                                   if console.is_quiet() else [],
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
+    )
+
+
+def optuna_search(cfg, task, space, sweep: str, starts: list[dict]):
+    """Optuna's sampler (TPE, random or NSGA-II) over the space, define-by-run, behind Ray Tune,
+    told each trial's value of the sweep's objectives and, with constraints, its excess over them."""
+    import optuna
+
+    from platform.searcher import SavedNSGAIISampler, TruthfulOptunaSearch
+
+    storage = study_storage(cfg, sweep)
+    try:
+        earlier = len(storage.get_all_trials(storage.get_study_id_from_name(sweep)))
+    except KeyError:
+        earlier = 0
+    # A continued study (same tune.name) goes on from its trials; a fresh seed keeps it from
+    # drawing the same first points again.
+    seed = cfg.tune.seed + earlier
+    startup = cfg.tune.startup_trials or min(10, max(2, cfg.tune.num_samples // 3))
+    constraints = objectives.constraints_of(cfg)  # told to Optuna with each trial (Trial.set_constraint)
+    if cfg.tune.search == "tpe":  # several objectives: Optuna's TPE is MOTPE
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    elif cfg.tune.search == "nsga2":
+        sampler = SavedNSGAIISampler(seed=seed, population_size=max(2, startup))
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    if cfg.tune.objectives:  # each at the trial's best epoch, as the kept model has it
+        goals = objectives.objectives_of(cfg, task)
+        metric = [objectives.AT_BEST + g.metric for g in goals]
+        mode = [g.mode for g in goals]
+        metric, mode = (metric[0], mode[0]) if len(goals) == 1 else (metric, mode)
+    else:
+        metric, mode = f"val/{task.objective(cfg)}", task.mode
+    return TruthfulOptunaSearch(
+        space=space_lib.define_by_run(space),
+        metric=metric,
+        mode=mode,
+        sampler=sampler,
+        study_name=sweep,
+        storage=storage,
+        points_to_evaluate=list(starts) or None,  # a warm start's: enqueued in the study, tried first
+        epochs=cfg.train.epochs,
+        stopped_as=cfg.tune.stopped_trials,
+        constraints=constraints,
     )
 
 
@@ -508,6 +545,7 @@ def run_sweep(task, cfg, space, source, uri: str, sweep: str, shards: dict, data
     # The trials' runs have them too.
     init_tags = {**provenance.source_tags(), **(source.tags() if source else {}), **data_tags}
     client, experiment, parent = open_sweep(cfg, uri, sweep, space, resume, earlier, init_tags)
+    tracking.set_tags(client, parent, objectives.sweep_tags(cfg, task))
     starts, note = starts
     if starts:
         print(note, flush=True)
@@ -546,6 +584,11 @@ def checked_settings(argv: list[str]):
     if cfg.train.compare_random_init:
         raise config_lib.ConfigError("train.compare_random_init=true is for python -m platform.train (a pretrained "
                                      "and a random start side by side), not for sweeps")
+    objectives.check_search(cfg, registry.task_of(cfg))
+    if cfg.tune.scheduler == "pbt":
+        from platform import pbt
+
+        pbt.check(cfg, registry.task_of(cfg), space)
     cluster.check_fits(cfg.scaling, cfg.ray.address)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     source = pretrained.source_for(cfg, uri)  # init_from checked before any work; linked in MLflow
@@ -649,7 +692,8 @@ def no_trial_finished(sweep: str, metric: str, reasons: list[str]) -> str:
             f"runs the failed ones again from their checkpoints)")
 
 
-def sweep_note(cfg, task, sweep: str, trials: int, best_trial: str, best_run: str, value: float, test: dict) -> str:
+def sweep_note(cfg, task, sweep: str, trials: int, best_trial: str, best_run: str, value: float, test: dict,
+               front: int = 0) -> str:
     """The parent run's description (the MLflow note on its page): what was swept on what data, the
     best trial's val and test numbers, and the commands that reproduce the sweep and its best model."""
     objective = task.objective(cfg)
@@ -661,7 +705,11 @@ def sweep_note(cfg, task, sweep: str, trials: int, best_trial: str, best_run: st
     test_value = test.get(f"test/{objective}", float("nan"))
     return (f"**{cfg.task}** sweep `{sweep}`: {trials} trials ({cfg.tune.search} search, {cfg.tune.scheduler} "
             f"stopping, tune.seed={cfg.tune.seed}) on {data}.\n\n"
-            f"Best trial {best_trial} (run `{best_run}`), chosen on val: val/{objective} = {value:.4f}; "
+            + (f"Objectives {', '.join(cfg.tune.objectives)}"
+               + (f" within {', '.join(cfg.tune.constraints)}" if cfg.tune.constraints else "")
+               + f": {front} trials on the Pareto front (tag {objectives.PARETO_TAG}); kept by tune.pick="
+               f"{cfg.tune.pick}, {objectives.PICK_RULES[cfg.tune.pick]}.\n\n" if front else "")
+            + f"{'Kept' if front else 'Best'} trial {best_trial} (run `{best_run}`), chosen on val: val/{objective} = {value:.4f}; "
             f"test/{objective} = {test_value:.4f} (the test split, scored once, for this trial alone).\n\n"
             f"Reproduce the sweep: `{tags.get(provenance.COMMAND_TAG, 'python -m platform.tune task=' + cfg.task)}`"
             + (f" at commit `{commit[:12]}`" if commit else "")
@@ -681,10 +729,16 @@ def keep_best_trial(cfg, task, space, shards: dict, results, *, client, uri: str
     # The best trial as MLflow records it, over every trial under this parent run (an
     # extended sweep's earlier ones too): the UI, the registered weights and the parent
     # agree even when a stopped trial logged one more epoch than Tune saw.
-    best_run, value = runs.best_trial_run(client, experiment, parent, f"best/{objective}", task.mode)
+    front = []
+    if cfg.tune.objectives or cfg.tune.constraints:  # the Pareto trial tune.pick chooses
+        best_run, front, why_none = pareto_pick(cfg, task, client, parent)
+        value = client.get_run(best_run).data.metrics.get(f"best/{objective}", math.nan) if best_run else None
+    else:
+        best_run, value = runs.best_trial_run(client, experiment, parent, f"best/{objective}", task.mode)
+        why_none = None
     if best_run is None:
         explain_sweep(client, parent, objective, task, sweep)  # its trials table says why each failed
-        raise cli.CommandFailed(no_trial_finished(sweep, metric, [failure_reason(r.error) for r in failed]))
+        raise cli.CommandFailed(why_none or no_trial_finished(sweep, metric, [failure_reason(r.error) for r in failed]))
     best = client.get_run(best_run).data
     best_trial = best.tags[tracking.TRIAL_TAG]
     sampled = space_lib.sampled_params(space.params, best.params)  # a conditional key: if its condition held
@@ -698,15 +752,40 @@ def keep_best_trial(cfg, task, space, shards: dict, results, *, client, uri: str
     tracking.set_tags(client, parent, {"platform.best_run_id": best_run, "platform.best_trial": best_trial,
                                         "platform.registered_version": version or "",
                                         "mlflow.note.content": sweep_note(cfg, task, sweep, len(results), best_trial,
-                                                                          best_run, value, test)})
+                                                                          best_run, value, test, len(front))})
     explain_sweep(client, parent, objective, task, sweep)
-    print(f"\n{len(results)} trials ({len(failed)} failed). Best trial {best_trial}: {metric} = {value:.4f}")
+    kind = f"Kept trial (tune.pick={cfg.tune.pick})" if front else "Best trial"
+    print(f"\n{len(results)} trials ({len(failed)} failed). {kind} {best_trial}: {metric} = {value:.4f}")
     for key, v in sorted(sampled.items()):
         print(f"  {key} = {v}")
+    if front:
+        goals = objectives.objectives_of(cfg, task)
+        print(f"Pareto front ({len(front)} trials; kept by tune.pick={cfg.tune.pick}: "
+              f"{objectives.PICK_RULES[cfg.tune.pick]}):")
+        for row in front:
+            print(f"  {'*' if row['run_id'] == best_run else ' '} trial {row['trial_id']}  "
+                  + "  ".join(f"{g.metric} {row[g.metric]:.4g}" for g in goals))
     print(f"MLflow parent run {parent}, best run {best_run}"
           + (f", registered model {task.name} version {version}" if version else ""))
     print(cli.ui_hint(uri, experiment, parent))
     print(study_hint(cfg, sweep))
+
+
+def pareto_pick(cfg, task, client, parent: str) -> tuple[str | None, list[dict], str | None]:
+    """(the run id tune.pick chooses, the Pareto front's rows, why there is none): every Pareto trial
+    tagged ``platform.pareto=true``."""
+    goals, bounds = objectives.objectives_of(cfg, task), objectives.constraints_of(cfg)
+    rows = objectives.pareto_trials(client, client.get_run(parent), goals, bounds)
+    front = [row for row in rows if row["pareto"]]
+    for row in front:
+        tracking.set_tags(client, row["run_id"], {objectives.PARETO_TAG: "true"})
+    chosen = objectives.picked(rows, goals, cfg.tune.pick)
+    why = None
+    if chosen is None and rows:
+        why = (f"none of the {len(rows)} finished trials met tune.constraints="
+               f"[{','.join(cfg.tune.constraints)}] with a value of every objective; widen the constraints or "
+               f"search a space that can meet them")
+    return (chosen["run_id"] if chosen else None), front, why
 
 
 def study_hint(cfg, sweep: str) -> str:
