@@ -45,12 +45,12 @@ ARMS = {
 }
 
 
-def trace(db: str, sweep: str) -> list[float]:
+def trace(db: str, sweep: str, task: str = TASK) -> list[float]:
     """The sweep's validation AUC of every epoch of every trial, in the order the epochs ended."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{db}")
-    experiment = client.get_experiment_by_name(f"deeplense-{TASK}").experiment_id
+    experiment = client.get_experiment_by_name(f"deeplense-{task}").experiment_id
     events = []
     from platform.runs import sweep_runs
 

@@ -111,7 +111,8 @@ class LineagePBT(PopulationBasedTraining):
         mutable = {key: param for key, param in space.params.items() if not shapes_model(task, cfg, key, param)}
         fixed = sorted(set(space.params) - set(mutable))
         if fixed:
-            print(f"pbt: {', '.join(fixed)} shape the model: drawn once, then inherited with the weights", flush=True)
+            print(f"pbt: {', '.join(fixed)} {'shapes' if len(fixed) == 1 else 'shape'} the model: drawn once, then "
+                  f"inherited with the weights", flush=True)
         bounds = {key: (p.args[0], p.args[1], p.kind == "int") for key, p in mutable.items() if p.kind != "choice"}
         super().__init__(
             time_attr="training_iteration", metric=f"val/{task.objective(cfg)}", mode=task.mode,

@@ -125,11 +125,12 @@ def streamed(shards: dict, in_memory: dict | None) -> dict:
 
 
 def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tracking_uri: str, callbacks=(),
-                 in_memory: dict | None = None, started_at: float | None = None):
+                 in_memory: dict | None = None, started_at: float | None = None, resume_from=None):
     """A TorchTrainer for one run of ``cfg``: the one code path for a laptop and a GPU cluster.
 
     ``scaling.num_workers`` auto or 0: Ray Train's local mode, the loop in this process. See ``loop_config``
-    for ``in_memory`` and ``started_at``.
+    for ``in_memory`` and ``started_at``. ``resume_from``: a checkpoint to start from, when the run
+    called ``name`` has none of its own.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -159,6 +160,7 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
         ),
         datasets=streamed(shards, in_memory),
         dataset_config=EveryEvaluationRow(),
+        resume_from_checkpoint=resume_from,
     )
 
 

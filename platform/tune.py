@@ -71,8 +71,16 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
             config["deadline"] = started_at + cfg.tune.trial_timeout_s
         train_in_process(config, cfg, streamed(shards, in_memory))
     else:
-        trainer = make_trainer(cfg, shards, name=f"{sweep}-{trial_id}", mlflow_run_id=run_id, tracking_uri=uri,
-                               callbacks=[epoch_reports()], in_memory=in_memory, started_at=started_at)
+        name, resume_from = f"{sweep}-{trial_id}", None
+        if cfg.tune.scheduler == "pbt" and (resume_from := ray.tune.get_checkpoint()) is not None:
+            # Its Train run goes on from the checkpoint PBT gives it, which may be another trial's:
+            # a Train run of its own per checkpoint (one that has its own would resume from those).
+            import hashlib
+
+            name += "-" + hashlib.sha1(str(resume_from.path).encode()).hexdigest()[:10]
+        trainer = make_trainer(cfg, shards, name=name, mlflow_run_id=run_id, tracking_uri=uri,
+                               callbacks=[epoch_reports()], in_memory=in_memory, started_at=started_at,
+                               resume_from=resume_from)
         result = fit_within(trainer, cfg.tune.trial_timeout_s)
         if result.error:
             raise result.error
@@ -274,7 +282,9 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
                                   callbacks=[console.trial_table(list(space.params), goals[0].metric, goals[0].mode)]
                                   if console.is_quiet() else [],
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
+                                  # PBT: a trial's checkpoint may be taken by another a few epochs later.
+                                  checkpoint_config=tune.CheckpointConfig(
+                                      num_to_keep=max(cfg.train.checkpoints_to_keep, 4 if cfg.tune.scheduler == "pbt" else 1))),
     )
 
 
@@ -673,7 +683,10 @@ def settle_study(cfg, sweep: str) -> None:
     from optuna.trial import TrialState
 
     storage = study_storage(cfg, sweep)
-    study = storage.get_study_id_from_name(sweep)
+    try:
+        study = storage.get_study_id_from_name(sweep)
+    except KeyError:  # a PBT sweep's population is drawn without Optuna
+        return
     for trial in storage.get_all_trials(study, deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(trial._trial_id, "platform.failure", "its sweep's driver was killed")
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -768,7 +781,8 @@ def keep_best_trial(cfg, task, space, shards: dict, results, *, client, uri: str
     print(f"MLflow parent run {parent}, best run {best_run}"
           + (f", registered model {task.name} version {version}" if version else ""))
     print(cli.ui_hint(uri, experiment, parent))
-    print(study_hint(cfg, sweep))
+    if cfg.tune.scheduler != "pbt":  # PBT draws its population without Optuna
+        print(study_hint(cfg, sweep))
 
 
 def pareto_pick(cfg, task, client, parent: str) -> tuple[str | None, list[dict], str | None]:
