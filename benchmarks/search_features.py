@@ -2,21 +2,20 @@
 
     python -m benchmarks.search_features [--seeds 0 1 2] [--trials 6] [--epochs 3]
 
-1. ``pinn`` on the simulator (64x64, ``--num-train`` training and ``--num-val`` validation
-   images, a resnet10t backbone and a 16x16 source plane), its shipped space: the physics
-   schedule, its weight, the learning rate and the schedule's warm-up, which a constant schedule
-   does not have. Two arms, the same trials and epochs (TPE and ASHA, the platform's defaults,
-   one trial at a time), for every seed (``tune.seed``; the data stay the same):
+1. ``classification`` on the simulator (64x64, ``--num-train`` training and ``--num-val``
+   validation images), a space with a choice of backbone whose options carry their own keys:
+   the learning rate, the weight decay, and ResNet-18's dropout, which resnet10t is not given.
+   Two arms, the same trials and epochs (TPE and ASHA, the platform's defaults, one trial at a
+   time), for every seed (``tune.seed``; the data stay the same):
 
-   - conditional: ``physics.warmup_epochs`` sampled only for the schedules that have one
-     (search_spaces/pinn.yaml);
-   - flat: the same four keys, the warm-up sampled for every trial.
+   - conditional: ``model.drop_rate`` sampled only when ``model.name=resnet18``;
+   - flat: the same four keys, the dropout sampled for every trial (resnet10t's too).
 
    Every validated epoch of every trial is one unit of budget, in the order the epochs ended;
    per sweep the best validation AUC, and the same at half the budget. Medians over seeds.
-2. ``classification`` with ``tune.scheduler=pbt``: ``--pbt-trials`` trials of ``--epochs`` + 1
-   epochs, exploiting every epoch; its lineage read back from MLflow (each exploited trial's
-   ``platform.pbt.lineage`` tag and ``pbt/train.lr`` history).
+2. ``classification`` (resnet10t) with ``tune.scheduler=pbt``: ``--pbt-trials`` trials of
+   ``--epochs`` + 2 epochs, two at a time, exploiting every epoch; its lineage read back from
+   MLflow (each exploited trial's ``platform.pbt.lineage`` tag and ``pbt/train.lr`` history).
 """
 
 from __future__ import annotations
@@ -31,12 +30,12 @@ from benchmarks.common import ROOT, median, run, save, table
 from benchmarks.search_efficiency import score, trace
 
 CONDITIONAL = """search:
-  physics.schedule: {choice: [constant, linear, cosine, step]}
-  physics.lambda_max: {loguniform: [0.1, 10.0]}
-  physics.warmup_epochs: {int: [0, 2], when: {physics.schedule: [linear, cosine, step]}}
-  train.lr: {loguniform: [3.0e-4, 3.0e-3]}
+  train.lr: {loguniform: [1.0e-4, 3.0e-3]}
+  train.weight_decay: {loguniform: [1.0e-5, 1.0e-1]}
+  model.name: {choice: [resnet18, resnet10t]}
+  model.drop_rate: {uniform: [0.0, 0.5], when: {model.name: [resnet18]}}
 """
-FLAT = CONDITIONAL.replace(", when: {physics.schedule: [linear, cosine, step]}", "")
+FLAT = CONDITIONAL.replace(", when: {model.name: [resnet18]}", "")
 PBT_SPACE = """search:
   train.lr: {loguniform: [1.0e-4, 3.0e-3]}
   augment.strength: {uniform: [0.0, 1.0]}
@@ -68,19 +67,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--num-train", type=int, default=256)
-    parser.add_argument("--num-val", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--num-train", type=int, default=512)
+    parser.add_argument("--num-val", type=int, default=256)
     parser.add_argument("--pbt-trials", type=int, default=4)
     parser.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", "results", "cache"))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "search_features.json"))
     args = parser.parse_args(argv)
 
     data = [f"data.num_train={args.num_train}", f"data.num_val={args.num_val}", f"data.cache_dir={args.cache}",
-            "scaling.num_workers=0", "tune.max_concurrent=1", "mlflow.register_model=false",
-            "plots.gradcam=false", "plots.embeddings=false"]
-    pinn = ["task=pinn", "model.backbone=resnet10t", "physics.source_pixels=16", f"train.epochs={args.epochs}",
-            f"tune.num_samples={args.trials}", *data]
+            "scaling.num_workers=0", "mlflow.register_model=false", "plots.gradcam=false", "plots.embeddings=false",
+            "mlflow.system_metrics_s=0"]
+    searched = ["task=classification", f"train.epochs={args.epochs}", f"tune.num_samples={args.trials}",
+                "tune.max_concurrent=1", *data]
     budget = args.trials * args.epochs
     traces: dict[str, dict[int, list[float]]] = {"conditional": {}, "flat": {}}
     with tempfile.TemporaryDirectory(prefix="bench-features-") as workdir:
@@ -93,9 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
         for i, seed in enumerate(args.seeds):
             for arm in (["conditional", "flat"] if i % 2 == 0 else ["flat", "conditional"]):  # neither always first
                 sweep = f"features-{arm}-{seed}"
-                wall, _ = run([sys.executable, "-m", "platform.tune", *pinn, f"tune.seed={seed}", f"tune.name={sweep}",
+                wall, _ = run([sys.executable, "-m", "platform.tune", *searched, f"tune.seed={seed}", f"tune.name={sweep}",
                                f"tune.space={spaces[arm]}", f"mlflow.tracking_uri=sqlite:///{db}"], cwd=workdir)
-                traces[arm][seed] = trace(db, sweep, "pinn")
+                traces[arm][seed] = trace(db, sweep)
                 s = score(traces[arm][seed], budget, 1.0)
                 print(f"seed {seed} {arm}: {len(traces[arm][seed])} epochs, best val/auc_macro {s['best_at_budget']:.4f} "
                       f"({wall:.0f}s)", flush=True)
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         with open(pbt_space, "w") as f:
             f.write(PBT_SPACE)
         wall, _ = run([sys.executable, "-m", "platform.tune", "task=classification", "model.name=resnet10t",
-                       f"train.epochs={args.epochs + 1}", f"tune.num_samples={args.pbt_trials}", "tune.scheduler=pbt",
+                       f"train.epochs={args.epochs + 2}", f"tune.num_samples={args.pbt_trials}", "tune.scheduler=pbt",
                        "tune.perturbation_interval=1", f"tune.name={pbt_sweep}", f"tune.space={pbt_space}", *data,
                        f"mlflow.tracking_uri=sqlite:///{db}"], cwd=workdir)
         family = lineage(db, pbt_sweep)

@@ -22,11 +22,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from platform import registry
-
-
-class ConfigError(ValueError):
-    """A bad configuration value: the message is one line, fit for the user."""
+from platform import objectives, registry
+from platform.errors import ConfigError, shown  # noqa: F401 - config.ConfigError and config.shown, as callers use them
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -76,14 +73,6 @@ def _check_size(value, count: list, depth: int) -> None:
         raise ConfigError(f"YAML of more than {MAX_YAML_VALUES} values (aliases *a repeating lists?)")
     for item in (value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()):
         _check_size(item, count, depth + 1)
-
-
-def shown(value) -> str:
-    """``value`` for a one-line message: as it is, or quoted with escapes when it holds a newline or
-    another character a terminal would not show as itself; a long one cut short."""
-    text = str(value)
-    text = text if len(text) <= 200 else f"{text[:60]}...({len(text)} characters)"
-    return text if text.isprintable() else repr(text)
 
 
 def choice(default, options, **kw):
@@ -231,6 +220,10 @@ class TuneConfig:
     # tune.scheduler=pbt: epochs between exploits (a trial in the worst quarter takes a top quarter
     # trial's weights and perturbs its values); each of those epochs is checkpointed.
     perturbation_interval: int = bounded(2, 1)
+    # tune.scheduler=pbt: every trial waits at each of those epochs until the whole population has
+    # reached it (the bottom quarter then always exploits: reproducible), or, false, exploits
+    # against whoever has reported (no waiting: a cluster's trials never idle).
+    pbt_sync: bool = False
 
 
 @dataclass
@@ -358,8 +351,6 @@ def _validate(node: DictConfig, prefix: str = "") -> None:
                     raise ConfigError(f"{key}.{name}={number} is out of range; expected a finite number >= 0")
             continue
         if f.metadata.get("check") == "objectives":  # tune.objectives, tune.constraints: their own syntax
-            from platform import objectives
-
             objectives.check(key, list(value))
             continue
         if isinstance(value, float) and value != value:

@@ -202,7 +202,7 @@ def pareto_insight(client, parent, goals: list, bounds: list, rule: str) -> dict
     """``pareto.csv`` on the parent run, and with two objectives or more its figure."""
     import pandas as pd
 
-    rows = objectives.pareto_trials(client, parent, goals, bounds)
+    rows = runs.pareto_trials(client, parent, goals, bounds)
     kept = parent.data.tags.get("platform.best_run_id")
     for row in rows:
         row["kept"] = row["run_id"] == kept

@@ -24,6 +24,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from platform.errors import ConfigError, shown
+
 MODEL_METRICS = {  # logged by every run, whatever its task
     "model/params": "the model's parameter count",
     "model/images_per_s": "inference images/s of one worker (forward passes over the val split)",
@@ -68,8 +70,6 @@ class Constraint:
 
 
 def _checked_metric(metric: str, key: str, text: str) -> str:
-    from platform.config import ConfigError, shown
-
     if metric.startswith("test/"):
         raise ConfigError(f"{key}: {shown(text)} is a test metric; the search sees the val split only (the test "
                           f"split is scored once, for the kept model): use val/{metric[len('test/'):]}")
@@ -81,8 +81,6 @@ def _checked_metric(metric: str, key: str, text: str) -> str:
 
 def parse_objective(text) -> Objective:
     """``val/auc_macro:max`` -> Objective; anything else is a one-line ConfigError."""
-    from platform.config import ConfigError, shown
-
     match = _OBJECTIVE.fullmatch(str(text))
     if not match or match["mode"] not in ("max", "min"):
         raise ConfigError(f"tune.objectives: {shown(text)} is not metric:max or metric:min, e.g. "
@@ -92,8 +90,6 @@ def parse_objective(text) -> Objective:
 
 def parse_constraint(text) -> Constraint:
     """``model/params<=5e6`` -> Constraint; anything else is a one-line ConfigError."""
-    from platform.config import ConfigError, shown
-
     match = _CONSTRAINT.fullmatch(str(text))
     bound = None
     if match:
@@ -109,8 +105,6 @@ def parse_constraint(text) -> Constraint:
 
 def check(key: str, items) -> None:
     """The config check of ``tune.objectives`` and ``tune.constraints``: each item parses; no metric twice."""
-    from platform.config import ConfigError
-
     parse = parse_objective if key == "tune.objectives" else parse_constraint
     metrics = [parse(item).metric for item in items]
     twice = sorted({m for m in metrics if metrics.count(m) > 1})
@@ -149,8 +143,6 @@ def at_best_epoch(wanted: list[str], best_metrics: dict, task_name: str) -> dict
 
 def check_search(cfg, task) -> None:
     """What the settings ask of the search, checked before any work (one line each)."""
-    from platform.config import ConfigError
-
     objectives = objectives_of(cfg, task)
     several = len(objectives) > 1
     if cfg.tune.search == "nsga2" and not several:
@@ -215,37 +207,6 @@ def recorded_goals(parent) -> tuple[list[Objective], list[Constraint], str] | No
     goals = [parse_objective(text) for text in tags[OBJECTIVES_TAG].split(",") if text]
     bounds = [parse_constraint(text) for text in tags.get(CONSTRAINTS_TAG, "").split(",") if text]
     return goals, bounds, tags.get(PICK_TAG, "first")
-
-
-def value_at_best_epoch(client, run, metric: str) -> float:
-    """A finished trial's ``metric`` at its best epoch (``model/params`` is the same at every one)."""
-    from platform import runs
-
-    if metric == "model/params":
-        return run.data.metrics.get(metric, math.nan)
-    value = runs.at_best_epoch(client, run.info.run_id, metric)
-    return math.nan if value is None else value
-
-
-def pareto_trials(client, parent, goals: list[Objective], bounds: list[Constraint]) -> list[dict]:
-    """One row per finished trial of the sweep, oldest first: its objectives and constrained metrics
-    at its best epoch, whether it meets the constraints, and whether it is on the Pareto front."""
-    from platform import runs, tracking
-
-    metrics = list(dict.fromkeys([g.metric for g in goals] + [c.metric for c in bounds]))
-    rows = []
-    for run in runs.trial_runs(client, parent.info.experiment_id, parent.info.run_id, "FINISHED"):
-        if tracking.TRIAL_TAG not in run.data.tags:
-            continue
-        values = {m: value_at_best_epoch(client, run, m) for m in metrics}
-        excess = [c.excess(values[c.metric]) for c in bounds]
-        rows.append({"trial_id": run.data.tags[tracking.TRIAL_TAG], "run_id": run.info.run_id, **values,
-                     "feasible": all(math.isfinite(e) and e <= 0 for e in excess),
-                     "stopped_early": run.data.tags.get(tracking.STOPPED_TAG) == "true"})
-    front = set(pareto_front([[r[g.metric] for g in goals] for r in rows], [r["feasible"] for r in rows], goals))
-    for i, row in enumerate(rows):
-        row["pareto"] = i in front
-    return rows
 
 
 def picked(rows: list[dict], goals: list[Objective], rule: str) -> dict | None:

@@ -116,7 +116,7 @@ class LineagePBT(PopulationBasedTraining):
         bounds = {key: (p.args[0], p.args[1], p.kind == "int") for key, p in mutable.items() if p.kind != "choice"}
         super().__init__(
             time_attr="training_iteration", metric=f"val/{task.objective(cfg)}", mode=task.mode,
-            perturbation_interval=cfg.tune.perturbation_interval,
+            perturbation_interval=cfg.tune.perturbation_interval, synch=cfg.tune.pbt_sync,
             hyperparam_mutations={key: list(p.args) if p.kind == "choice" else domain(p) for key, p in mutable.items()},
             custom_explore_fn=functools.partial(_within_space, bounds=bounds))
         self.space = dict(space.params)

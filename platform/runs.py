@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 
-from platform import tracking
+from platform import objectives, tracking
 
 
 def quoted(value) -> str:
@@ -101,3 +101,30 @@ def at_best_epoch(client, run_id: str, metric: str) -> float | None:
     epoch = client.get_run(run_id).data.tags.get("platform.best_epoch")
     values = [m.value for m in client.get_metric_history(run_id, metric) if str(m.step) == epoch]
     return values[-1] if values and math.isfinite(values[-1]) else None
+
+
+def value_at_best_epoch(client, run, metric: str) -> float:
+    """A finished trial's ``metric`` at its best epoch (``model/params`` is the same at every one)."""
+    if metric == "model/params":
+        return run.data.metrics.get(metric, math.nan)
+    value = at_best_epoch(client, run.info.run_id, metric)
+    return math.nan if value is None else value
+
+
+def pareto_trials(client, parent, goals: list, bounds: list) -> list[dict]:
+    """One row per finished trial of the sweep, oldest first: its objectives and constrained metrics
+    at its best epoch, whether it meets the constraints, and whether it is on the Pareto front."""
+    metrics = list(dict.fromkeys([g.metric for g in goals] + [c.metric for c in bounds]))
+    rows = []
+    for run in trial_runs(client, parent.info.experiment_id, parent.info.run_id, "FINISHED"):
+        if tracking.TRIAL_TAG not in run.data.tags:
+            continue
+        values = {m: value_at_best_epoch(client, run, m) for m in metrics}
+        excess = [c.excess(values[c.metric]) for c in bounds]
+        rows.append({"trial_id": run.data.tags[tracking.TRIAL_TAG], "run_id": run.info.run_id, **values,
+                     "feasible": all(math.isfinite(e) and e <= 0 for e in excess),
+                     "stopped_early": run.data.tags.get(tracking.STOPPED_TAG) == "true"})
+    front = set(objectives.pareto_front([[r[g.metric] for g in goals] for r in rows], [r["feasible"] for r in rows], goals))
+    for i, row in enumerate(rows):
+        row["pareto"] = i in front
+    return rows

@@ -789,7 +789,7 @@ def pareto_pick(cfg, task, client, parent: str) -> tuple[str | None, list[dict],
     """(the run id tune.pick chooses, the Pareto front's rows, why there is none): every Pareto trial
     tagged ``platform.pareto=true``."""
     goals, bounds = objectives.objectives_of(cfg, task), objectives.constraints_of(cfg)
-    rows = objectives.pareto_trials(client, client.get_run(parent), goals, bounds)
+    rows = runs.pareto_trials(client, client.get_run(parent), goals, bounds)
     front = [row for row in rows if row["pareto"]]
     for row in front:
         tracking.set_tags(client, row["run_id"], {objectives.PARETO_TAG: "true"})

@@ -121,6 +121,29 @@ def test_shipped_search_spaces_are_valid():
     (["task=mae", "tune.space=."], "error: tune.space=.: no such file"),
     (["task=mae", "tune.space=list.yaml"], "error: list.yaml: expected a mapping with fixed: and search:"),
     (["task=mae", "train.lr=.nan"], "error: train.lr=nan is not a number"),
+    # Objectives and constraints: what the search may see (val/, model/), and what each setting needs.
+    (["task=classification", "tune.objectives=[test/auc_macro:max]"],
+     "error: tune.objectives: test/auc_macro:max is a test metric; the search sees the val split only"),
+    (["task=classification", "tune.objectives=[val/auc_macro:best]"],
+     "error: tune.objectives: val/auc_macro:best is not metric:max or metric:min"),
+    (["task=classification", "tune.objectives=[val/auc_macro:max,model/flops:min]"],
+     "error: tune.objectives: model/flops:min names no metric a run logs; expected val/<a metric of the task>"),
+    (["task=classification", "tune.objectives=[val/auc_macro:max,val/auc_macro:min]"],
+     "error: tune.objectives names val/auc_macro twice"),
+    (["task=classification", "tune.objectives=val/auc_macro:max"],
+     "error: tune.objectives=val/auc_macro:max is not allowed; expected a list in brackets"),
+    (["task=classification", "tune.constraints=[model/params<5e6]"],
+     "error: tune.constraints: model/params<5e6 is not metric<=number or metric>=number"),
+    (["task=classification", "tune.search=nsga2"], "error: tune.search=nsga2 is a multi-objective search"),
+    (["task=classification", "tune.objectives=[model/params:min,val/auc_macro:max]"],
+     "error: tune.scheduler=asha stops trials on the first objective's value each epoch, and model/params is not"),
+    (["task=classification", "tune.pick=knee"], "error: tune.pick=knee chooses among a Pareto front"),
+    (["task=pinn", "tune.scheduler=pbt"], "error: tune.scheduler=pbt perturbs the values a trial runs with, and "
+                                          "physics.warmup_epochs is searched only under a condition"),
+    (["task=classification", "tune.scheduler=pbt", "tune.perturbation_interval=3"],
+     "error: tune.perturbation_interval=3 leaves no exploit within train.epochs=3"),
+    (["task=classification", "tune.scheduler=pbt", "tune.objectives=[val/auc_macro:max,model/params:min]"],
+     "error: tune.scheduler=pbt ranks its population on one metric"),
 ])
 def test_bad_input_exits_before_any_cluster_work(tmp_path, args, message):
     (tmp_path / "bad.yaml").write_text("search:\n  train.lr: {gaussian: [0.1, 0.2]}\n")
