@@ -220,10 +220,6 @@ class TuneConfig:
     # tune.scheduler=pbt: epochs between exploits (a trial in the worst quarter takes a top quarter
     # trial's weights and perturbs its values); each of those epochs is checkpointed.
     perturbation_interval: int = bounded(2, 1)
-    # tune.scheduler=pbt: every trial waits at each of those epochs until the whole population has
-    # reached it (the bottom quarter then always exploits: reproducible), or, false, exploits
-    # against whoever has reported (no waiting: a cluster's trials never idle).
-    pbt_sync: bool = False
 
 
 @dataclass

@@ -65,12 +65,14 @@ class Session:
     prepare_model: Callable  # (model, DDP options) -> the model to train
 
 
-def ray_train_session() -> Session:
-    """Inside a Ray Train worker (or Ray Train's local mode, for ``platform.train``)."""
+def ray_train_session(start_from=None) -> Session:
+    """Inside a Ray Train worker (or Ray Train's local mode, for ``platform.train``). ``start_from``:
+    the checkpoint to begin with when the Train run has none of its own (Train V2 has no
+    ``resume_from_checkpoint``)."""
     context = ray.train.get_context()
     return Session(
         rank=context.get_world_rank(), world_size=context.get_world_size(), device=ray.train.torch.get_device(),
-        report=ray.train.report, get_checkpoint=ray.train.get_checkpoint,
+        report=ray.train.report, get_checkpoint=lambda: ray.train.get_checkpoint() or start_from,
         checkpoint_from=ray.train.Checkpoint.from_directory, dataset_shard=ray.train.get_dataset_shard,
         prepare_model=lambda model, ddp: ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp))
 
@@ -161,11 +163,12 @@ class Validated:
     outputs: dict[str, np.ndarray] | None  # every val row's eval_step outputs, for the task's plots
     plot_batch: dict | None  # the first collated val batch, for the task's plots
     view_rows: dict  # val rows for the end-of-run views (explain)
+    images_per_s: float  # this rank's forward passes alone: model/images_per_s
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's entry point, on each worker."""
-    run_loop(loop_config, ray_train_session())
+    run_loop(loop_config, ray_train_session(loop_config.get("start_from")))
 
 
 def run_loop(loop_config: dict, session: Session) -> None:
@@ -450,9 +453,9 @@ def validate(run: Run, view_rows: int = 0) -> Validated:
     metrics = None
     if run.rank == 0:
         metrics = {f"val/{k}": float(v) for k, v in run.task.evaluate(outputs, run.cfg).items()}
-        metrics["model/images_per_s"] = rows / forward_s if forward_s > 0 else math.nan
     metrics = from_rank0(metrics, run.world_size)
-    return Validated(metrics, outputs if run.rank == 0 else None, first_batch, views.rows())
+    return Validated(metrics, outputs if run.rank == 0 else None, first_batch, views.rows(),
+                     rows / forward_s if forward_s > 0 else math.nan)
 
 
 def gathered_to_rank0(chunks: list[dict], rank: int, world_size: int) -> dict[str, np.ndarray] | None:
@@ -491,7 +494,7 @@ def all_gathered(value, world_size: int) -> list:
 def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> None:
     """The epoch's metrics, the best weights so far, the checkpoint, the run's record and the report."""
     objective = run.task.objective(run.cfg)
-    metrics = {**validated.metrics, "train/loss": trained.loss, "train/lr": run.scheduler.get_last_lr()[0],
+    metrics = {**validated.metrics, "model/images_per_s": validated.images_per_s, "train/loss": trained.loss, "train/lr": run.scheduler.get_last_lr()[0],
                "train/samples_per_s": trained.samples / trained.seconds, "model/params": run.model_params,
                "epoch": epoch + 1}
     if epoch == 0 and run.first_step_at is not None and run.started_at is not None:
@@ -501,7 +504,8 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
         metrics.update(run.meter.metrics())
     improved = is_better(metrics[f"val/{objective}"], run.best, run.task.mode)
     if improved:
-        run.best, run.best_epoch, run.best_metrics = metrics[f"val/{objective}"], epoch + 1, dict(validated.metrics)
+        run.best, run.best_epoch = metrics[f"val/{objective}"], epoch + 1
+        run.best_metrics = {**validated.metrics, "model/images_per_s": validated.images_per_s}
         run.best_state = {k: v.detach().cpu().clone() for k, v in unwrap(run.model).state_dict().items()}
     metrics[f"best/{objective}"] = run.best if run.best is not None else math.nan
     last = epoch + 1 == run.cfg.train.epochs

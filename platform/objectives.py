@@ -13,9 +13,10 @@ Every run logs, besides its task's ``val/`` metrics:
 - ``model/images_per_s``: inference throughput, forward passes alone over the validation split at
   ``train.batch_size``, on one worker's device (so it does not grow with the number of workers).
 
-At the sweep's end the finished trials' values are read back from MLflow; those within the
-constraints that no other such trial beats on every objective form the Pareto front, each tagged
-``platform.pareto=true``; the registered model is the front's trial that ``tune.pick`` chooses.
+At the sweep's end the finished trials' values are read back from MLflow (``runs.pareto_trials``);
+those within the constraints that no other such trial beats on every objective form the Pareto
+front, each tagged ``platform.pareto=true``; the registered model is the front's trial that
+``tune.pick`` chooses.
 """
 
 from __future__ import annotations

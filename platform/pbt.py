@@ -115,21 +115,25 @@ class LineagePBT(PopulationBasedTraining):
                   f"inherited with the weights", flush=True)
         bounds = {key: (p.args[0], p.args[1], p.kind == "int") for key, p in mutable.items() if p.kind != "choice"}
         super().__init__(
-            time_attr="training_iteration", metric=f"val/{task.objective(cfg)}", mode=task.mode,
-            perturbation_interval=cfg.tune.perturbation_interval, synch=cfg.tune.pbt_sync,
+            time_attr="epoch", metric=f"val/{task.objective(cfg)}", mode=task.mode,
+            perturbation_interval=cfg.tune.perturbation_interval,
             hyperparam_mutations={key: list(p.args) if p.kind == "choice" else domain(p) for key, p in mutable.items()},
             custom_explore_fn=functools.partial(_within_space, bounds=bounds))
         self.space = dict(space.params)
-        self.uri, self.experiment, self.sweep = uri, experiment, sweep
+        self.uri, self.experiment, self.sweep, self.epochs = uri, experiment, sweep, cfg.train.epochs
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get("epoch", 0) >= self.epochs:
+            return self.CONTINUE  # its last epoch: no training left to do with another trial's weights
+        return super().on_trial_result(tune_controller, trial, result)
 
     def _exploit(self, tune_controller, trial, trial_to_clone):
-        before = dict(trial.config)
-        epoch = int(self._trial_state[trial_to_clone].last_result.get("training_iteration", 0))
-        own_epoch = int((trial.last_result or {}).get("training_iteration", 0))
+        epoch = int(self._trial_state[trial_to_clone].last_result.get("epoch", 0))  # its checkpoint's
+        own_epoch = int(self._trial_state[trial].last_result.get("epoch", 0))  # (trial.last_result lags)
         super()._exploit(tune_controller, trial, trial_to_clone)
         try:
             record_exploit(tracking.MlflowClient(self.uri), self.experiment, self.sweep, trial.trial_id,
-                           trial_to_clone.trial_id, epoch, own_epoch, before, dict(trial.config), self.space)
+                           trial_to_clone.trial_id, epoch, own_epoch, dict(trial.config), self.space)
         except Exception as error:  # noqa: BLE001 - the record must not stop the sweep
             print(f"warning: PBT lineage of trial {trial.trial_id} not recorded: {tracking._one_line(error)}",
                   file=sys.stderr)
@@ -150,7 +154,7 @@ def value_metrics(values: dict, space: dict) -> dict:
 
 
 def record_exploit(client, experiment: str, sweep: str, trial_id: str, donor_id: str, epoch: int, own_epoch: int,
-                   before: dict, after: dict, space: dict) -> None:
+                   after: dict, space: dict) -> None:
     """Trial ``trial_id`` took the weights trial ``donor_id`` had at ``epoch``, with values ``after``."""
     run_id = runs.find_run(client, experiment, {tracking.SWEEP_TAG: sweep, tracking.TRIAL_TAG: trial_id})
     if run_id is None:
@@ -158,7 +162,6 @@ def record_exploit(client, experiment: str, sweep: str, trial_id: str, donor_id:
     tags = client.get_run(run_id).data.tags
     lineage = json.loads(tags.get(LINEAGE_TAG, "[]"))
     values = {key: after[key] for key in space if key in after}
-    changed = {key: value for key, value in values.items() if before.get(key) != value}
     lineage.append({"epoch": epoch, "at_own_epoch": own_epoch, "weights_of": donor_id, "values": values})
     while len(json.dumps(lineage)) > MAX_LINEAGE_CHARS and len(lineage) > 1:
         lineage.pop(0)
@@ -166,4 +169,4 @@ def record_exploit(client, experiment: str, sweep: str, trial_id: str, donor_id:
                                        EXPLOITS_TAG: int(tags.get(EXPLOITS_TAG, "0")) + 1})
     tracking.log_metrics(client, run_id, value_metrics(after, space), step=epoch)
     print(f"pbt: trial {trial_id} (epoch {own_epoch}) takes the weights of trial {donor_id} (epoch {epoch}) with "
-          + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in changed.items()), flush=True)
+          + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()), flush=True)

@@ -144,8 +144,8 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
         resources["GPU"] = scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, shards, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri,
-                                      in_memory=in_memory, started_at=started_at),
+        train_loop_config={**loop_config(cfg, shards, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri,
+                                         in_memory=in_memory, started_at=started_at), "start_from": resume_from},
         scaling_config=ScalingConfig(num_workers=0 if cluster.in_process(scaling) else scaling.num_workers,
                                      use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources, placement_strategy=scaling.placement_strategy),
@@ -160,7 +160,6 @@ def make_trainer(cfg, shards: dict, *, name: str, mlflow_run_id: str | None, tra
         ),
         datasets=streamed(shards, in_memory),
         dataset_config=EveryEvaluationRow(),
-        resume_from_checkpoint=resume_from,
     )
 
 

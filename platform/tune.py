@@ -32,6 +32,7 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
 
     import ray
     import ray.tune
+    import ray.util.queue
 
     started_at = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
@@ -78,10 +79,13 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
             import hashlib
 
             name += "-" + hashlib.sha1(str(resume_from.path).encode()).hexdigest()[:10]
+        # PBT moves weights between trials as Tune checkpoints, which Ray Train's TuneReportCallback
+        # does not pass on (metrics only): under PBT the trial reports each epoch itself.
+        reports = ray.util.queue.Queue(1, actor_options={"num_cpus": 0}) if cfg.tune.scheduler == "pbt" else None
         trainer = make_trainer(cfg, shards, name=name, mlflow_run_id=run_id, tracking_uri=uri,
-                               callbacks=[epoch_reports()], in_memory=in_memory, started_at=started_at,
+                               callbacks=[epoch_reports(reports)], in_memory=in_memory, started_at=started_at,
                                resume_from=resume_from)
-        result = fit_within(trainer, cfg.tune.trial_timeout_s)
+        result = fit_within(trainer, cfg.tune.trial_timeout_s, reports)
         if result.error:
             raise result.error
     tracking.end_run(client, run_id, "FINISHED", only_if_running=True)
@@ -141,9 +145,11 @@ def explain_sweep(client, parent: str, objective: str, task, sweep: str) -> None
               f"retry with python -m platform.insight task={task.name} tune.name={sweep}", file=sys.stderr)
 
 
-def epoch_reports():
+def epoch_reports(reports=None):
     """Ray Train's reports passed on to Tune as results, but for a checkpoint taken on a preemption
-    warning: it is not an epoch, and an extra result would shift ASHA's rungs."""
+    warning: it is not an epoch, and an extra result would shift ASHA's rungs. ``reports`` (a Ray
+    queue): each epoch's metrics and checkpoint go there instead, for the trial to report itself."""
+    from ray.train.v2.api.callback import UserCallback
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from platform.loop import PREEMPTION_KEY
@@ -153,23 +159,45 @@ def epoch_reports():
             if PREEMPTION_KEY not in metrics[0]:
                 super().after_report(run_context, metrics, checkpoint)
 
-    return EpochReports()
+    class EpochReportsWithCheckpoints(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if PREEMPTION_KEY not in metrics[0]:
+                reports.put((metrics[0], checkpoint))  # waits for the trial to take the last one
+
+    return EpochReports() if reports is None else EpochReportsWithCheckpoints()
 
 
-def fit_within(trainer, timeout_s: float):
-    """``trainer.fit()``, failed with a TimeoutError after ``timeout_s`` seconds (0: no limit).
+def fit_within(trainer, timeout_s: float, reports=None):
+    """``trainer.fit()``, failed with a TimeoutError after ``timeout_s`` seconds (0: no limit);
+    with ``reports`` (``epoch_reports``' queue), each epoch reported to Tune with its checkpoint.
 
     The fit runs in a thread the trial waits on: a stalled run reports nothing a Tune stopper
     could act on. The error fails the trial; Tune then stops its actor, and the Train run
     (owned by it) goes with it.
     """
     import concurrent.futures
+    import time
 
-    if not timeout_s:
+    import ray.tune
+    from ray.util.queue import Empty
+
+    if not timeout_s and reports is None:
         return trainer.fit()
+    deadline = time.monotonic() + (timeout_s or math.inf)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fit")
     try:
-        return pool.submit(trainer.fit).result(timeout=timeout_s)
+        fit = pool.submit(trainer.fit)
+        while reports is not None:
+            try:
+                metrics, checkpoint = reports.get(timeout=1.0)
+            except Empty:
+                if fit.done() and reports.empty():
+                    break
+            else:
+                ray.tune.report(metrics, checkpoint=checkpoint)
+            if time.monotonic() > deadline:
+                raise concurrent.futures.TimeoutError
+        return fit.result(timeout=max(0.0, deadline - time.monotonic()) if timeout_s else None)
     except concurrent.futures.TimeoutError:
         raise TimeoutError(f"the trial ran past tune.trial_timeout_s={timeout_s:g} and was stopped") from None
     finally:
@@ -252,7 +280,7 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
         # Its first population drawn at random (Ray advises no model-based searcher beside PBT: the
         # values of a trial change as it trains); then PBT exploits and explores.
         search, param_space = pbt.first_population(space, cfg.tune.seed, starts)
-        scheduler = pbt.LineagePBT(cfg, space, registry.task_of(cfg), uri=uri, experiment=experiment, sweep=sweep)
+        scheduler = pbt.LineagePBT(cfg, space, task, uri=uri, experiment=experiment, sweep=sweep)
     else:
         search = optuna_search(cfg, task, space, sweep, starts)
         scheduler = None
@@ -282,9 +310,11 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
                                   callbacks=[console.trial_table(list(space.params), goals[0].metric, goals[0].mode)]
                                   if console.is_quiet() else [],
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  # PBT: a trial's checkpoint may be taken by another a few epochs later.
+                                  # PBT keeps them all: a trial's checkpoint may be taken by another epochs
+                                  # later, and PBT registers the one it saves a second time (whose
+                                  # deletion then fails).
                                   checkpoint_config=tune.CheckpointConfig(
-                                      num_to_keep=max(cfg.train.checkpoints_to_keep, 4 if cfg.tune.scheduler == "pbt" else 1))),
+                                      num_to_keep=None if cfg.tune.scheduler == "pbt" else cfg.train.checkpoints_to_keep)),
     )
 
 

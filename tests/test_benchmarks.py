@@ -79,6 +79,18 @@ def test_search_efficiency_benchmark(tmp_path):
     assert result["summary"]["tpe+asha"]["best_at_budget"] == [max(trace)]
 
 
+@pytest.mark.heavy
+def test_search_features_benchmark(tmp_path):
+    result = bench("search_features", tmp_path, "--seeds", "0", "--trials=2", "--epochs=1", "--num-train=48",
+                   "--num-val=30", "--pbt-trials=2", f"--cache={tmp_path / 'cache'}")
+    for arm in ("conditional", "flat"):
+        trace = result["traces"][arm]["0"]
+        assert 1 <= len(trace) <= 2 and all(0 <= v <= 1 for v in trace)
+    trials = result["pbt"]["trials"]
+    assert len(trials) == 2 and result["pbt"]["exploits"] == sum(len(t["exploits"]) for t in trials)
+    assert all(t["lr_history"][0][0] == 0 for t in trials)  # each trial's first value, at step 0
+
+
 TINY_MAE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1"]
 
 
