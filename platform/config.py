@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from platform import objectives, registry
+from platform.objectives import PICK_RULES  # (inside TuneConfig, `objectives` is its field)
 from platform.errors import ConfigError, shown  # noqa: F401 - config.ConfigError and config.shown, as callers use them
 
 
@@ -216,7 +217,7 @@ class TuneConfig:
     constraints: list = field(default_factory=list, metadata={"check": "objectives"})
     # Which trial of a Pareto front (several objectives) is registered: first (best on the first
     # objective) or knee (nearest the ideal point, each objective scaled over the front).
-    pick: str = choice("first", ["first", "knee"])
+    pick: str = choice("first", list(PICK_RULES))
     # tune.scheduler=pbt: epochs between exploits (a trial in the worst quarter takes a top quarter
     # trial's weights and perturbs its values); each of those epochs is checkpointed.
     perturbation_interval: int = bounded(2, 1)

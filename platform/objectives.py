@@ -36,7 +36,6 @@ PARETO_TAG = "platform.pareto"  # on a trial run: on its sweep's Pareto front
 OBJECTIVES_TAG = "platform.objectives"  # on a sweep's parent run: what it optimised ...
 CONSTRAINTS_TAG = "platform.constraints"  # ... within which bounds ...
 PICK_TAG = "platform.pick"  # ... and which Pareto trial it keeps
-PICKS = ("first", "knee")
 PICK_RULES = {
     "first": "the Pareto trial best on the first objective",
     "knee": "the Pareto trial nearest the ideal point, each objective scaled to [0, 1] over the front",
@@ -156,10 +155,6 @@ def check_search(cfg, task) -> None:
     if cfg.tune.pick != "first" and not several:
         raise ConfigError(f"tune.pick={cfg.tune.pick} chooses among a Pareto front; it needs two or more "
                           f"tune.objectives")
-
-
-def is_multi(cfg) -> bool:
-    return len(cfg.tune.objectives) > 1
 
 
 def dominates(a: list[float], b: list[float], objectives: list[Objective]) -> bool:
