@@ -90,6 +90,21 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -totals[file(item)])  # stable: a file's tests keep their order
 
 
+def pytest_runtest_logreport(report):
+    """A failure is named the moment it happens, not only in the summary at the end: when CI stops a
+    run at its time limit, the summary is never printed, and the dots alone name no test."""
+    if not report.failed or _is_xdist_worker():
+        return
+    crash = getattr(report.longrepr, "reprcrash", None)  # (path, line, message) where it raised
+    lines = (crash.message if crash else str(report.longrepr)).strip().splitlines() or [""]
+    sys.stderr.write(f"\nFAILED {report.nodeid} ({report.when}, {report.duration:.0f} s): {lines[0][:300]}\n")
+    sys.stderr.flush()
+
+
+def _is_xdist_worker() -> bool:
+    return bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+
 @pytest.fixture(scope="session")
 def ray_head():
     """{"address": host:port, "dashboard": http://...} of the Ray head that lives for the session,
