@@ -2,6 +2,11 @@
 
     python -m platform.tune task=lens_finding
     python -m platform.train task=lens_finding data.path=/data/lens_finding   # {train,test}_{lenses,nonlenses}/
+    python -m platform.train task=lens_finding adapt.path=/data/hsc_unlabelled adapt.method=dann
+
+The simulated images follow the real HSC cutouts (``data.preset=hsc``, platform/data/lenses.py):
+per-band min-max normalisation, the real sky level and noise, bright centred lens galaxies and
+neighbours. ``data.preset=ideal`` is the uncalibrated simulator, a source domain for experiments.
 
 Heavily imbalanced, as in the real data (about 1 lens in 17 training images, 1 in 101 test
 images): a timm ResNet with one logit, weighted BCEWithLogits (``loss.pos_weight``, by
@@ -25,6 +30,7 @@ from platform import config as config_lib
 from platform import data
 from platform.config import bounded
 from platform.data import DataError
+from platform.data import lenses
 from platform.data.lenses import CLASS_NAMES, VERSION, simulate_lenses
 from platform.explain import timm_features, timm_target
 from platform.metrics import binary_metrics
@@ -68,15 +74,19 @@ def build_data(cfg) -> dict:
             raise DataError("data.source=folder needs data.path=/path/to/lens_finding (train_lenses/, ...)")
         splits = data.from_folder(d.path, list(d.classes), root, d.shard_size, d.val_fraction, d.seed)
     else:
+        if d.preset not in lenses.PRESETS:
+            raise DataError(f"data.preset={d.preset} is not a lens-finding preset; expected one of {', '.join(lenses.PRESETS)}")
         sizes = data.split_sizes(d)
         fractions = {"train": cfg.sim.train_positive_fraction, "val": cfg.sim.val_positive_fraction,
                      "test": cfg.sim.val_positive_fraction}
         splits = {}
         for split in data.SPLITS:
             seed = data.split_seed(d.seed, split)
-            params = {"num_rows": sizes[split], "positive_fraction": fractions[split], "seed": seed, "version": VERSION}
+            params = {"preset": d.preset, "num_rows": sizes[split], "positive_fraction": fractions[split],
+                      "seed": seed, "version": VERSION}
             splits[split] = data.cached_simulation(
-                "lens_finding", params, lambda n=sizes[split], f=fractions[split], s=seed: simulate_lenses(n, f, s),
+                f"lens_finding-{d.preset}", params,
+                lambda n=sizes[split], f=fractions[split], s=seed: simulate_lenses(n, f, s, d.preset),
                 list(CLASS_NAMES), root, d.shard_size)
     data.check_classes(splits, list(d.classes))
     for split, shards in splits.items():
@@ -172,6 +182,6 @@ register(Task(
                   "M. Nath, ML4SCI DeepLense GSoC 2022", "https://github.com/ML4SCI/DeepLense/blob/main/DeepLense_Gravitational_Lensing_Mriganka_Nath/README.md")
         for value, model in ((0.816, "EfficientNet-B2, no domain adaptation"),
                              (0.879, "equivariant CNN encoder with ADDA domain adaptation"))),
-    defaults={"data.classes": list(CLASS_NAMES), "data.num_val": 1010},
+    defaults={"data.classes": list(CLASS_NAMES), "data.num_val": 1010, "data.preset": lenses.DEFAULT_PRESET},
     description="lens finding (lenses / non-lenses, 3 bands, imbalanced), timm ResNet, weighted BCE",
 ))

@@ -398,25 +398,26 @@ def test_simulate_unknown_preset():
 
 @pytest.mark.parametrize(
     "preset, lo, hi",
-    [("model_i", 23.5, 26.5), ("model_ii", 11.5, 13.5), ("model_iii", 14.5, 16.5), ("test1", 15.0, 33.0)],
+    [("model_i", 23.5, 26.5), ("model_ii", 11.5, 13.5), ("model_iii", 14.5, 16.5), ("test1", 11.0, 27.0)],
 )
 def test_preset_ring_radius_in_pixels(preset, lo, hi):
     p = sim.PRESETS[preset]
     d = sim._draw(p, 512, torch.Generator().manual_seed(0))
     ring_px = d["theta_e"].numpy() / p.pixel_scale
     assert ring_px.min() >= lo and ring_px.max() <= hi
-    if preset == "test1":  # spans the whole Common Test I range
-        assert ring_px.min() < 16 and ring_px.max() > 32 and 21 < np.median(ring_px) < 26
+    if preset == "test1":  # the rings measured on its images span Common Test I's: tests/test_calibration.py
+        assert ring_px.min() < 12 and ring_px.max() > 26
     # The rendered arcs sit on that ring: noiseless images of centred sources.
     d = {k: v[:8].float() if v.is_floating_point() else v[:8] for k, v in d.items()}
     d["source_x"] = d["source_y"] = torch.zeros(8)
     x, y = L.pixel_grid(p.n_pix, p.pixel_scale)
     img = sim._render(p, d, torch.zeros(8, dtype=torch.long), x, y)
     r = torch.sqrt(x * x + y * y) / p.pixel_scale
+    tolerance = 0.2 if preset == "test1" else 0.12  # test1's shear (to 0.2) and axis ratios (to 0.5) stretch its rings
     for i in range(8):
         bright = img[i] > 0.8
         ring = (r[bright] * img[i][bright]).sum() / img[i][bright].sum()
-        assert abs(ring - d["theta_e"][i] / p.pixel_scale) < 0.12 * ring
+        assert abs(ring - d["theta_e"][i] / p.pixel_scale) < tolerance * ring
 
 
 def test_simulate_classes_differ_only_by_substructure():

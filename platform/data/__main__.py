@@ -4,7 +4,11 @@
     python -m platform.data data.source=folder data.path=/data/dataset       # convert a DeepLense folder
 
 Writes the Parquet shards where training will look for them (the data cache), prints
-each split's size, classes and location, and saves a PNG grid of examples per class.
+each split's size, classes and location and the training images' statistics (sky level and
+noise, light at the centre, neighbours, rings: ``platform/data/calibration.py``) beside the
+targets of ``data.preset`` when it is a calibrated one (``hsc``, ``test1``): for simulated
+images, how close the simulator is to the real files; for a real folder, how close it is to the
+files the preset was calibrated on. Saves a PNG grid of examples per class.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from platform import cli, registry
 from platform import config as config_lib
 from platform.data import shards as shards_lib
 
+STATISTICS_ROWS = 2000  # enough for each figure to its second digit; a few seconds
+
 
 def main(argv: list[str]) -> int:
     task_name, overrides = config_lib.parse_cli(argv)
@@ -28,6 +34,8 @@ def main(argv: list[str]) -> int:
         counts = ", ".join(f"{name}={n}" for name, n in zip(m.get("classes", []), m.get("counts", [])))
         print(f"{split:>5}: {shards.num_rows} images {tuple(shards.image_shape)}  {counts}  "
               f"sha256 {m['content_hash'][:12]}  {shards.path}")
+    for line in statistics_report(splits["train"], cfg.data.preset):
+        print(line)
     images, labels = preview_rows(splits["train"])
     from platform.data.simulate import preview_grid
 
@@ -38,6 +46,23 @@ def main(argv: list[str]) -> int:
     preview_grid(images, labels, preview, class_names=tuple(splits["train"].manifest.get("classes", ("all",))))
     print(f"preview: {preview}")
     return 0
+
+
+def statistics_report(shards, preset: str, rows: int = STATISTICS_ROWS) -> list[str]:
+    """The statistics of the split's first ``rows`` images, beside ``preset``'s targets."""
+    from platform.data import calibration
+
+    images, labels = [], []
+    for batch in shards_lib.batches(shards, 256):
+        images.append(shards_lib.decode_images(batch))
+        labels.append(batch.get("label", np.zeros(len(images[-1]), np.int64)))
+        if sum(len(i) for i in images) >= rows:
+            break
+    images, labels = np.concatenate(images)[:rows], np.concatenate(labels)[:rows]
+    classes = tuple(shards.manifest.get("classes", ()))
+    stats = calibration.image_statistics(images, labels, classes)
+    bands = ("g", "r", "i") if images.shape[1] == 3 else ()
+    return [f"{len(images)} training images measured"] + calibration.report(stats, preset, bands)
 
 
 def preview_rows(shards, per_class: int = 4) -> tuple[np.ndarray, np.ndarray]:
