@@ -261,6 +261,15 @@ class LogConfig:
 
 
 @dataclass
+class AdaptConfig:
+    # Domain adaptation of a classifier to unlabelled target images (platform/adapt.py).
+    path: Optional[str] = None  # a folder of the target domain's images: every .npy below it, never labelled
+    method: str = choice("none", ["none", "dann", "coral"])
+    # DANN: the gradient reversal's strength at the end of Ganin et al.'s ramp; CORAL: the loss's weight.
+    weight: float = bounded(1.0, 0.0)
+
+
+@dataclass
 class RayConfig:
     address: str = ""  # default: $RAY_ADDRESS, a running local Ray, or a new local Ray
 
@@ -275,6 +284,7 @@ CORE_SECTIONS = {
     "ray": RayConfig,
     "cost": CostConfig,
     "log": LogConfig,
+    "adapt": AdaptConfig,
 }
 
 _SCHEMAS: dict[str, type] = {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import shutil
@@ -37,8 +38,9 @@ import torch
 import torch.distributed as dist
 
 from platform import config as config_lib
-from platform import cluster, console, cost, explain, objectives, preemption, pretrained, registry, tracking
+from platform import adapt, cluster, console, cost, explain, objectives, preemption, pretrained, registry, tracking
 from platform.data import batches as batches_lib
+from platform.data.shards import decode_images
 
 STATE_FILE = "state.pt"
 BEST_FILE = "best_model.pt"
@@ -117,6 +119,9 @@ class Run:
     deadline: float | None  # an in-process trial's tune.trial_timeout_s, as a wall-clock time
     started_at: float | None  # when the run began (the driver's clock), for time/to_first_step_s
     model_params: int = 0  # logged as model/params (platform/objectives.py)
+    adapter: adapt.Adapter | None = None  # adapt.method's; its target images come from adapt_batches
+    adapt_batches: batches_lib.Batches | None = None
+    total_steps: int = 1  # optimiser steps in the whole run: the progress that DANN's ramp follows
     best_unlogged: bool = False  # best weights restored from a checkpoint, not yet in this run's MLflow record
     start_epoch: int = 0
     best: float | None = None  # the best val/<objective> so far, and its epoch and weights
@@ -153,6 +158,7 @@ class Trained:
     steps: int
     seconds: float  # training only; a run resumed mid-epoch counts the part before its restart
     started: float  # time.perf_counter() at the epoch's start: evaluation and logging count for the ETA
+    adapt_loss: float | None = None  # the domain-adaptation loss's mean (adapt.method), None without
 
 
 @dataclasses.dataclass
@@ -214,7 +220,10 @@ def setup(loop_config: dict, session: Session) -> Run:
         cfg.train.memory_format == "auto" and session.device.type == "cuda")
     model = build_model(task, cfg, session, loop_config["tracking_uri"], logger, pretrained_start=not checkpoint,
                         channels_last=channels_last)
-    optimizer = build_optimizer(model, cfg.train)
+    adapt_batches = worker_batches(adapt.SPLIT, loop_config, cfg, session) if cfg.adapt.method != "none" else None
+    example = torch.zeros((2, *loop_config["image_shape"]), device=session.device)  # (2, C, H, W): the features' width
+    adapter = adapt.build(task, cfg, unwrap(model), example, session.prepare_model) if adapt_batches else None
+    optimizer = build_optimizer([model] + ([adapter.head] if adapter and adapter.head else []), cfg.train)
     steps_per_epoch = max(1, math.ceil(loop_config["train_rows"] / session.world_size / cfg.train.batch_size))
     dtype = autocast_dtype(cfg.train.precision, session.device)
     # A spot VM's SIGTERM becomes a warning read at the next check, not the end of the process.
@@ -230,7 +239,8 @@ def setup(loop_config: dict, session: Session) -> Run:
         train_batches=worker_batches("train", loop_config, cfg, session),
         val_batches=worker_batches("val", loop_config, cfg, session),
         logger=logger, meter=meter, check_every=check_every, deadline=loop_config.get("deadline"),
-        started_at=loop_config.get("started_at"), model_params=sum(p.numel() for p in unwrap(model).parameters()))
+        started_at=loop_config.get("started_at"), model_params=sum(p.numel() for p in unwrap(model).parameters()),
+        adapter=adapter, adapt_batches=adapt_batches, total_steps=steps_per_epoch * cfg.train.epochs)
     if checkpoint:
         restore(run, checkpoint)
     return run
@@ -262,10 +272,12 @@ def seed_rank(seed: int, rank: int, epoch: int) -> None:
     np.random.seed(int(numpy_seed))
 
 
-def build_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer:
+def build_optimizer(modules: list[torch.nn.Module], train) -> torch.optim.Optimizer:
+    """The model's optimiser (and a DANN domain head's: ``modules``)."""
     # No weight decay on biases and norm scales, as usual for AdamW on CNNs and ViTs.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=0.9, nesterov=True)
@@ -301,7 +313,26 @@ def worker_batches(split: str, loop_config: dict, cfg, session: Session) -> batc
         return batches_lib.streamed(session.dataset_shard(split), cfg.train.batch_size, buffer_rows)
     columns = ref if isinstance(ref, dict) else ray.get(ref)  # held by this process itself (no Ray), or shared
     return batches_lib.from_memory(columns, session.rank, session.world_size, cfg.train.batch_size,
-                                   equal=split == "train")
+                                   equal=split in batches_lib.TRAINED)
+
+
+def target_images(numpy_batch: dict, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """(B, C, H, W) float32 of a batch of the adapt split: images only (it has no labels)."""
+    images = torch.from_numpy(np.array(decode_images(numpy_batch), dtype=np.float32))  # a writable copy
+    return to_device({"image": images}, device, channels_last)["image"]
+
+
+def endless(batches: batches_lib.Batches, seed: int):
+    """A split's batches, epoch after epoch of it, each in its own seeded order: the target images
+    every step takes one batch of, however many or few there are."""
+    for cycle in itertools.count():
+        empty = True
+        for numpy_batch in batches(seed * 1000 + cycle):
+            empty = False
+            yield numpy_batch
+        if empty:
+            raise ValueError(f"{adapt.SPLIT}: this worker's share of the target images is empty; "
+                             f"give adapt.path at least as many images as there are workers")
 
 
 def restore(run: Run, checkpoint) -> None:
@@ -310,6 +341,8 @@ def restore(run: Run, checkpoint) -> None:
         state = torch.load(os.path.join(folder, STATE_FILE), map_location=run.device, weights_only=True)
         run.best_state = torch.load(os.path.join(folder, BEST_FILE), map_location="cpu", weights_only=True)
     unwrap(run.model).load_state_dict(state["model"])
+    if run.adapter and run.adapter.head is not None and "domain_head" in state:
+        unwrap(run.adapter.head).load_state_dict(state["domain_head"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
@@ -339,6 +372,8 @@ def save_state(run: Run, folder: str, epoch: int, step: int = 0, partial: dict |
              "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
              "step": step, "partial": partial, "best": run.best, "best_epoch": run.best_epoch,
              "best_metrics": run.best_metrics}
+    if run.adapter and run.adapter.head is not None:
+        state["domain_head"] = unwrap(run.adapter.head).state_dict()
     torch.save(state, os.path.join(folder, STATE_FILE))
     torch.save(run.best_state, os.path.join(folder, BEST_FILE))
     return run.session.checkpoint_from(folder)
@@ -352,6 +387,8 @@ def train_epoch(run: Run, epoch: int) -> Trained:
     run.model.train()
     started = time.perf_counter()
     loss_sum, samples, seconds_before = torch.zeros((), device=run.device), 0, 0.0
+    adapt_sum = torch.zeros((), device=run.device)
+    targets = endless(run.adapt_batches, shuffle_seed_of(run, epoch)) if run.adapter else None
     resumed_mid_epoch = epoch == run.start_epoch and run.partial
     if resumed_mid_epoch:
         seconds_before = run.partial["seconds"]
@@ -359,15 +396,17 @@ def train_epoch(run: Run, epoch: int) -> Trained:
             loss_sum += run.partial["loss_sum"]
             samples = int(run.partial["samples"])
     steps = run.skip_steps if epoch == run.start_epoch else 0  # the batches trained before a preemption
-    shuffle_seed = run.cfg.train.seed * 1000 + epoch * 10 + run.rank
-    for numpy_batch in run.train_batches(shuffle_seed, steps):
+    for numpy_batch in run.train_batches(shuffle_seed_of(run, epoch), steps):
         if run.deadline and time.time() > run.deadline:
             raise TimeoutError(f"the trial ran past tune.trial_timeout_s={run.cfg.tune.trial_timeout_s:g} and was stopped")
         if run.first_step_at is None and epoch == 0 and not run.skip_steps:
             run.first_step_at = time.time()
         batch = to_device(run.task.collate(numpy_batch, run.cfg, True), run.device, run.channels_last)
         batch["epoch"] = epoch  # 0-based, for schedules inside a task's loss
-        loss_sum += step(run, batch)
+        target = target_images(next(targets), run.device, run.channels_last) if targets else None
+        task_loss, adapt_loss = step(run, batch, target)
+        loss_sum += task_loss
+        adapt_sum += adapt_loss
         samples += rows_in(numpy_batch)
         steps += 1
         if run.check_every and steps % run.check_every == 0:
@@ -375,30 +414,45 @@ def train_epoch(run: Run, epoch: int) -> Trained:
     seconds = seconds_before + time.perf_counter() - started
 
     totals = torch.stack([loss_sum, torch.tensor(float(steps), device=run.device),
-                          torch.tensor(float(samples), device=run.device)])
+                          torch.tensor(float(samples), device=run.device), adapt_sum])
     if run.world_size > 1:
         dist.all_reduce(totals)
     loss = (totals[0] / totals[1].clamp(min=1)).item()
     if not math.isfinite(loss):
         raise FloatingPointError(f"train/loss became {loss} in epoch {epoch + 1}; lower train.lr or enable train.grad_clip")
-    return Trained(loss=loss, samples=int(totals[2].item()), steps=steps, seconds=seconds, started=started)
+    adapted = (totals[3] / totals[1].clamp(min=1)).item() if run.adapter else None  # a resumed epoch's: its steps since
+    return Trained(loss=loss, samples=int(totals[2].item()), steps=steps, seconds=seconds, started=started,
+                   adapt_loss=adapted)
 
 
-def step(run: Run, batch: dict) -> torch.Tensor:
-    """One optimiser step, as nanoGPT's: forward under autocast, scaled backward, clip, step, schedule."""
+def shuffle_seed_of(run: Run, epoch: int) -> int:
+    return run.cfg.train.seed * 1000 + epoch * 10 + run.rank
+
+
+def step(run: Run, batch: dict, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step, as nanoGPT's: forward under autocast, scaled backward, clip, step, schedule.
+    ``target``: a batch of the target domain's images, for ``adapt.method``. Returns the task's loss
+    and the adaptation's (0 without)."""
+    adapt_loss = torch.zeros((), device=run.device)
     with autocast(run.device, run.dtype):
+        if run.adapter:
+            run.adapter.caught.clear()
         loss = run.task.train_step(run.model, batch, run.cfg)["loss"]
+        if run.adapter:
+            progress = run.scheduler.last_epoch / max(1, run.total_steps)  # steps taken over the run's steps
+            adapt_loss = run.adapter.loss(unwrap(run.model), target, progress)
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+    run.scaler.scale(loss + adapt_loss).backward()
     if run.cfg.train.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]],
+                                       run.cfg.train.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
     if run.task.after_step:
         run.task.after_step(unwrap(run.model), run.cfg)
-    return loss.detach().float()
+    return loss.detach().float(), adapt_loss.detach().float()
 
 
 def checkpoint_on_warning(run: Run, epoch: int, steps: int, loss_sum: torch.Tensor, samples: int, seconds: float):
@@ -500,6 +554,8 @@ def end_epoch(run: Run, epoch: int, trained: Trained, validated: Validated) -> N
     if epoch == 0 and run.first_step_at is not None and run.started_at is not None:
         # Start-up: the trainer built on the driver -> workers, data pipeline, model -> first batch.
         metrics["time/to_first_step_s"] = run.first_step_at - run.started_at
+    if trained.adapt_loss is not None:
+        metrics["train/adapt_loss"] = trained.adapt_loss
     if run.meter:
         metrics.update(run.meter.metrics())
     improved = is_better(metrics[f"val/{objective}"], run.best, run.task.mode)

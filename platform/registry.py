@@ -60,6 +60,9 @@ class Task:
                   (an encoder frozen for a warm-up): DDP must then look for them
     gradcam       (model, cfg) -> ``platform.explain.GradCamTarget`` (the classifier and its target
                   layer) or None: Grad-CAM heatmaps of the run's best model (``plots.gradcam``)
+    class_head    (model) -> the module that turns the features into class logits (a classifier's
+                  last linear layer): domain adaptation (``adapt.method``, platform/adapt.py) aligns its
+                  input (B, D) between the training images and a target domain's. None: no adaptation
     embed         (model, collated batch, cfg) -> features (B, D) of the task's encoder: a t-SNE map
                   of the validation images (``plots.embeddings``), coloured by the data column
                   ``embedding_colour`` (``label``: the class; or a truth parameter, ``theta_e``)
@@ -103,6 +106,7 @@ class Task:
     # init_from: {"encoder.freeze": False}, since a frozen random encoder is no baseline.
     random_init: dict = field(default_factory=dict)
     gradcam: Optional[Callable[..., Any]] = None
+    class_head: Optional[Callable[..., Any]] = None
     embed: Optional[Callable[..., Any]] = None
     embedding_colour: str = "label"
     references: tuple = ()

@@ -13,16 +13,23 @@ import warnings
 
 from mlflow.data.meta_dataset import MetaDataset
 
-from platform import cluster, console, provenance, runs, tracking
+from platform import adapt, cluster, console, provenance, runs, tracking
 from platform import config as config_lib
+from platform import data as data_lib
 from platform.data import shards as shards_lib
 
 
-def built_data(task, cfg):
+def built_data(task, cfg, space=None):
     """(the task's splits, ``cfg`` with the settings its data decided as one more layer on top, the
-    tags that name those settings: ``from_run=`` with other data lets the new data decide them again)."""
+    tags that name those settings: ``from_run=`` with other data lets the new data decide them again).
+    When a run (or a trial of a sweep's ``space``) adapts, the target domain's unlabelled images are
+    one more split, ``adapt``."""
+    adapt.check(task, cfg, space)
     built = task.build_data(cfg)
     splits, decided = built if isinstance(built, tuple) else (built, {})
+    if adapt.adapting(cfg, space):
+        splits = {**splits, adapt.SPLIT: data_lib.unlabelled(cfg.adapt.path, splits["train"], config_lib.cache_dir(cfg),
+                                                             cfg.data.shard_size)}
     if decided:
         cfg = config_lib.build(task.name, [config_lib.flatten(config_lib.to_dict(cfg)), decided])
     return splits, cfg, ({provenance.DATA_DECIDED_TAG: ",".join(sorted(decided))} if decided else {})
@@ -110,6 +117,7 @@ def loop_config(cfg, shards: dict, *, mlflow_run_id: str | None, tracking_uri: s
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": tracking_uri,
         "train_rows": shards["train"].num_rows,
+        "image_shape": list(shards["train"].image_shape),  # (C, H, W)
         "in_memory": dict(in_memory or {}),
         "started_at": started_at or time.time(),  # start-up to the first step: time/to_first_step_s
     }

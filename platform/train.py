@@ -6,7 +6,7 @@ a machine of its own it trains in this process with no Ray at all (``runner.with
 
 from __future__ import annotations
 
-from platform import cli, cluster, console, pretrained, provenance, registry, tracking
+from platform import adapt, cli, cluster, console, pretrained, provenance, registry, tracking
 from platform import config as config_lib
 from platform.runner import (built_data, default_name, log_best_model, log_data, make_trainer, open_run,
                              put_in_memory, settled, without_ray)
@@ -22,6 +22,7 @@ def main(argv: list[str]) -> int:
     cfg = config_lib.build(task_name, [overrides])
     console.quiet(cfg.log.level)
     task = registry.task_of(cfg)
+    adapt.check(task, cfg)
     cluster.check_fits(cfg.scaling, cfg.ray.address)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     source = pretrained.source_for(cfg, uri)  # init_from checked before any work; linked in MLflow

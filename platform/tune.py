@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 
-from platform import (PROJECT_ROOT, cli, cluster, console, cost, insight, objectives, pretrained, provenance, registry,
+from platform import (PROJECT_ROOT, adapt, cli, cluster, console, cost, insight, objectives, pretrained, provenance, registry,
                       runs, space as space_lib, tracking)
 from platform import config as config_lib
 from platform.runner import (built_data, default_name, log_best_model, log_data, log_datasets, loop_config,
@@ -62,7 +62,7 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
         space = runs.recorded_space(client.get_run(parent))
         tracking.log_metrics(client, run_id, pbt.value_metrics(config_lib.flatten(sampled), space), step=0)
     tracking.log_text(client, run_id, config_lib.to_yaml(cfg), "config.yaml")
-    log_datasets(client, run_id, shards)
+    log_datasets(client, run_id, adapt.splits_of(shards, cfg))
     tracking.set_tags(client, run_id, {"platform.driver_node": ray.get_runtime_context().get_node_id()})
     if cluster.in_process(cfg.scaling):
         # Trains right here, in the trial's own process, which Tune keeps for the next trial.
@@ -489,7 +489,7 @@ def main(argv: list[str]) -> int:
     sweep = cfg.tune.name or default_name(cfg)
     experiment_name = cfg.mlflow.experiment or f"deeplense-{cfg.task}"
     starts = warm_start_points(cfg, task, space, uri, experiment_name)  # (points, the line saying so)
-    shards, cfg, data_tags = built_data(task, cfg)  # before the resume check: what the data decided is compared too
+    shards, cfg, data_tags = built_data(task, cfg, space)  # before the resume check: what the data decided is compared too
     cfg = settled(cfg, shards, min(cfg.tune.num_samples, cfg.tune.max_concurrent or cfg.tune.num_samples))
     resume, earlier = resume_plan(cfg, tracking.MlflowClient(uri) if tracking.store_exists(uri) else None,
                                   experiment_name, sweep, space)
@@ -625,6 +625,7 @@ def checked_settings(argv: list[str]):
         raise config_lib.ConfigError("train.compare_random_init=true is for python -m platform.train (a pretrained "
                                      "and a random start side by side), not for sweeps")
     objectives.check_search(cfg, registry.task_of(cfg))
+    adapt.check(registry.task_of(cfg), cfg, space)
     if cfg.tune.scheduler == "pbt":
         from platform import pbt
 

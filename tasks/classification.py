@@ -84,6 +84,7 @@ register(Task(
     mode="max",
     plots=plots,
     gradcam=gradcam,
+    class_head=lambda model: model.get_classifier(),  # timm's last linear layer: what adapt.method aligns
     embed=embed,
     predict=lambda model, images, cfg: class_predictions(model(images), cfg),
     references=(

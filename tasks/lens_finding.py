@@ -173,6 +173,7 @@ register(Task(
     threshold_metric="threshold",  # val/threshold: tuned for F1 on the val split each epoch
     plots=plots,
     gradcam=gradcam,
+    class_head=lambda model: model.get_classifier(),  # timm's last linear layer: what adapt.method aligns
     embed=embed,
     predict=predict,
     references=tuple(

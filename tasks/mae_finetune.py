@@ -200,6 +200,7 @@ register(Task(
     plots=lambda model, batch, outputs, cfg: class_figures(outputs, cfg),
     gradcam=lambda model, cfg: vit_target(model, model.encoder.blocks, model.encoder.patch_embed.grid_size),
     embed=lambda model, batch, cfg: embed(model, batch["image"]),
+    class_head=lambda model: model.head[1],  # the linear layer after the pooled tokens' LayerNorm
     predict=lambda model, images, cfg: class_predictions(model(images), cfg),
     references=(
         published("auc_macro", 0.968, "macro one-vs-rest ROC AUC, 3 classes (accuracy 88.65%)",

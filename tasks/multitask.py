@@ -151,6 +151,7 @@ register(Task(
     mode="max",
     plots=plots,
     gradcam=gradcam,
+    class_head=lambda model: model.classifier,  # its input: the pooled features both heads read
     embed=embed,
     predict=lambda model, images, cfg: class_predictions(model(images)[0], cfg),
     description="shared timm encoder: substructure classification + image reconstruction",

@@ -437,6 +437,7 @@ register(Task(
     mode="max",
     plots=plots,
     gradcam=gradcam,
+    class_head=lambda model: model.classifier,  # its input: the backbone's and the source branch's features
     embed=embed,
     predict=predict,
     references=(

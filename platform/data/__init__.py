@@ -120,6 +120,33 @@ def from_folder(path: str, classes: list[str], root: str, shard_size: int, val_f
     return found
 
 
+def unlabelled(path: str, like: Shards, root: str, shard_size: int) -> Shards:
+    """Shards of every ``.npy`` image below ``path`` (a target domain's, for ``adapt.path``), each file
+    checked as a class folder's are and of the training images' shape (``like``); converted once,
+    reused while the folder's files are unchanged. No labels are read or written."""
+    if not path or not os.path.isdir(path):
+        raise DataError(f"adapt.path={path} does not exist or is not a folder; expected a folder of .npy images")
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith(".npy"))
+    if not files:
+        raise DataError(f"adapt.path={path}: no .npy images in it (or below it)")
+    shape = list(like.image_shape)
+    key = hashlib.sha256(json.dumps([folders.fingerprint(path), shape]).encode()).hexdigest()
+    folder = os.path.join(root, "folders", f"adapt-{os.path.basename(os.path.abspath(path))}-{key[:12]}")
+    expected = {"source": "folder", "origin": os.path.abspath(path), "split": "adapt", "fingerprint": key}
+    found = reuse(folder, expected)
+    if found is not None:
+        return found
+
+    def chunks():
+        for images, _, paths in folders.file_chunks([(0, f) for f in files], shard_size, channels=shape[0]):
+            if list(images.shape[1:]) != shape:
+                raise DataError(f"adapt.path: {paths[0]} has shape {tuple(images.shape[1:])}; expected "
+                                f"{tuple(shape)}, the training images' shape")
+            yield images, {FILE_COLUMN: np.array([os.path.relpath(p, path) for p in paths])}
+
+    return write_chunks(folder, chunks(), {**expected, "classes": [], "counts": []})
+
+
 def image_digests(images: np.ndarray) -> set[bytes]:
     return {hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest() for x in images}
 

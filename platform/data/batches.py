@@ -46,15 +46,18 @@ def streamed(shard, batch_size: int, buffer_rows: int) -> Batches:
     return batches
 
 
+TRAINED = ("train", "adapt")  # the splits every step reads a batch of: equal shares on every rank
+
+
 class EveryEvaluationRow(DataConfig):
-    """Ray Train's split of the streamed splits over workers: equal shares of ``train`` (DDP steps
-    in lockstep), every row of the others exactly once (``equal=False``: no remainder row dropped)."""
+    """Ray Train's split of the streamed splits over workers: equal shares of the trained splits (DDP
+    steps in lockstep), every row of the others exactly once (``equal=False``: no remainder row dropped)."""
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = super().configure({k: v for k, v in datasets.items() if k == "train"}, world_size,
+        output = super().configure({k: v for k, v in datasets.items() if k in TRAINED}, world_size,
                                    worker_handles, worker_node_ids, **kwargs)
         for name, dataset in datasets.items():
-            if name != "train":
+            if name not in TRAINED:
                 dataset = dataset.copy(dataset)
                 dataset.set_name(name)
                 dataset.context.execution_options = self.default_ingest_options()  # as Ray Train's own split
