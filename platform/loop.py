@@ -445,8 +445,9 @@ def step(run: Run, batch: dict, target: torch.Tensor | None = None) -> tuple[tor
     run.scaler.scale(loss + adapt_loss).backward()
     if run.cfg.train.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]],
-                                       run.cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.grad_clip)
+        if run.adapter and run.adapter.head is not None:  # on its own: its gradients must not shrink the model's
+            torch.nn.utils.clip_grad_norm_(run.adapter.head.parameters(), run.cfg.train.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()

@@ -129,6 +129,7 @@ def assert_scaled_out_and_back(client, cluster, name: str, output: str, epochs: 
 # Trials on Ray Train workers; one worker node killed outright (a spot instance taken back) while a
 # trial on it is part-way, past its first checkpoint: the autoscaler replaces the node, and the trial
 # goes on from its checkpoint on shared storage (one disk here, object storage on a cloud).
+@pytest.mark.long
 def test_a_sweep_scales_out_to_three_nodes_survives_losing_one_and_scales_back_to_zero(tmp_path, cluster):
     epochs = 6
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -179,6 +180,7 @@ def test_a_sweep_scales_out_to_three_nodes_survives_losing_one_and_scales_back_t
 
 
 # Trials in their own process: the trial itself needs the worker type's CPU.
+@pytest.mark.long
 def test_a_sweep_of_trials_in_their_own_process_scales_out_and_back(tmp_path, cluster):
     epochs = 2
     # A trial that no node type could ever hold: one line, before any run or node starts.

@@ -80,6 +80,7 @@ def test_search_efficiency_benchmark(tmp_path):
 
 
 @pytest.mark.heavy
+@pytest.mark.long
 def test_search_features_benchmark(tmp_path):
     result = bench("search_features", tmp_path, "--seeds", "0", "--trials=2", "--epochs=1", "--num-train=48",
                    "--num-val=30", "--pbt-trials=2", f"--cache={tmp_path / 'cache'}")
@@ -108,6 +109,7 @@ def test_memory_benchmark_of_a_sweep(tmp_path):
 
 @pytest.mark.own_ray
 @pytest.mark.heavy
+@pytest.mark.long
 def test_memory_benchmark_of_two_train_workers(tmp_path):
     result = bench("memory", tmp_path, "--parts", "workers", "--small-rows=64", "--share-rows=128", "--interval=2",
                    f"--cache={tmp_path / 'cache'}", "--train-args", *TINY_MAE,
@@ -118,6 +120,7 @@ def test_memory_benchmark_of_two_train_workers(tmp_path):
 
 
 @pytest.mark.heavy
+@pytest.mark.long
 def test_gpu_benchmark_runs_every_part_in_a_dry_run(tmp_path):
     # No GPU here: --dry-run takes every code path on the CPU at toy sizes (the figures are the GPU's);
     # one case of the three, which differ only in their settings (all ran in a dry run by hand).

@@ -248,6 +248,7 @@ CONSOLE_KINDS = {
 
 @pytest.mark.own_ray  # the laptop path, as a user types it
 @pytest.mark.heavy
+@pytest.mark.long
 def test_the_default_sweep_prints_only_what_a_user_reads(tmp_path):
     """`python -m platform.tune task=mae` with no flags but where to keep things: every printed line
     is the config, the capacity, Tune's trial table, a trial's epoch line or the summary. Ray's

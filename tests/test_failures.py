@@ -85,6 +85,7 @@ def epochs_logged(url: str) -> dict[str, list[int]]:
 
 # A real `mlflow server` stopped under a training trial and started again on the same store and port.
 @pytest.mark.heavy
+@pytest.mark.long
 def test_a_tracking_server_that_goes_away_loses_no_epoch_and_one_away_too_long_fails_the_trial(tmp_path):
     store, artifacts, port = tmp_path / "server.db", str(tmp_path / "artifacts"), free_port()
     server, url = start_mlflow_server(str(store), artifacts, port)

@@ -91,6 +91,7 @@ def events(output: str) -> str:
 
 
 @pytest.mark.heavy
+@pytest.mark.long
 def test_a_sigtermed_then_a_killed_worker_resume_where_they_stopped_as_one_run(tmp_path, two_nodes):
     """A spot VM's SIGTERM: a checkpoint at the next step, the run resumes at that step. Then a
     SIGKILL (no warning): the run resumes from its last epoch's checkpoint. One MLflow run throughout."""
@@ -144,6 +145,7 @@ def test_a_sigtermed_then_a_killed_worker_resume_where_they_stopped_as_one_run(t
 
 
 @pytest.mark.heavy
+@pytest.mark.long
 def test_a_node_drained_for_preemption_hands_its_run_to_a_new_node(tmp_path, monkeypatch):
     """The autoscaler's spot reclaim: the node is drained with a deadline (``ray drain-node``), the
     workers checkpoint at once, the deadline passes and the node is gone; the run continues on a
@@ -233,6 +235,7 @@ def mlflow_server(tmp_path):
 
 
 @pytest.mark.heavy
+@pytest.mark.long
 def test_concurrent_two_node_trials_lose_no_metric_on_one_tracking_server(tmp_path, two_nodes, mlflow_server):
     """Two trials at once, each a two-worker run spread over both nodes with its driver on the
     head (placed by trial_driver), all writing to one real MLflow server: every step lands."""
@@ -262,6 +265,7 @@ def test_concurrent_two_node_trials_lose_no_metric_on_one_tracking_server(tmp_pa
 
 
 @pytest.mark.heavy
+@pytest.mark.long
 def test_small_trials_share_one_gpu(tmp_path):
     """scaling.gpus_per_worker=0.25 on a Ray that advertises one GPU: four in-process trials are
     placed on it at once (the count follows: 4, not 1), each MLflow run overlapping the others.

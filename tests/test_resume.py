@@ -37,6 +37,7 @@ def runs(client):
 # second trial after its second epoch, its first checkpoint on disk however busy the machine; the
 # first trial, finished, must not run again.
 @pytest.mark.heavy
+@pytest.mark.long
 def test_a_sweep_stopped_by_sigterm_resumes_with_the_same_command(tmp_path):
     workers, trials, epochs, caught_after = "0", 2, 20, 2
 
@@ -170,6 +171,7 @@ def assert_one_whole_sweep(client, tmp_path, trials: int, epochs: int, kills: in
 # cluster gone.
 @pytest.mark.heavy
 @pytest.mark.own_ray
+@pytest.mark.long
 def test_a_sweep_killed_outright_at_each_moment_continues_each_time(tmp_path):
     trials, epochs = 3, 3
     args = sweep(tmp_path, trials, epochs, "scaling.num_workers=0")
@@ -224,6 +226,7 @@ def registered_checkpoint(tmp_path, trial_id: str) -> int:
 # its checkpoints (its controller does so at its next poll, every 2 s); the trial's worker group
 # resumes from it, or from a later one the dying run registered.
 @pytest.mark.heavy
+@pytest.mark.long
 def test_a_sweep_on_train_workers_killed_outright_continues_from_its_checkpoint(tmp_path):
     trials, epochs = 1, 10
     args = sweep(tmp_path, trials, epochs, "scaling.num_workers=1")

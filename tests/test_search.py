@@ -29,6 +29,7 @@ def trials_of(client, sweep: str) -> list:
     return [r for r in found if "mlflow.parentRunId" in r.data.tags]
 
 
+@pytest.mark.long
 def test_a_conditional_space_then_a_warm_start_from_its_best_trials(tmp_path):
     db = tmp_path / "mlflow.db"
     settings = [*TINY_PINN, *tiny(tmp_path / "cache", db)]
@@ -96,6 +97,7 @@ SIZES = """search:
 """
 
 
+@pytest.mark.long
 def test_two_objectives_with_a_constraint_keep_a_pareto_trial_within_it(tmp_path):
     db = tmp_path / "mlflow.db"
     (tmp_path / "sizes.yaml").write_text(SIZES)
@@ -185,6 +187,7 @@ def assert_lineage(client, trials: dict) -> int:
 
 
 @pytest.mark.heavy
+@pytest.mark.long
 def test_pbt_exploits_with_its_lineage_in_mlflow_and_resumes_after_sigterm(tmp_path):
     db = tmp_path / "mlflow.db"
     (tmp_path / "pbt.yaml").write_text(PBT_SPACE)
@@ -221,6 +224,7 @@ def test_pbt_exploits_with_its_lineage_in_mlflow_and_resumes_after_sigterm(tmp_p
 
 
 @pytest.mark.heavy
+@pytest.mark.long
 def test_pbt_on_train_workers_takes_the_other_trials_checkpoint(tmp_path):
     db = tmp_path / "mlflow.db"
     (tmp_path / "pbt.yaml").write_text(PBT_SPACE)
