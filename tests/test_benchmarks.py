@@ -92,6 +92,17 @@ def test_search_features_benchmark(tmp_path):
     assert all(t["lr_history"][0][0] == 0 for t in trials)  # each trial's first value, at step 0
 
 
+@pytest.mark.heavy
+@pytest.mark.long
+def test_domain_adaptation_benchmark(tmp_path):
+    result = bench("domain_adaptation", tmp_path, "--seeds", "0", "--epochs=1", "--num-train=64", "--num-val=40",
+                   "--num-target=24", "--num-target-test=20", f"--cache={tmp_path / 'cache'}")
+    assert set(result["summary"]) == {"none", "dann", "coral"}
+    for arm, runs in result["runs"].items():
+        (row,) = runs  # one seed
+        assert 0 <= row["target_test_roc_auc"] <= 1 and 0 <= row["source_test_roc_auc"] <= 1, (arm, row)
+
+
 TINY_MAE = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1"]
 
 
