@@ -387,7 +387,7 @@ def train_epoch(run: Run, epoch: int) -> Trained:
     run.model.train()
     started = time.perf_counter()
     loss_sum, samples, seconds_before = torch.zeros((), device=run.device), 0, 0.0
-    adapt_sum = torch.zeros((), device=run.device)
+    adapt_sum, adapt_steps = torch.zeros((), device=run.device), 0  # this attempt's steps (a mid-epoch resume's own)
     targets = endless(run.adapt_batches, shuffle_seed_of(run, epoch)) if run.adapter else None
     resumed_mid_epoch = epoch == run.start_epoch and run.partial
     if resumed_mid_epoch:
@@ -407,6 +407,7 @@ def train_epoch(run: Run, epoch: int) -> Trained:
         task_loss, adapt_loss = step(run, batch, target)
         loss_sum += task_loss
         adapt_sum += adapt_loss
+        adapt_steps += 1
         samples += rows_in(numpy_batch)
         steps += 1
         if run.check_every and steps % run.check_every == 0:
@@ -414,13 +415,14 @@ def train_epoch(run: Run, epoch: int) -> Trained:
     seconds = seconds_before + time.perf_counter() - started
 
     totals = torch.stack([loss_sum, torch.tensor(float(steps), device=run.device),
-                          torch.tensor(float(samples), device=run.device), adapt_sum])
+                          torch.tensor(float(samples), device=run.device), adapt_sum,
+                          torch.tensor(float(adapt_steps), device=run.device)])
     if run.world_size > 1:
         dist.all_reduce(totals)
     loss = (totals[0] / totals[1].clamp(min=1)).item()
     if not math.isfinite(loss):
         raise FloatingPointError(f"train/loss became {loss} in epoch {epoch + 1}; lower train.lr or enable train.grad_clip")
-    adapted = (totals[3] / totals[1].clamp(min=1)).item() if run.adapter else None  # a resumed epoch's: its steps since
+    adapted = (totals[3] / totals[4].clamp(min=1)).item() if run.adapter else None
     return Trained(loss=loss, samples=int(totals[2].item()), steps=steps, seconds=seconds, started=started,
                    adapt_loss=adapted)
 

@@ -97,7 +97,7 @@ def test_search_features_benchmark(tmp_path):
 def test_domain_adaptation_benchmark(tmp_path):
     result = bench("domain_adaptation", tmp_path, "--seeds", "0", "--epochs=1", "--num-train=64", "--num-val=40",
                    "--num-target=24", "--num-target-test=20", f"--cache={tmp_path / 'cache'}")
-    assert set(result["summary"]) == {"none", "dann", "coral"}
+    assert set(result["summary"]) == {"none", "dann", "coral", "oracle"}
     for arm, runs in result["runs"].items():
         (row,) = runs  # one seed
         assert 0 <= row["target_test_roc_auc"] <= 1 and 0 <= row["source_test_roc_auc"] <= 1, (arm, row)
