@@ -98,6 +98,9 @@ class FinetuneNet(nn.Module):
         super().__init__()
         self.encoder, self.head = encoder, head
         encoder.freeze_decoder()  # only the encoder is fine-tuned
+        # The current step's freeze (a train step sets it): every forward of the step keeps the encoder
+        # as frozen as the step's own, the target batch of domain adaptation (adapt.method) included.
+        self.frozen = False
 
     def encode(self, images: torch.Tensor, frozen: bool) -> torch.Tensor:
         size = self.encoder.patch_embed.img_size
@@ -108,8 +111,8 @@ class FinetuneNet(nn.Module):
                 return self.encoder.forward_tokens(images)  # (B, L, D)
         return self.encoder.forward_tokens(images)  # (B, L, D)
 
-    def forward(self, images: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        return self.head(self.encode(images, frozen), images)  # (B, K) or (B, 1, H, W)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encode(images, self.frozen and self.training), images)  # (B, K) or (B, 1, H, W)
 
 
 def build_model(cfg) -> FinetuneNet:
@@ -128,9 +131,10 @@ def init_weights(model: FinetuneNet, state: dict, cfg) -> list[str]:
         "encoder." + k for k in load_matching(model.encoder, state)]
 
 
-def frozen(batch: dict, cfg) -> bool:
+def freeze_for(model, batch: dict, cfg) -> None:
     """Whether this step keeps the encoder frozen: the first ``finetune.freeze_epochs`` epochs."""
-    return batch.get("epoch", cfg.finetune.freeze_epochs) < cfg.finetune.freeze_epochs
+    net = getattr(model, "module", model)  # a train step gets the DDP wrapper on several workers
+    net.frozen = batch.get("epoch", cfg.finetune.freeze_epochs) < cfg.finetune.freeze_epochs
 
 
 def embed(model: FinetuneNet, images: torch.Tensor) -> torch.Tensor:
@@ -140,7 +144,8 @@ def embed(model: FinetuneNet, images: torch.Tensor) -> torch.Tensor:
 # head=classification: macro AUC over no / sphere / vortex.
 
 def classifier_step(model, batch: dict, cfg) -> dict:
-    logits = model(batch["image"], frozen=frozen(batch, cfg))  # (B, K)
+    freeze_for(model, batch, cfg)
+    logits = model(batch["image"])  # (B, K)
     return {"loss": F.cross_entropy(logits.float(), batch["label"])}
 
 
@@ -152,7 +157,8 @@ def classifier_eval(model, batch: dict, cfg) -> dict:
 # head=superres: PSNR against the HR image, bicubic's beside it.
 
 def superres_step(model, batch: dict, cfg) -> dict:
-    sr = model(batch["lr"], frozen=frozen(batch, cfg))  # (B, 1, H, W)
+    freeze_for(model, batch, cfg)
+    sr = model(batch["lr"])  # (B, 1, H, W)
     return {"loss": F.l1_loss(sr.float(), batch["hr"])}
 
 

@@ -131,3 +131,19 @@ def test_a_sweep_searches_the_method_and_its_weight_in_process(tmp_path):
         assert ("train/adapt_loss" in trial.data.metrics) == (method != "none")
         datasets = {d.tags[0].value for d in trial.inputs.dataset_inputs}
         assert ("adapt" in datasets) == (method != "none")
+
+
+def test_a_frozen_encoder_stays_frozen_for_the_target_batch_too():
+    """mae_finetune's first epochs keep its encoder frozen: the adaptation loss must not reach it
+    through the target images either."""
+    cfg = config.build("mae_finetune", [{"model.depth": 1, "model.embed_dim": 32, "model.num_heads": 2,
+                                         "adapt.method": "coral", "adapt.path": "/unused"}])
+    task = registry.task_of(cfg)
+    model = task.build_model(cfg)
+    adapter = adapt.build(task, cfg, model, torch.rand(2, 1, 64, 64), lambda m, ddp: m)
+    model.train()
+    loss = task.train_step(model, {"image": torch.rand(4, 1, 64, 64), "label": torch.tensor([0, 1, 2, 0]),
+                                   "epoch": 0}, cfg)["loss"]
+    (loss + adapter.loss(model, 5 * torch.rand(4, 1, 64, 64), progress=0.5)).backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert any(p.grad is not None for p in model.head.parameters())
