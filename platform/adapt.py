@@ -31,7 +31,6 @@ from torch import nn
 
 from platform.errors import ConfigError
 
-METHODS = ("none", "dann", "coral")
 SPLIT = "adapt"  # the target images' split, beside train, val and test
 DOMAIN_HIDDEN = 256  # the domain head's width: one hidden layer, as Ganin et al.'s digit models
 
