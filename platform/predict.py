@@ -17,7 +17,6 @@ table, under ``<evaluate.out without its extension>_<name>/``, and the table nam
 
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
@@ -32,12 +31,7 @@ from platform.trained import load_model, model_config, run_threshold
 
 def image_files(folder: str) -> list[str]:
     """Every ``.npy`` below ``folder``, sorted, or a one-line error."""
-    if not os.path.isdir(folder):
-        raise ConfigError(f"data.path={folder} does not exist or is not a folder")
-    files = sorted(glob.glob(os.path.join(folder, "**", "*.npy"), recursive=True))
-    if not files:
-        raise ConfigError(f"data.path={folder}: no .npy images in it (or below it)")
-    return files
+    return folders.npy_files_below(folder, "data.path")
 
 
 def checked_shape(files: list[str]) -> tuple:

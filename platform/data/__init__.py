@@ -124,11 +124,7 @@ def unlabelled(path: str, like: Shards, root: str, shard_size: int) -> Shards:
     """Shards of every ``.npy`` image below ``path`` (a target domain's, for ``adapt.path``), each file
     checked as a class folder's are and of the training images' shape (``like``); converted once,
     reused while the folder's files are unchanged. No labels are read or written."""
-    if not path or not os.path.isdir(path):
-        raise DataError(f"adapt.path={path} does not exist or is not a folder; expected a folder of .npy images")
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith(".npy"))
-    if not files:
-        raise DataError(f"adapt.path={path}: no .npy images in it (or below it)")
+    files = folders.npy_files_below(path, "adapt.path")
     shape = list(like.image_shape)
     key = hashlib.sha256(json.dumps([folders.fingerprint(path), shape]).encode()).hexdigest()
     folder = os.path.join(root, "folders", f"adapt-{os.path.basename(os.path.abspath(path))}-{key[:12]}")

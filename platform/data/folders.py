@@ -158,6 +158,16 @@ def _npy_files(folder: str) -> list[str]:
     return files
 
 
+def npy_files_below(folder: str, setting: str) -> list[str]:
+    """Every ``.npy`` file below ``folder``, in any layout, sorted; or a one-line error naming ``setting``."""
+    if not folder or not os.path.isdir(folder):
+        raise DataError(f"{setting}={folder} does not exist or is not a folder")
+    files = sorted(glob.glob(os.path.join(folder, "**", "*.npy"), recursive=True))
+    if not files:
+        raise DataError(f"{setting}={folder}: no .npy images in it (or below it)")
+    return files
+
+
 def labelled_files(class_dirs: list[tuple[int, str]]) -> list[tuple[int, str]]:
     """(label, path) of every .npy file in a split's class folders, in a fixed order."""
     return [(label, path) for label, folder in class_dirs for path in _npy_files(folder)]
