@@ -141,6 +141,19 @@ def at_best_epoch(wanted: list[str], best_metrics: dict, task_name: str) -> dict
     return {AT_BEST + m: float(best_metrics[m]) for m in wanted}
 
 
+def check_logged(cfg, task, logged) -> None:
+    """The val/ metrics ``tune.objectives`` and ``tune.constraints`` name, checked before any work
+    against ``logged()``: the names a run of the task logs (None: not known before a trial runs,
+    which then checks them itself, ``at_best_epoch``)."""
+    named = [m for m in searched_metrics(cfg) if m.startswith("val/") and m != f"val/{task.objective(cfg)}"]
+    if not named or (names := logged()) is None:
+        return
+    missing = [m for m in named if m not in names]
+    if missing:
+        raise ConfigError(f"tune.objectives/tune.constraints name {missing[0]}, which task {task.name} does not log; "
+                          f"expected one of {', '.join(sorted(names))}")
+
+
 def check_search(cfg, task) -> None:
     """What the settings ask of the search, checked before any work (one line each)."""
     objectives = objectives_of(cfg, task)

@@ -35,6 +35,27 @@ def built_data(task, cfg, space=None):
     return splits, cfg, ({provenance.DATA_DECIDED_TAG: ",".join(sorted(decided))} if decided else {})
 
 
+def metrics_logged(task, cfg, val) -> set[str] | None:
+    """The metric names a run of ``task`` logs: ``val/<each>`` of its ``evaluate`` over a few val rows
+    scored by the untrained model on this CPU (seconds), and the model metrics every run logs. For
+    settings that name metrics, checked before any cluster work. None when a task cannot score so
+    few rows: its trials check the names themselves."""
+    import numpy as np
+    import torch
+
+    from platform import objectives
+
+    try:
+        model = task.build_model(cfg).eval()
+        batch = task.collate(shards_lib.head(val, 32), cfg, False)
+        with torch.no_grad():
+            out = task.eval_step(model, batch, cfg)
+        outputs = {k: v.detach().float().numpy() if torch.is_tensor(v) else np.asarray(v) for k, v in out.items()}
+        return {f"val/{name}" for name in task.evaluate(outputs, cfg)} | set(objectives.MODEL_METRICS)
+    except Exception:  # noqa: BLE001 - too few rows for the task's metrics (a class missing): the trials check
+        return None
+
+
 def data_and_settings(task, cfg):
     """(the task's splits, ``cfg`` with the settings its data decided as one more layer on top)."""
     splits, cfg, _ = built_data(task, cfg)

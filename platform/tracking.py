@@ -332,7 +332,7 @@ class PatientClient:
         self._client, self.limit_s = client, limit_s
         self._waiting: list[tuple[str, tuple]] = []  # (client method, its arguments), oldest first
         self._away_since: float | None = None
-        self._folder = tempfile.mkdtemp(prefix="deeplense-outbox-")  # files kept for a later delivery
+        self._folder: str | None = None  # files kept for a later delivery: made when one is kept, gone once sent
 
     def __getattr__(self, name):  # reads, and anything not a write
         return getattr(self._client, name)
@@ -373,24 +373,31 @@ class PatientClient:
                 time.sleep(2)
                 continue
             self._waiting.pop(0)
-            if method == "log_artifact" and args[1].startswith(self._folder):
+            if method == "log_artifact" and self._holds(args[1]):
                 shutil.rmtree(os.path.dirname(args[1]), ignore_errors=True)  # the outbox's own copy, delivered
             if self._away_since is not None and not self._waiting:
                 say(f"the tracking server is back after {time.time() - self._away_since:.0f}s; the records kept "
                     f"meanwhile are delivered")
                 self._away_since = None
+        self.close()  # all sent: no outbox left behind by a run that never calls close (a trial Tune stops)
 
     def close(self) -> None:
-        shutil.rmtree(self._folder, ignore_errors=True)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
 
     def _outbox(self) -> str:
-        os.makedirs(self._folder, exist_ok=True)
+        if self._folder is None:
+            self._folder = tempfile.mkdtemp(prefix="deeplense-outbox-")
         return self._folder
+
+    def _holds(self, path: str) -> bool:
+        return self._folder is not None and path.startswith(self._folder)
 
     def _keep_files(self) -> None:
         """Copies of the files waiting to be logged that are not the outbox's own: their folders may go."""
         for i, (method, args) in enumerate(self._waiting):
-            if method == "log_artifact" and not args[1].startswith(self._folder):
+            if method == "log_artifact" and not self._holds(args[1]):
                 copy = os.path.join(tempfile.mkdtemp(dir=self._outbox()), os.path.basename(args[1]))
                 shutil.copyfile(args[1], copy)
                 self._waiting[i] = (method, (args[0], copy, *args[2:]))

@@ -19,7 +19,7 @@ from platform import (PROJECT_ROOT, adapt, cli, cluster, console, cost, insight,
                       runs, space as space_lib, tracking)
 from platform import config as config_lib
 from platform.runner import (built_data, default_name, log_best_model, log_data, log_datasets, loop_config,
-                             make_trainer, open_run, put_in_memory, reads_with_ray_data, settled, storage_path,
+                             make_trainer, metrics_logged, open_run, put_in_memory, reads_with_ray_data, settled, storage_path,
                              streamed)
 
 FAILURE_TAG = tracking.FAILURE_TAG
@@ -149,6 +149,7 @@ def epoch_reports(reports=None):
     """Ray Train's reports passed on to Tune as results, but for a checkpoint taken on a preemption
     warning: it is not an epoch, and an extra result would shift ASHA's rungs. ``reports`` (a Ray
     queue): each epoch's metrics and checkpoint go there instead, for the trial to report itself."""
+    import ray
     from ray.train.v2.api.callback import UserCallback
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -161,8 +162,8 @@ def epoch_reports(reports=None):
 
     class EpochReportsWithCheckpoints(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if PREEMPTION_KEY not in metrics[0]:
-                reports.put((metrics[0], checkpoint))  # waits for the trial to take the last one
+            if PREEMPTION_KEY not in metrics[0]:  # this runs in the run's controller: its handle goes too
+                reports.put((metrics[0], checkpoint, ray.get_runtime_context().current_actor))  # waits for the last
 
     return EpochReports() if reports is None else EpochReportsWithCheckpoints()
 
@@ -189,7 +190,7 @@ def fit_within(trainer, timeout_s: float, reports=None):
         fit = pool.submit(trainer.fit)
         while reports is not None:
             try:
-                metrics, checkpoint = reports.get(timeout=1.0)
+                metrics, checkpoint, TRAIN_RUN["controller"] = reports.get(timeout=1.0)
             except Empty:
                 if fit.done() and reports.empty():
                     break
@@ -197,11 +198,47 @@ def fit_within(trainer, timeout_s: float, reports=None):
                 ray.tune.report(metrics, checkpoint=checkpoint)
             if time.monotonic() > deadline:
                 raise concurrent.futures.TimeoutError
-        return fit.result(timeout=max(0.0, deadline - time.monotonic()) if timeout_s else None)
+        result = fit.result(timeout=max(0.0, deadline - time.monotonic()) if timeout_s else None)
+        TRAIN_RUN.pop("controller", None)  # ended by itself: nothing to abort
+        return result
     except concurrent.futures.TimeoutError:
         raise TimeoutError(f"the trial ran past tune.trial_timeout_s={timeout_s:g} and was stopped") from None
     finally:
         pool.shutdown(wait=False)
+
+
+TRAIN_RUN: dict = {}  # "controller": the handle of the Train run this trial's process waits on (PBT), while it runs
+
+
+def trial_trainable(run):
+    """Tune's trainable of ``run`` (``run_trial`` with its parameters): a trial that Tune stops while
+    its Train run goes on (a PBT exploit, the sweep's end) aborts that run before its process goes,
+    so the run's workers and placement group are freed at once. Left to Ray, a detached cleaner frees
+    them once it sees the run's controller dead, and on a loaded node it was seen not to: the CPUs
+    stayed held, and the next trials' Train runs waited for them until the sweep was killed."""
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    class Trial(wrap_function(run)):  # named as run is: trials stay run_trial_<id>
+        def cleanup(self):
+            try:
+                super().cleanup()
+            finally:
+                abort_train_run()
+
+    return Trial
+
+
+def abort_train_run(timeout_s: float = 30) -> None:
+    """Abort the Train run this trial's process waits on, if one is going (``TRAIN_RUN``)."""
+    import ray
+
+    controller = TRAIN_RUN.pop("controller", None)
+    if controller is None:
+        return
+    try:
+        ray.get(controller.abort.remote(), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - it ended meanwhile, or its actor exits as it answers (abort's last step)
+        pass
 
 
 def trial_id_of(result) -> str | None:
@@ -263,9 +300,9 @@ def build_tuner(cfg, space, shards: dict, *, uri: str, experiment: str, parent: 
 
     from platform import pbt
 
-    trainable = tune.with_resources(
+    trainable = tune.with_resources(trial_trainable(
         tune.with_parameters(run_trial, base=config_lib.to_dict(cfg), shards=shards, in_memory=put_in_memory(cfg, shards),
-                             uri=uri, experiment=experiment, parent=parent, sweep=sweep, init_tags=init_tags or {}),
+                             uri=uri, experiment=experiment, parent=parent, sweep=sweep, init_tags=init_tags or {})),
         cluster.trial_resources(cfg.scaling))
     if resume in ("auto", "force"):
         # Finished trials stay finished; unfinished ones go on from their Train checkpoints;
@@ -490,6 +527,7 @@ def main(argv: list[str]) -> int:
     experiment_name = cfg.mlflow.experiment or f"deeplense-{cfg.task}"
     starts = warm_start_points(cfg, task, space, uri, experiment_name)  # (points, the line saying so)
     shards, cfg, data_tags = built_data(task, cfg, space)  # before the resume check: what the data decided is compared too
+    objectives.check_logged(cfg, task, lambda: metrics_logged(task, cfg, shards["val"]))
     cfg = settled(cfg, shards, min(cfg.tune.num_samples, cfg.tune.max_concurrent or cfg.tune.num_samples))
     resume, earlier = resume_plan(cfg, tracking.MlflowClient(uri) if tracking.store_exists(uri) else None,
                                   experiment_name, sweep, space)

@@ -49,11 +49,23 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def run_cli(module: str, *args: str, cwd: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m <module> args...`` from ``cwd``, with the project root on PYTHONPATH as a user's shell would have it."""
+def run_cli(module: str, *args: str, cwd: str, env: dict | None = None, timeout: float = 540) -> subprocess.CompletedProcess:
+    """``python -m <module> args...`` from ``cwd``, with the project root on PYTHONPATH as a user's shell would have it.
+
+    A command still running after ``timeout`` seconds fails the test with the end of its output,
+    before pytest-timeout's 600 s would fail it with only the test's own stack."""
+    import pytest
+
     _existing_store(args)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_environment(env),
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_environment(env),
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        def text(part) -> str:  # what it had written so far: bytes, whatever the text mode
+            return part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
+
+        pytest.fail(f"python -m {module} still running after {timeout:.0f}s; its output ended:\n"
+                    f"{(text(expired.stdout) + text(expired.stderr))[-6000:]}")
 
 
 def run_cli_here(module: str, *args: str, cwd: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -124,3 +124,35 @@ def test_a_tracking_server_that_goes_away_loses_no_epoch_and_one_away_too_long_f
         assert again.returncode == 0 and "1 trials (0 failed)" in again.stdout, (again.stdout + again.stderr)[-4000:]
     finally:
         stop_server(server)
+
+
+def test_a_run_leaves_no_outbox_behind_and_keeps_one_only_while_the_server_is_away(tmp_path, monkeypatch):
+    import tempfile
+
+    from matplotlib.figure import Figure
+
+    from platform import tracking
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    def outboxes() -> list:
+        return list((tmp_path / "tmp").glob("deeplense-outbox-*"))
+
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = store.create_run(store.create_experiment("records")).info.run_id
+    (tmp_path / "note.txt").write_text("kept")
+    writes = tracking.PatientClient(store, limit_s=60)
+    figure = Figure()
+    figure.subplots().plot([0, 1])
+    writes.log_figure(run, figure, "plots/line.png")  # drawn to a file of its own first
+    writes.log_artifact(run, str(tmp_path / "note.txt"))
+    # Delivered: nothing left in the temp folder, though this client is never closed (a trial Tune stops).
+    assert outboxes() == []
+    assert {a.path for a in store.list_artifacts(run)} == {"plots", "note.txt"}
+
+    away = tracking.PatientClient(MlflowClient(f"http://127.0.0.1:{free_port()}"), limit_s=60)
+    away.log_artifact("0" * 32, str(tmp_path / "note.txt"))  # nothing answers: kept, with a copy of its file
+    kept, = outboxes()
+    assert [p.name for p in kept.rglob("*.txt")] == ["note.txt"]
+    away.close()
+    assert outboxes() == []

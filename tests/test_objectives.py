@@ -45,3 +45,21 @@ def test_a_trial_reports_its_objectives_at_its_best_epoch_and_a_metric_the_task_
     with pytest.raises(ValueError, match=r"name val/recall, which task classification does not log; it logs "
                                          r"model/images_per_s, model/params, val/accuracy, val/auc_macro"):
         objectives.at_best_epoch(["val/recall"], best, "classification")
+
+
+def test_a_metric_the_task_does_not_log_is_refused_before_any_work(tmp_path):
+    # The names come from scoring a few val rows with the untrained model on the driver: no Ray, no run.
+    from tests.helpers import run_cli_here, tiny
+
+    db = tmp_path / "mlflow.db"
+    refused = run_cli_here("platform.tune", "task=classification", "tune.objectives=[val/recall:max,model/params:min]",
+                           *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip() == (
+        "error: tune.objectives/tune.constraints name val/recall, which task classification does not log; expected one "
+        "of model/images_per_s, model/params, val/accuracy, val/auc_macro, val/auc_no, val/auc_sphere, val/auc_vort, "
+        "val/loss")
+    assert not db.exists() and not (tmp_path / "ray_results").exists()  # nothing started, nothing written
+    constraint = run_cli_here("platform.tune", "task=classification", "tune.constraints=[val/f1>=0.5]",
+                              *tiny(tmp_path / "cache", db), cwd=str(tmp_path))
+    assert constraint.returncode == 2 and "name val/f1, which task classification does not log" in constraint.stderr
