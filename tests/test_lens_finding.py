@@ -39,6 +39,10 @@ def test_threshold_is_tuned_for_f1():
     fixed = binary_metrics(scores, labels, threshold=0.8)
     assert fixed["threshold"] == 0.8 and fixed["precision"] == 1.0 and fixed["recall"] == pytest.approx(2 / 3)
     assert fixed["roc_auc"] == m["roc_auc"]
+    # Recall at a 1% false-positive rate: above 0.4 no non-lens, and two of three lenses (0.8, 0.9).
+    assert m["recall_at_1pct_fpr"] == fixed["recall_at_1pct_fpr"] == pytest.approx(2 / 3)
+    many = binary_metrics(np.arange(201) / 200, np.r_[np.zeros(150), np.ones(51)].astype(int))
+    assert many["recall_at_1pct_fpr"] == 1.0  # every lens scores above every non-lens
 
 
 def test_loss_falls_when_overfitting_a_small_batch(tmp_path):
@@ -74,7 +78,7 @@ def test_tune_lens_finding_through_the_cli(tmp_path):
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     (trial,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert 1.0 <= float(trial.data.params["loss.pos_weight"]) <= 32.0  # searched, not the data's default
-    for metric in ("roc_auc", "pr_auc", "precision", "recall", "f1", "threshold"):
+    for metric in ("roc_auc", "pr_auc", "recall_at_1pct_fpr", "precision", "recall", "f1", "threshold"):
         history = client.get_metric_history(trial.info.run_id, f"val/{metric}")
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), metric
     plots = {a.path for a in client.list_artifacts(trial.info.run_id, "plots")}
@@ -86,7 +90,7 @@ def test_tune_lens_finding_through_the_cli(tmp_path):
     at_best = [m.value for m in client.get_metric_history(trial.info.run_id, "val/threshold")
                if str(m.step) == trial.data.tags["platform.best_epoch"]]
     assert trial.data.metrics["test/threshold"] == pytest.approx(at_best[-1])
-    for metric in ("roc_auc", "pr_auc", "precision", "recall", "f1"):
+    for metric in ("roc_auc", "pr_auc", "recall_at_1pct_fpr", "precision", "recall", "f1"):
         assert len(client.get_metric_history(trial.info.run_id, f"test/{metric}")) == 1
         assert parent.data.metrics[f"test/{metric}"] == trial.data.metrics[f"test/{metric}"]
     note = parent.data.tags["mlflow.note.content"]
