@@ -1,8 +1,9 @@
 """``python -m platform.tune task=mae``: a hyperparameter sweep, one MLflow parent run.
 
 Each Tune trial is a small function that builds and fits one Ray Train ``TorchTrainer``
-(Train V2: ``Tuner(TorchTrainer)`` is gone) and reports its epochs back to Tune through
-``TuneReportCallback``. Optuna's TPE proposes the values, ASHA stops the poor trials.
+(Train V2: ``Tuner(TorchTrainer)`` is gone) and reports its epochs back to Tune itself, as the
+run's controller hands them over (``epoch_reports``). Optuna's TPE proposes the values, ASHA
+stops the poor trials.
 """
 
 from __future__ import annotations
@@ -79,13 +80,14 @@ def run_trial(sampled: dict, *, base: dict, shards: dict, in_memory: dict, uri: 
             import hashlib
 
             name += "-" + hashlib.sha1(str(resume_from.path).encode()).hexdigest()[:10]
-        # PBT moves weights between trials as Tune checkpoints, which Ray Train's TuneReportCallback
-        # does not pass on (metrics only): under PBT the trial reports each epoch itself.
-        reports = ray.util.queue.Queue(1, actor_options={"num_cpus": 0}) if cfg.tune.scheduler == "pbt" else None
+        # The run's controller hands each epoch to the trial, which reports it to Tune: with its
+        # checkpoint under PBT (which moves weights between trials as Tune checkpoints), and with
+        # the controller's handle, so that a trial Tune stops aborts its run (trial_trainable).
+        reports = ray.util.queue.Queue(1, actor_options={"num_cpus": 0})
         trainer = make_trainer(cfg, shards, name=name, mlflow_run_id=run_id, tracking_uri=uri,
                                callbacks=[epoch_reports(reports)], in_memory=in_memory, started_at=started_at,
                                resume_from=resume_from)
-        result = fit_within(trainer, cfg.tune.trial_timeout_s, reports)
+        result = fit_within(trainer, cfg.tune.trial_timeout_s, reports, checkpoints=cfg.tune.scheduler == "pbt")
         if result.error:
             raise result.error
     tracking.end_run(client, run_id, "FINISHED", only_if_running=True)
@@ -145,32 +147,29 @@ def explain_sweep(client, parent: str, objective: str, task, sweep: str) -> None
               f"retry with python -m platform.insight task={task.name} tune.name={sweep}", file=sys.stderr)
 
 
-def epoch_reports(reports=None):
-    """Ray Train's reports passed on to Tune as results, but for a checkpoint taken on a preemption
-    warning: it is not an epoch, and an extra result would shift ASHA's rungs. ``reports`` (a Ray
-    queue): each epoch's metrics and checkpoint go there instead, for the trial to report itself."""
+def epoch_reports(reports):
+    """Ray Train's reports handed to the trial through ``reports`` (a Ray queue of one), each as
+    (metrics, checkpoint, the run's controller), but for a checkpoint taken on a preemption
+    warning: it is not an epoch, and an extra result would shift ASHA's rungs. In place of Ray's
+    TuneReportCallback (which passes metrics through a queue of its own), so the trial holds its
+    run's controller, and has the checkpoints PBT moves between trials."""
     import ray
     from ray.train.v2.api.callback import UserCallback
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from platform.loop import PREEMPTION_KEY
 
-    class EpochReports(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if PREEMPTION_KEY not in metrics[0]:
-                super().after_report(run_context, metrics, checkpoint)
-
-    class EpochReportsWithCheckpoints(UserCallback):
+    class EpochReports(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if PREEMPTION_KEY not in metrics[0]:  # this runs in the run's controller: its handle goes too
                 reports.put((metrics[0], checkpoint, ray.get_runtime_context().current_actor))  # waits for the last
 
-    return EpochReports() if reports is None else EpochReportsWithCheckpoints()
+    return EpochReports()
 
 
-def fit_within(trainer, timeout_s: float, reports=None):
+def fit_within(trainer, timeout_s: float, reports=None, checkpoints: bool = False):
     """``trainer.fit()``, failed with a TimeoutError after ``timeout_s`` seconds (0: no limit);
-    with ``reports`` (``epoch_reports``' queue), each epoch reported to Tune with its checkpoint.
+    with ``reports`` (``epoch_reports``' queue), each epoch reported to Tune, with its checkpoint
+    when ``checkpoints`` (PBT's; otherwise Ray Train keeps them, and resumes the run from them).
 
     The fit runs in a thread the trial waits on: a stalled run reports nothing a Tune stopper
     could act on. The error fails the trial; Tune then stops its actor, and the Train run
@@ -195,7 +194,7 @@ def fit_within(trainer, timeout_s: float, reports=None):
                 if fit.done() and reports.empty():
                     break
             else:
-                ray.tune.report(metrics, checkpoint=checkpoint)
+                ray.tune.report(metrics, checkpoint=checkpoint if checkpoints else None)
             if time.monotonic() > deadline:
                 raise concurrent.futures.TimeoutError
         result = fit.result(timeout=max(0.0, deadline - time.monotonic()) if timeout_s else None)
@@ -207,12 +206,12 @@ def fit_within(trainer, timeout_s: float, reports=None):
         pool.shutdown(wait=False)
 
 
-TRAIN_RUN: dict = {}  # "controller": the handle of the Train run this trial's process waits on (PBT), while it runs
+TRAIN_RUN: dict = {}  # "controller": the handle of the Train run this trial's process waits on, while it runs
 
 
 def trial_trainable(run):
     """Tune's trainable of ``run`` (``run_trial`` with its parameters): a trial that Tune stops while
-    its Train run goes on (a PBT exploit, the sweep's end) aborts that run before its process goes,
+    its Train run goes on (ASHA, a PBT exploit, the sweep's end) aborts that run before its process goes,
     so the run's workers and placement group are freed at once. Left to Ray, a detached cleaner frees
     them once it sees the run's controller dead, and on a loaded node it was seen not to: the CPUs
     stayed held, and the next trials' Train runs waited for them until the sweep was killed."""
