@@ -504,8 +504,7 @@ def validate(run: Run, view_rows: int = 0) -> Validated:
             if run.device.type == "cuda":
                 torch.cuda.synchronize(run.device)
             forward_s, rows = forward_s + time.perf_counter() - began, rows + rows_in(numpy_batch)
-            chunks.append({k: v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
-                           for k, v in out.items()})
+            chunks.append(numpy_outputs(out))
     outputs = gathered_to_rank0(chunks, run.rank, run.world_size)
     metrics = None
     if run.rank == 0:
@@ -513,6 +512,11 @@ def validate(run: Run, view_rows: int = 0) -> Validated:
     metrics = from_rank0(metrics, run.world_size)
     return Validated(metrics, outputs if run.rank == 0 else None, first_batch, views.rows(),
                      rows / forward_s if forward_s > 0 else math.nan)
+
+
+def numpy_outputs(out: dict) -> dict[str, np.ndarray]:
+    """An ``eval_step``'s per-sample outputs as float numpy arrays on the CPU (what ``evaluate`` takes)."""
+    return {k: v.detach().float().cpu().numpy() if torch.is_tensor(v) else np.asarray(v) for k, v in out.items()}
 
 
 def gathered_to_rank0(chunks: list[dict], rank: int, world_size: int) -> dict[str, np.ndarray] | None:

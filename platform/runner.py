@@ -40,17 +40,16 @@ def metrics_logged(task, cfg, val) -> set[str] | None:
     scored by the untrained model on this CPU (seconds), and the model metrics every run logs. For
     settings that name metrics, checked before any cluster work. None when a task cannot score so
     few rows: its trials check the names themselves."""
-    import numpy as np
     import torch
 
     from platform import objectives
+    from platform.loop import numpy_outputs
 
     try:
         model = task.build_model(cfg).eval()
         batch = task.collate(shards_lib.head(val, 32), cfg, False)
         with torch.no_grad():
-            out = task.eval_step(model, batch, cfg)
-        outputs = {k: v.detach().float().numpy() if torch.is_tensor(v) else np.asarray(v) for k, v in out.items()}
+            outputs = numpy_outputs(task.eval_step(model, batch, cfg))
         return {f"val/{name}" for name in task.evaluate(outputs, cfg)} | set(objectives.MODEL_METRICS)
     except Exception:  # noqa: BLE001 - too few rows for the task's metrics (a class missing): the trials check
         return None

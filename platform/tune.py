@@ -20,8 +20,8 @@ from platform import (PROJECT_ROOT, adapt, cli, cluster, console, cost, insight,
                       runs, space as space_lib, tracking)
 from platform import config as config_lib
 from platform.runner import (built_data, default_name, log_best_model, log_data, log_datasets, loop_config,
-                             make_trainer, metrics_logged, open_run, put_in_memory, reads_with_ray_data, settled, storage_path,
-                             streamed)
+                             make_trainer, metrics_logged, open_run, put_in_memory, reads_with_ray_data, settled,
+                             storage_path, streamed)
 
 FAILURE_TAG = tracking.FAILURE_TAG
 
@@ -166,14 +166,14 @@ def epoch_reports(reports):
     return EpochReports()
 
 
-def fit_within(trainer, timeout_s: float, reports=None, checkpoints: bool = False):
-    """``trainer.fit()``, failed with a TimeoutError after ``timeout_s`` seconds (0: no limit);
-    with ``reports`` (``epoch_reports``' queue), each epoch reported to Tune, with its checkpoint
-    when ``checkpoints`` (PBT's; otherwise Ray Train keeps them, and resumes the run from them).
+def fit_within(trainer, timeout_s: float, reports, checkpoints: bool = False):
+    """``trainer.fit()``, failed with a TimeoutError after ``timeout_s`` seconds (0: no limit), each
+    epoch from ``reports`` (``epoch_reports``' queue) reported to Tune, with its checkpoint when
+    ``checkpoints`` (PBT's; otherwise Ray Train keeps them, and resumes the run from them).
 
     The fit runs in a thread the trial waits on: a stalled run reports nothing a Tune stopper
-    could act on. The error fails the trial; Tune then stops its actor, and the Train run
-    (owned by it) goes with it.
+    could act on. The error fails the trial; Tune then stops it, and its clean-up aborts the
+    Train run (``trial_trainable``).
     """
     import concurrent.futures
     import time
@@ -181,13 +181,11 @@ def fit_within(trainer, timeout_s: float, reports=None, checkpoints: bool = Fals
     import ray.tune
     from ray.util.queue import Empty
 
-    if not timeout_s and reports is None:
-        return trainer.fit()
     deadline = time.monotonic() + (timeout_s or math.inf)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fit")
     try:
         fit = pool.submit(trainer.fit)
-        while reports is not None:
+        while True:
             try:
                 metrics, checkpoint, TRAIN_RUN["controller"] = reports.get(timeout=1.0)
             except Empty:
@@ -197,7 +195,7 @@ def fit_within(trainer, timeout_s: float, reports=None, checkpoints: bool = Fals
                 ray.tune.report(metrics, checkpoint=checkpoint if checkpoints else None)
             if time.monotonic() > deadline:
                 raise concurrent.futures.TimeoutError
-        result = fit.result(timeout=max(0.0, deadline - time.monotonic()) if timeout_s else None)
+        result = fit.result()  # done: the loop ends only then
         TRAIN_RUN.pop("controller", None)  # ended by itself: nothing to abort
         return result
     except concurrent.futures.TimeoutError:
